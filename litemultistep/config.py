@@ -1,0 +1,112 @@
+"""Defaults a user sets once: ``configure(db=..., mode=...)`` and the ``LITEMULTISTEP_*`` variables.
+
+Precedence, highest first: an explicit argument (``db=``), :func:`configure`, the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import NoDatabaseConfigured
+
+if TYPE_CHECKING:
+    from .db import Database
+
+Mode = Literal["async", "sync"]
+Synchronous = Literal["normal", "full"]
+
+_UNSET: Any = object()
+
+
+@dataclass
+class _Settings:
+    db: Any = None
+    mode: Mode | None = None
+    synchronous: Synchronous | None = None
+    keep_finished: float | None = None
+
+
+_settings = _Settings()
+
+
+def configure(
+    db: Any = _UNSET,
+    mode: Mode | None = _UNSET,
+    synchronous: Synchronous | None = _UNSET,
+    keep_finished: float | None = _UNSET,
+) -> None:
+    """Set process-wide defaults; an argument left out keeps its current value, ``None`` resets it.
+
+    :param db: the default database: a path or an opened :class:`litemultistep.Database`
+        (else ``LITEMULTISTEP_DB``).
+    :param mode: ``"async"`` (jobs wait for a worker, the default) or ``"sync"`` (each job runs inline
+        in ``add_job``, the finalizers when the task becomes finalizable; for development and tests).
+        Else ``LITEMULTISTEP_MODE``.
+    :param synchronous: SQLite durability for databases opened from now on: ``"normal"`` (default; a
+        power loss may roll back the last commits, a crashed process loses nothing) or ``"full"``
+        (every commit reaches the disk). Else ``LITEMULTISTEP_SYNCHRONOUS``.
+    :param keep_finished: seconds a summary of a finished task stays visible to ``status``
+        (default 3600). Else ``LITEMULTISTEP_KEEP_FINISHED``.
+    """
+    if mode is not _UNSET and mode not in (None, "async", "sync"):
+        raise ValueError(f"mode must be 'async' or 'sync', not {mode!r}")
+    if synchronous is not _UNSET and synchronous not in (None, "normal", "full"):
+        raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+    for name, value in (("db", db), ("mode", mode), ("synchronous", synchronous),
+                        ("keep_finished", keep_finished)):
+        if value is not _UNSET:
+            setattr(_settings, name, value)
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def mode() -> Mode:
+    """The mode in force: ``"async"`` or ``"sync"``."""
+    if _settings.mode is not None:
+        return _settings.mode
+    return _env_choice("LITEMULTISTEP_MODE", ("async", "sync"), "async")  # type: ignore[return-value]
+
+
+def synchronous() -> Synchronous:
+    """The ``synchronous`` setting for newly opened databases."""
+    if _settings.synchronous is not None:
+        return _settings.synchronous
+    return _env_choice("LITEMULTISTEP_SYNCHRONOUS", ("normal", "full"), "normal")  # type: ignore[return-value]
+
+
+def keep_finished() -> float:
+    """Seconds a finished task's summary is kept for the status view."""
+    if _settings.keep_finished is not None:
+        return float(_settings.keep_finished)
+    value = os.environ.get("LITEMULTISTEP_KEEP_FINISHED", "").strip()
+    try:
+        return float(value) if value else 3600.0
+    except ValueError:
+        raise ValueError(f"LITEMULTISTEP_KEEP_FINISHED={value!r} is not a number of seconds") from None
+
+
+def resolve_db(db: Any = None) -> Database:
+    """The :class:`Database` for ``db``, falling back to the configured default."""
+    from .db import Database, open_database
+
+    if db is None:
+        db = _settings.db
+    if db is None:
+        db = os.environ.get("LITEMULTISTEP_DB") or None
+    if db is None:
+        raise NoDatabaseConfigured(
+            "no database named: pass db='path/to/app.sqlite', call "
+            "litemultistep.configure(db='path/to/app.sqlite') once, or set LITEMULTISTEP_DB"
+        )
+    if isinstance(db, Database):
+        return db
+    return open_database(db)

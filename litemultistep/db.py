@@ -1,0 +1,404 @@
+"""The one SQLite file: peewee models, opening a path safely, pragmas, schema creation and versioning.
+
+The models describe the schema; the engine talks to the file with plain SQL on the connection that
+:meth:`Database.connection` returns, so the hot paths stay lean and every decision is reviewable in
+``engine.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+from typing import Any
+
+import peewee as pw
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+from playhouse.sqlite_ext import AutoIncrementField
+
+from . import config
+from .errors import DatabaseUnusable, LiteMultiStepError, SchemaTooNew
+
+log = logging.getLogger("litemultistep")
+
+#: Schema version written to ``PRAGMA user_version``; an older file is upgraded, a newer one refused.
+SCHEMA_VERSION = 1
+#: ``PRAGMA application_id`` of our files ("LMS1"), so another program's database is recognised.
+APPLICATION_ID = 0x4C4D5331
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: Seconds a connection waits for another writer before giving up with a clear error.
+BUSY_TIMEOUT = 60.0
+
+
+class TaskState(IntEnum):
+    """Where a task stands. A finished task has no row at all (``find`` raises, as in the gem)."""
+
+    #: inside its ``with`` block: its jobs are stored but no worker sees them yet
+    BUILDING = 0
+    #: normal jobs run; finalization starts when it is finalizable and every normal job succeeded
+    ACTIVE = 1
+    #: the finalization jobs run, one after another
+    FINALIZING = 2
+
+
+class JobState(IntEnum):
+    """Where a job stands. A normal job that succeeded is deleted; the task's counters keep it."""
+
+    QUEUED = 1
+    RUNNING = 2
+    #: a finalization job that succeeded (kept so the status view can show the chain)
+    COMPLETED = 3
+    FAILED = 4
+    #: failed, with an automatic retry due at ``run_at``
+    SCHEDULED = 5
+    #: a finalization job the chain has not reached yet
+    WAITING = 6
+
+
+class JobKind(IntEnum):
+    NORMAL = 0
+    FINALIZE = 1
+
+
+def _default(field: type[pw.Field], value: object) -> pw.Field:
+    """A field with a SQL ``DEFAULT``: the engine inserts rows with plain SQL, not through peewee."""
+    return field(default=value, constraints=[pw.SQL(f"DEFAULT {value}")])
+
+
+class _Model(pw.Model):
+    class Meta:
+        database = None  # bound to one file at a time, when the schema is created
+        legacy_table_names = False
+
+
+class Task(_Model):
+    id = pw.AutoField()
+    task_id = pw.TextField(unique=True)
+    slug = pw.TextField()
+    state = pw.IntegerField()
+    finalizable = _default(pw.BooleanField, 0)
+    normal_count = _default(pw.IntegerField, 0)
+    finalize_count = _default(pw.IntegerField, 0)
+    completed_count = _default(pw.IntegerField, 0)
+    failed_count = _default(pw.IntegerField, 0)
+    #: jobs in state QUEUED (claimable now)
+    pending_count = _default(pw.IntegerField, 0)
+    running_count = _default(pw.IntegerField, 0)
+    #: when a worker last claimed from this queue (ns); the least recently served queue goes first
+    last_served = _default(pw.IntegerField, 0)
+    max_retries = _default(pw.IntegerField, 0)
+    retry_delay = _default(pw.FloatField, 1.0)
+    created_at = pw.FloatField()
+    #: the process filling the task in its ``with`` block (to clean up after a crash)
+    builder_pid = pw.IntegerField(null=True)
+
+
+class Job(_Model):
+    id = pw.AutoField()
+    task = pw.ForeignKeyField(Task, on_delete="CASCADE", index=False, column_name="task")
+    kind = pw.IntegerField()
+    #: order of a finalization job in its chain (0, 1, ...)
+    position = pw.IntegerField(null=True)
+    #: ``module:qualname`` of the callable
+    func = pw.TextField()
+    #: JSON ``[args, kwargs]``
+    args = pw.TextField()
+    state = pw.IntegerField()
+    attempts = _default(pw.IntegerField, 0)
+    worker = pw.IntegerField(null=True)
+    run_at = pw.FloatField(null=True)
+    enqueued_at = pw.FloatField()
+
+
+class Failure(_Model):
+    id = pw.AutoField()
+    job = pw.ForeignKeyField(Job, on_delete="CASCADE", column_name="job")
+    task = pw.ForeignKeyField(Task, on_delete="CASCADE", column_name="task")
+    exc_type = pw.TextField()
+    message = pw.TextField()
+    traceback = pw.TextField()
+    attempt = pw.IntegerField()
+    failed_at = pw.FloatField()
+    worker_pid = pw.IntegerField(null=True)
+
+
+class Worker(_Model):
+    #: AUTOINCREMENT: a worker id is never reused, so a stale worker never passes for a new one
+    id = AutoIncrementField()
+    pid = pw.IntegerField()
+    hostname = pw.TextField()
+    #: "process" (a worker process with a heartbeat) or "inline" (sync mode, drain)
+    kind = pw.TextField()
+    queues = pw.TextField(null=True)
+    started_at = pw.FloatField()
+    heartbeat_at = pw.FloatField()
+    #: end of the lease; NULL for inline runners, whose liveness is their lock alone
+    expires_at = pw.FloatField(null=True)
+    lock_path = pw.TextField()
+
+
+class FinishedTask(_Model):
+    task_id = pw.TextField(primary_key=True)
+    slug = pw.TextField()
+    normal_count = pw.IntegerField()
+    finalize_count = pw.IntegerField()
+    created_at = pw.FloatField()
+    finished_at = pw.FloatField(index=True)
+
+
+MODELS = [Task, Job, Failure, Worker, FinishedTask]
+
+# Partial indexes keep the claim and recovery paths to one index probe each. The claim query in
+# engine.py repeats the WHERE terms of task_claimable word for word, as SQLite requires.
+INDEXES = [
+    "CREATE INDEX task_claimable ON task (last_served) WHERE pending_count > 0 AND state IN (1, 2)",
+    "CREATE INDEX job_task_state ON job (task, state)",
+    "CREATE INDEX job_running ON job (worker) WHERE state = 2",
+    "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
+]
+
+# One entry per schema version above 1: the statements that bring a file from version N-1 to N.
+MIGRATIONS: dict[int, list[str]] = {}
+
+
+def _check_path(path: str, create: bool) -> str:
+    """Refuse, with a message naming the problem, a path SQLite would misuse or we must not touch."""
+    if path.startswith("file:") or path == ":memory:" or path == "":
+        raise DatabaseUnusable(
+            f"{path!r} is not a file path: litemultistep takes the path of a SQLite file "
+            "(workers in other processes must open the same file), not a SQLite URI or :memory:"
+        )
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise DatabaseUnusable(f"{path} is a directory: name a file in it, e.g. {path}/app.sqlite")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise DatabaseUnusable(f"cannot open {path}: its directory {parent} does not exist; create it first")
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            raise DatabaseUnusable(f"cannot read {path}: {e.strerror}") from None
+        if header and header != SQLITE_HEADER:
+            raise DatabaseUnusable(f"{path} is not a SQLite database (its first bytes say otherwise)")
+        if not os.access(path, os.W_OK):
+            raise DatabaseUnusable(f"{path} is read-only: litemultistep writes to its database; "
+                                   "make the file writable by this user")
+    elif not create:
+        raise DatabaseUnusable(f"no database at {path} (a reading command never creates one); "
+                               "check the path, or create tasks first")
+    if not os.access(parent, os.W_OK):
+        raise DatabaseUnusable(f"the directory {parent} is read-only: SQLite creates {os.path.basename(path)}-wal "
+                               "and -shm beside the database; make the directory writable")
+    if not os.path.exists(path):
+        try:
+            # Created here, before SQLite sees it, so the file (and the -wal and -shm SQLite copies
+            # its mode to) is readable by its owner only, whatever the umask.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass  # another process created it at the same instant
+    return path
+
+
+class Database:
+    """One litemultistep database file, opened in this process.
+
+    Each thread gets its own SQLite connection; a connection is never used across ``fork``: a child
+    opens fresh ones (the parent's are left untouched, never closed, as SQLite requires).
+
+    :param path: the SQLite file; created (owner-only permissions) if missing and ``create`` is true.
+    :param create: when false, a missing file is an error (reading commands never create a file).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = _check_path(os.fspath(path), create)
+        self.lock_path = self.path + ".lock"
+        self.workers_dir = self.path + ".workers"
+        sync = 2 if config.synchronous() == "full" else 1
+        self._pw = pw.SqliteDatabase(None)
+        self._pw.init(
+            self.path,
+            timeout=BUSY_TIMEOUT,
+            check_same_thread=False,
+            pragmas=[
+                ("synchronous", sync),
+                ("foreign_keys", 1),
+                ("cache_size", -16000),
+                ("temp_store", 2),
+                # after a checkpoint the -wal file is cut back to this size instead of staying large
+                ("journal_size_limit", 8 * 1024 * 1024),
+            ],
+        )
+        self._pid = os.getpid()
+        self._forsaken: list[Any] = []
+        self._ensure_schema()
+
+    def __repr__(self) -> str:
+        return f"<litemultistep.Database {self.path}>"
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and reopened after a fork)."""
+        if os.getpid() != self._pid:
+            # Inherited across fork: keep the parent's connection object alive but unused; closing
+            # it here could release locks the parent still relies on.
+            self._forsaken.append(self._pw._state.conn)
+            self._pw._state.reset()
+            self._pid = os.getpid()
+        try:
+            return self._pw.connection()  # type: ignore[no-any-return]
+        except sqlite3.DatabaseError as e:
+            raise DatabaseUnusable(f"cannot open {self.path}: {e}") from None
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A short ``BEGIN IMMEDIATE`` transaction: it takes the write lock at once, so it never
+        fails half-way with a lock upgrade error, and it commits when the block ends."""
+        conn = self.connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise _translate(e, self.path) from None
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _translate(e, self.path) from None
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: several queries see one snapshot of the file."""
+        conn = self.connection()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection (another use reopens it)."""
+        if os.getpid() == self._pid and not self._pw.is_closed():
+            self._pw.close()
+
+    def _ensure_schema(self) -> None:
+        conn = self.connection()
+        try:
+            state = _schema_state(conn, self.path)
+            if state == "current":
+                return
+            try:
+                lock = FileLock(self.lock_path, timeout=BUSY_TIMEOUT, mode=0o600)
+                lock.acquire()
+            except (OSError, LockTimeout) as e:
+                raise DatabaseUnusable(f"cannot take the schema lock {self.lock_path}: {e}") from None
+            try:
+                state = _schema_state(conn, self.path)  # another process may have done it meanwhile
+                if state == "new":
+                    self._create_schema(conn)
+                elif state == "old":
+                    self._upgrade_schema(conn)
+            finally:
+                lock.release()
+        except sqlite3.DatabaseError as e:
+            raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        # auto_vacuum must be chosen before the first table exists; WAL is persistent in the file.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise DatabaseUnusable(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
+                                   "use a local disk, not a network filesystem")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            with self._pw.bind_ctx(MODELS):
+                self._pw.create_tables(MODELS, safe=False)
+            for sql in INDEXES:
+                conn.execute(sql)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.debug("created litemultistep schema v%d in %s", SCHEMA_VERSION, self.path)
+
+    def _upgrade_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for sql in MIGRATIONS[target]:
+                    conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("upgraded %s from schema v%d to v%d", self.path, version, SCHEMA_VERSION)
+
+
+def _schema_state(conn: sqlite3.Connection, path: str) -> str:
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app_id == 0:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if tables:
+            raise DatabaseUnusable(f"{path} is a SQLite database of another program (it has tables but "
+                                   "no litemultistep schema); litemultistep leaves it untouched")
+        return "new"
+    if app_id != APPLICATION_ID:
+        raise DatabaseUnusable(f"{path} belongs to another program (application_id {app_id:#x}); "
+                               "litemultistep leaves it untouched")
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(f"{path} was written by a newer litemultistep (schema v{version}; this version "
+                           f"knows v{SCHEMA_VERSION}): upgrade litemultistep to use it")
+    return "current" if version == SCHEMA_VERSION else "old"
+
+
+def _translate(error: sqlite3.OperationalError, path: str) -> LiteMultiStepError:
+    message = str(error)
+    if "locked" in message or "busy" in message:
+        return DatabaseUnusable(f"{path} stayed locked by another writer for {BUSY_TIMEOUT:.0f} s: {message}")
+    if "full" in message:
+        return DatabaseUnusable(f"cannot write to {path}: the disk is full ({message}); "
+                                "free some space, nothing stored was lost")
+    if "readonly" in message:
+        return DatabaseUnusable(f"cannot write to {path}: {message}")
+    return DatabaseUnusable(f"{path}: {message}")
+
+
+_open: dict[str, Database] = {}
+_open_lock = threading.Lock()
+
+
+def open_database(path: str | os.PathLike[str]) -> Database:
+    """The :class:`Database` for ``path``, opened once per process and shared."""
+    key = os.path.abspath(os.fspath(path))
+    db = _open.get(key)
+    if db is not None and os.path.exists(key):
+        return db
+    with _open_lock:
+        db = Database(path)
+        _open[key] = db
+        return db
+
+
+def now() -> float:
+    """Wall-clock seconds, the time base of every timestamp in the file."""
+    return time.time()

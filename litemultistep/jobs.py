@@ -1,0 +1,177 @@
+"""Turning a callable into ``module:qualname`` and back, and job arguments into exact JSON.
+
+A job is stored as the import path of its callable and its arguments as JSON: nothing is ever
+pickled, so a worker runs only code it can import itself. Whatever a worker could not import, or JSON
+could not carry exactly, is refused at ``add_job`` time, where the mistake is, not at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ArgumentNotSerializable, JobNotImportable
+
+_paths: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_resolved: dict[str, Callable[..., Any]] = {}
+
+
+def callable_path(fn: Callable[..., Any]) -> str:
+    """The ``module:qualname`` a worker imports ``fn`` by; raises :class:`JobNotImportable`."""
+    try:
+        return _paths[fn]
+    except (KeyError, TypeError):
+        pass
+    path = _compute_path(fn)
+    try:
+        _paths[fn] = path
+    except TypeError:
+        pass  # not weak-referenceable (a builtin): checked again next time, which is cheap
+    return path
+
+
+def _describe(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _compute_path(fn: Any) -> str:
+    if not callable(fn):
+        raise JobNotImportable(f"a job must be a function or other callable, not {type(fn).__name__} {fn!r}")
+    if inspect.ismethod(fn) and not inspect.isclass(fn.__self__):
+        raise JobNotImportable(
+            f"{_describe(fn)} is a method bound to an instance: a worker cannot import the instance. "
+            "Use a module-level function (or a classmethod/staticmethod) and pass the instance's data as "
+            "arguments"
+        )
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname:
+        raise JobNotImportable(f"{fn!r} has no module and qualified name, so a worker cannot import it; "
+                               "use a function defined at the top level of a module")
+    if "<lambda>" in qualname:
+        raise JobNotImportable(f"a lambda cannot be a job ({module}:{qualname}): a worker cannot import "
+                               "it; define a function at the top level of a module")
+    if "<locals>" in qualname:
+        raise JobNotImportable(f"{qualname} is defined inside a function, so a worker cannot import it; "
+                               "move it to the top level of a module")
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is None or not spec.name or spec.name == "__main__":
+            raise JobNotImportable(
+                f"{qualname} is defined in the __main__ script, which a worker cannot import; move it "
+                "into a module of its own (e.g. jobs.py beside the script) and import it from there"
+            )
+        module = spec.name
+    path = f"{module}:{qualname}"
+    try:
+        found = resolve(path)
+    except JobNotImportable as e:
+        raise JobNotImportable(f"{_describe(fn)} cannot be imported back as {path}: {e}") from None
+    same_method = getattr(found, "__func__", None) is not None and found.__func__ is getattr(fn, "__func__", None)
+    if found is not fn and not same_method:
+        raise JobNotImportable(
+            f"importing {path} gives {found!r}, not the callable passed ({fn!r}); a decorator that does "
+            "not keep __qualname__ (functools.wraps) or a re-bound name is the usual cause"
+        )
+    return path
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """Import the callable stored as ``module:qualname``; raises :class:`JobNotImportable`."""
+    fn = _resolved.get(path)
+    if fn is not None:
+        return fn
+    module_name, sep, qualname = path.partition(":")
+    if not sep or not module_name or not qualname:
+        raise JobNotImportable(f"{path!r} is not a 'module:qualname' job path")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise JobNotImportable(f"cannot import module {module_name!r} for job {path}: {e}") from e
+    except Exception as e:
+        raise JobNotImportable(
+            f"importing module {module_name!r} for job {path} raised {type(e).__name__}: {e}") from e
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise JobNotImportable(f"module {module_name!r} has no {qualname!r} (job {path}); was it "
+                                   "renamed or removed since the job was queued?") from None
+    if not callable(obj):
+        raise JobNotImportable(f"{path} is a {type(obj).__name__}, not a callable")
+    _resolved[path] = obj
+    return obj  # type: ignore[no-any-return]
+
+
+_SCALARS = (str, bool, type(None))
+
+
+def _check_value(value: Any, where: str, depth: int) -> None:
+    kind = type(value)
+    if kind in _SCALARS:
+        if kind is str and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ArgumentNotSerializable(
+                    f"{where} is a string with a lone surrogate, which is not valid text; "
+                    "pass bytes-like data as base64 or a list of numbers") from None
+        return
+    if kind is int:
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise ArgumentNotSerializable(f"{where} is {value!r}: JSON has no NaN or infinity; "
+                                          "pass None or a string instead")
+        return
+    if depth > 100:
+        raise ArgumentNotSerializable(f"{where} is nested more than 100 levels deep")
+    if kind is list:
+        for i, item in enumerate(value):
+            _check_value(item, f"{where}[{i}]", depth + 1)
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ArgumentNotSerializable(
+                    f"{where} has the key {key!r} ({type(key).__name__}); JSON object keys are strings "
+                    "only, so it would come back as a string: use string keys")
+            _check_value(item, f"{where}[{key!r}]", depth + 1)
+        return
+    hint = {
+        tuple: "a tuple would come back as a list: pass a list",
+        set: "pass a sorted list",
+        frozenset: "pass a sorted list",
+        bytes: "pass base64 text or a list of numbers",
+    }.get(kind, "pass JSON types only: str, int, float, bool, None, list, dict with string keys")
+    raise ArgumentNotSerializable(f"{where} is a {kind.__name__} ({value!r:.60}), which JSON cannot carry "
+                                  f"exactly; {hint}")
+
+
+def encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """JSON for a job's arguments; raises :class:`ArgumentNotSerializable` naming the argument."""
+    for i, value in enumerate(args):
+        _check_value(value, f"argument {i + 1}", 0)
+    for key, value in kwargs.items():
+        _check_value(value, f"keyword argument {key!r}", 0)
+    return json.dumps([list(args), kwargs], ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def decode_args(text: str) -> tuple[list[Any], dict[str, Any]]:
+    """The ``(args, kwargs)`` of a stored job."""
+    args, kwargs = json.loads(text)
+    return args, kwargs
+
+
+def describe_call(func: str, args_json: str, limit: int = 120) -> str:
+    """A one-line, log-safe rendering of a job call (control characters escaped, long ones cut)."""
+    text = f"{func}{args_json}"
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."

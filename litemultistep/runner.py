@@ -1,0 +1,165 @@
+"""Running a claimed job in this process: the code that worker processes, sync mode and
+``drain`` share, so a job runs the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import inspect
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from . import engine
+from .db import Database
+from .engine import ClaimedJob, Outcome
+from .jobs import decode_args, describe_call, resolve
+
+log = logging.getLogger("litemultistep")
+
+#: (database, task id) of the job running in this context, for ``current_task()``
+current_job: contextvars.ContextVar[tuple[Database, str] | None] = contextvars.ContextVar(
+    "litemultistep_current_job", default=None)
+
+
+@dataclass(frozen=True)
+class Result:
+    """An :class:`Outcome` plus, for a failure, the live exception (never stored)."""
+
+    outcome: Outcome
+    error: BaseException | None = None
+    duration: float = 0.0
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def execute(db: Database, job: ClaimedJob) -> Result:
+    """Run one claimed job; an exception of the job (even ``SystemExit``) becomes a failure."""
+    token = current_job.set((db, job.task_id))
+    start = time.perf_counter()
+    what = describe_call(job.func, job.args)
+    log.info("start %s job %d of %s: %s", "finalizer" if job.is_finalizer else "job", job.id, job.task_id,
+             what)
+    try:
+        fn = resolve(job.func)
+        args, kwargs = decode_args(job.args)
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+    except (Exception, SystemExit) as e:
+        duration = time.perf_counter() - start
+        log.info("failed job %d of %s after %.3fs: %s: %s", job.id, job.task_id, duration, _type_name(e),
+                 str(e).encode("unicode_escape").decode("ascii")[:300])
+        outcome = Outcome(job, False, _type_name(e), str(e), traceback.format_exc())
+        return Result(outcome, e, duration)
+    finally:
+        current_job.reset(token)
+    duration = time.perf_counter() - start
+    log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
+    return Result(Outcome(job, True), None, duration)
+
+
+async def _await(awaitable: object) -> object:
+    return await awaitable  # type: ignore[misc]
+
+
+class InlineRunner:
+    """This process's worker identity on one database, for sync mode and ``drain``.
+
+    It holds a worker lock like a worker process, so if this process dies, the jobs it held are
+    recovered by any worker; it has no lease (no heartbeat thread runs in a user's process).
+    """
+
+    _runners: dict[tuple[str, int], InlineRunner] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.worker_id, self._lock = engine.register_worker(db, "inline")
+
+    @classmethod
+    def for_db(cls, db: Database) -> InlineRunner:
+        key = (db.path, os.getpid())
+        with cls._guard:
+            runner = cls._runners.get(key)
+            if runner is None:
+                runner = cls._runners[key] = cls(db)
+            return runner
+
+    def close(self) -> None:
+        try:
+            engine.unregister_worker(self.db, self.worker_id)
+        finally:
+            self._lock.release()
+
+    def run_chain(self, job: ClaimedJob | None, raise_errors: bool = True) -> list[Result]:
+        """Run ``job`` and the finalizers its completion hands to this runner, in order.
+
+        With ``raise_errors`` a job's exception is re-raised after its failure is recorded.
+        """
+        results = []
+        while job is not None:
+            result = execute(self.db, job)
+            results.append(result)
+            handed = engine.record(self.db, self.worker_id, [result.outcome])
+            if result.error is not None and raise_errors:
+                raise result.error
+            job = handed[0] if handed else None
+        return results
+
+
+@atexit.register
+def _close_inline_runners() -> None:
+    for (_, pid), runner in list(InlineRunner._runners.items()):
+        if pid == os.getpid():
+            try:
+                runner.close()
+            except Exception:  # the database may be gone (a test's temp dir): nothing left to tidy
+                pass
+    InlineRunner._runners.clear()
+
+
+@dataclass
+class DrainSummary:
+    """What :func:`drain` did."""
+
+    completed: int = 0
+    failed: int = 0
+    #: ids of the tasks whose last finalizer ran (they are gone now)
+    finalized: list[str] = field(default_factory=list)
+    #: the failures, as recorded
+    failures: list[Outcome] = field(default_factory=list)
+
+
+def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None = None) -> DrainSummary:
+    """Run every queued job, normal and finalization, in this process until none is left.
+
+    Automatic retries that are waiting for their delay run at once. With ``raise_on_failure`` the first
+    job exception is re-raised with its traceback (after its failure is recorded).
+    """
+    runner = InlineRunner.for_db(db)
+    summary = DrainSummary()
+    touched: set[str] = set()
+    while True:
+        jobs = engine.claim(db, runner.worker_id, 1, queues)
+        if not jobs:
+            if engine.promote_scheduled(db, due_by=float("inf")):
+                continue
+            break
+        for result in runner.run_chain(jobs[0], raise_errors=raise_on_failure):
+            touched.add(result.outcome.job.task_id)
+            if result.outcome.ok:
+                summary.completed += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(result.outcome)
+    summary.finalized = sorted(t for t in touched if engine.task_finished(db, t))
+    return summary

@@ -1,0 +1,324 @@
+"""``MultiStepTask``: the gem's API, on one SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+from . import config, engine, views
+from .db import Database, JobKind
+from .errors import FinalizationAlreadyBegun, InvalidSlug, NoSuchMultiStepTask, NotInJob, NotReadyForFinalization
+from .jobs import callable_path, encode_args
+from .runner import InlineRunner, current_job
+from .views import FailureInfo, Progress
+
+DEFAULT_SLUG = "multi-step-task"
+MAX_SLUG_LENGTH = 200
+
+
+def _check_slug(slug: Any) -> str:
+    if slug is None:
+        return DEFAULT_SLUG
+    if not isinstance(slug, str):
+        raise InvalidSlug(f"a task slug is a string, not {type(slug).__name__} {slug!r}")
+    if not slug:
+        raise InvalidSlug("a task slug cannot be empty; leave it out for the default 'multi-step-task'")
+    if len(slug) > MAX_SLUG_LENGTH:
+        raise InvalidSlug(f"a task slug is at most {MAX_SLUG_LENGTH} characters; this one has {len(slug)}")
+    if "~" in slug:
+        raise InvalidSlug(f"a task slug cannot contain '~' (it separates the slug from the nonce): {slug!r}")
+    bad = next((ch for ch in slug if not ch.isprintable() or ch in "\x00\n\r\t"), None)
+    if bad is not None:
+        raise InvalidSlug(f"a task slug cannot contain control characters ({bad!r} in {slug!r})")
+    try:
+        slug.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidSlug(f"a task slug must be valid text, {slug!r} has a lone surrogate") from None
+    return slug
+
+
+class MultiStepTask:
+    """A group of jobs that run in parallel, then finalization jobs that run in order.
+
+    Make one with :meth:`create`, look one up with :meth:`find`. Every counter and predicate reads the
+    database afresh. Used as a context manager, the jobs added in the block are committed when it ends
+    and the task becomes finalizable; if the block raises, nothing of the task is left.
+    """
+
+    def __init__(self, task_id: str, db: Database) -> None:
+        self._task_id = task_id
+        self._db = db
+        self._buffer: list[tuple[int, str, str]] | None = None  # jobs of an open ``with`` block
+
+    def __repr__(self) -> str:
+        return f"<MultiStepTask {self._task_id} in {self._db.path}>"
+
+    # -- making and finding -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, slug: str | None = None, db: Any = None, *, max_retries: int = 0,
+               retry_delay: float = 1.0) -> MultiStepTask:
+        """Create a task whose id (and queue name) is ``slug~nonce``.
+
+        :param slug: a readable name (default ``multi-step-task``); printable, at most 200 characters,
+            no ``~``.
+        :param db: a path or :class:`litemultistep.Database` (default: the configured one).
+        :param max_retries: automatic retries of a failed job before it counts as failed (default 0,
+            as in the gem).
+        :param retry_delay: seconds before the first automatic retry; each next one waits twice as long.
+        """
+        slug = _check_slug(slug)
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
+        if not isinstance(retry_delay, (int, float)) or retry_delay < 0:
+            raise ValueError(f"retry_delay must be a number of seconds >= 0, not {retry_delay!r}")
+        database = config.resolve_db(db)
+        return cls(engine.create_task(database, slug, max_retries=max_retries,
+                                      retry_delay=float(retry_delay)), database)
+
+    @classmethod
+    def find(cls, task_id: str, db: Any = None) -> MultiStepTask:
+        """The task with this id; :class:`NoSuchMultiStepTask` if it does not exist or has finished."""
+        database = config.resolve_db(db)
+        if not engine.task_exists(database, task_id):
+            raise NoSuchMultiStepTask(f"no task {task_id!r} in {database.path}: it never existed, "
+                                      "finished, or was nuked")
+        return cls(task_id, database)
+
+    # -- the with block -----------------------------------------------------------------------------
+
+    def __enter__(self) -> MultiStepTask:
+        engine.begin_building(self._db, self._task_id)
+        if config.mode() == "async":
+            self._buffer = []
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self._buffer = None
+            engine.delete_task(self._db, self._task_id)
+            return
+        self._flush()
+        self._buffer = None
+        self.mark_finalizable()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            jobs, self._buffer = self._buffer, []
+            engine.add_jobs(self._db, self._task_id, jobs)
+
+    # -- adding jobs --------------------------------------------------------------------------------
+
+    def add_job(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue ``fn(*args, **kwargs)`` as a normal job; the arguments must be JSON types.
+
+        In sync mode the job runs here and now, and its exception (if any) propagates after it is
+        recorded as a failure.
+        """
+        self._add(JobKind.NORMAL, fn, args, kwargs)
+
+    def add_finalization_job(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue ``fn(*args, **kwargs)`` to run after every normal job, after the finalizers added before."""
+        self._add(JobKind.FINALIZE, fn, args, kwargs)
+
+    def _add(self, kind: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        job = (kind, callable_path(fn), encode_args(args, kwargs))
+        if self._buffer is not None:
+            self._buffer.append(job)
+            if len(self._buffer) >= engine.CHUNK:
+                self._flush()
+        elif kind == JobKind.NORMAL and config.mode() == "sync":
+            runner = InlineRunner.for_db(self._db)
+            claimed = engine.add_jobs(self._db, self._task_id, [job], claim_for=runner.worker_id)
+            runner.run_chain(claimed[0])
+        else:
+            engine.add_jobs(self._db, self._task_id, [job])
+
+    # -- finalization -------------------------------------------------------------------------------
+
+    def mark_finalizable(self) -> None:
+        """Allow finalization (the gem's ``finalizable!``); it starts at once if every job is done."""
+        self._flush()
+        if config.mode() == "sync":
+            runner = InlineRunner.for_db(self._db)
+            runner.run_chain(engine.mark_finalizable(self._db, self._task_id, claim_for=runner.worker_id))
+        else:
+            engine.mark_finalizable(self._db, self._task_id)
+
+    def finalize(self) -> None:
+        """Start finalization now (the gem's ``finalize!``).
+
+        :raises FinalizationAlreadyBegun: finalization has begun, or the task is gone.
+        :raises NotReadyForFinalization: not finalizable, a normal job is not done, or one failed.
+        """
+        self._flush()
+        if config.mode() == "sync":
+            runner = InlineRunner.for_db(self._db)
+            runner.run_chain(engine.finalize(self._db, self._task_id, claim_for=runner.worker_id))
+        else:
+            engine.finalize(self._db, self._task_id)
+
+    def maybe_finalize(self) -> bool:
+        """Start finalization if the task is ready for it; returns whether it started."""
+        try:
+            self.finalize()
+        except (NoSuchMultiStepTask, NotReadyForFinalization, FinalizationAlreadyBegun):
+            return False
+        return True
+
+    def nuke(self) -> None:
+        """Remove the task, its queued jobs and its failures at once, finished or not."""
+        self._buffer = None
+        engine.delete_task(self._db, self._task_id)
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    @property
+    def task_id(self) -> str:
+        """``slug~nonce``: store it to find the task again from another process."""
+        return self._task_id
+
+    @property
+    def queue_name(self) -> str:
+        """The name of the task's own queue (its id, as in the gem)."""
+        return self._task_id
+
+    @property
+    def slug(self) -> str:
+        return self._task_id.rpartition("~")[0]
+
+    @property
+    def db(self) -> Database:
+        return self._db
+
+    # -- counters -----------------------------------------------------------------------------------
+
+    def progress(self) -> Progress:
+        """Every counter in one consistent snapshot (one query); a finished task shows as complete."""
+        self._flush()
+        return views.progress(self._db, self._task_id)
+
+    @property
+    def normal_job_count(self) -> int:
+        return self.progress().normal_job_count
+
+    @property
+    def finalize_job_count(self) -> int:
+        return self.progress().finalize_job_count
+
+    @property
+    def total_job_count(self) -> int:
+        """Normal plus finalization jobs."""
+        return self.progress().total_job_count
+
+    @property
+    def completed_count(self) -> int:
+        """Jobs (normal and finalization) that ran and returned; each counts once."""
+        return self.progress().completed_count
+
+    @property
+    def failed_count(self) -> int:
+        """Jobs whose last attempt failed and that have not been retried since."""
+        return self.progress().failed_count
+
+    @property
+    def finalizable(self) -> bool:
+        return self.progress().finalizable
+
+    @property
+    def ready_for_finalization(self) -> bool:
+        """Finalizable and every normal job completed (the gem's ``ready_for_finalization?``)."""
+        p = self.progress()
+        return p.finalizable and p.completed_count >= p.normal_job_count
+
+    @property
+    def incomplete_because_of_errors(self) -> bool:
+        """Some job failed and the normal jobs are not all complete."""
+        p = self.progress()
+        return p.failed_count > 0 and p.completed_count < p.normal_job_count
+
+    @property
+    def unfinalized_because_of_errors(self) -> bool:
+        """Some job failed and the task (finalizers included) is not complete."""
+        p = self.progress()
+        return p.failed_count > 0 and p.completed_count < p.total_job_count
+
+    # -- failures and waiting -----------------------------------------------------------------------
+
+    def failures(self) -> list[FailureInfo]:
+        """The task's failed jobs, each with its exception, message and traceback."""
+        return views.failures(self._db, self._task_id)
+
+    def retry_failed(self) -> int:
+        """Requeue every failed job (in sync mode: run them now); returns how many."""
+        ids = engine.retry_task(self._db, self._task_id)
+        if config.mode() == "sync":
+            runner = InlineRunner.for_db(self._db)
+            for job_id in ids:
+                runner.run_chain(engine.claim_specific(self._db, runner.worker_id, job_id))
+        return len(ids)
+
+    def watch(self, interval: float = 0.5) -> Iterator[Progress]:
+        """Yield a progress snapshot every ``interval`` seconds until the task finishes or is blocked.
+
+        The last snapshot of a finished task shows it complete (completed equals total).
+        """
+        while True:
+            p = self.progress()
+            yield p
+            if p.settled:
+                return
+            time.sleep(interval)
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> Progress:
+        """Block until the task finishes or is blocked by failures; returns the last snapshot.
+
+        :raises TimeoutError: ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            p = self.progress()
+            if p.settled:
+                return p
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {self._task_id} did not finish within {timeout} s "
+                                   f"({p.completed_count}/{p.total_job_count} done)")
+            time.sleep(interval)
+
+    async def watch_async(self, interval: float = 0.5) -> AsyncIterator[Progress]:
+        """:meth:`watch` for asyncio: the database is read in a thread, the loop never blocks."""
+        while True:
+            p = await asyncio.to_thread(self.progress)
+            yield p
+            if p.settled:
+                return
+            await asyncio.sleep(interval)
+
+    async def wait_async(self, timeout: float | None = None, interval: float = 0.1) -> Progress:
+        """:meth:`wait` for asyncio."""
+        async def _wait() -> Progress:
+            while True:
+                p = await asyncio.to_thread(self.progress)
+                if p.settled:
+                    return p
+                await asyncio.sleep(interval)
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"task {self._task_id} did not finish within {timeout} s") from None
+
+
+def current_task() -> MultiStepTask:
+    """The task of the job running now, so a job can add jobs to its own task.
+
+    :raises NotInJob: outside a job.
+    """
+    running = current_job.get()
+    if running is None:
+        raise NotInJob("current_task() is only available inside a running job")
+    db, task_id = running
+    return MultiStepTask(task_id, db)

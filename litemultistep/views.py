@@ -1,0 +1,188 @@
+"""Reading the file: progress snapshots, task and failure listings, live workers.
+
+Nothing here writes; every decision about who runs what is in ``engine.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .db import Database, JobKind, JobState, TaskState
+from .errors import NoSuchMultiStepTask
+
+_TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
+                 "failed_count, pending_count, running_count, created_at")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One consistent snapshot of a task's counters, read in one query.
+
+    ``state`` is ``"building"`` (inside its ``with`` block), ``"running"``, ``"blocked"`` (a failed
+    job stops it until retried), ``"finalizing"`` or ``"finished"``.
+    """
+
+    task_id: str
+    slug: str
+    state: str
+    finalizable: bool
+    normal_job_count: int
+    finalize_job_count: int
+    completed_count: int
+    failed_count: int
+    #: jobs waiting for a worker: queued, waiting for an automatic retry, or finalizers not yet reached
+    pending_count: int
+    running_count: int
+    created_at: float
+    finished_at: float | None = None
+
+    @property
+    def total_job_count(self) -> int:
+        return self.normal_job_count + self.finalize_job_count
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    @property
+    def blocked(self) -> bool:
+        """A failed job stops the task until it is retried."""
+        return self.state == "blocked"
+
+    @property
+    def settled(self) -> bool:
+        """Finished, or blocked by failures: nothing more happens without a retry."""
+        return self.state in ("finished", "blocked")
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.completed_count / self.total_job_count if self.total_job_count else 100.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of ``status --json``: every field plus ``total_job_count``."""
+        d = asdict(self)
+        d["total_job_count"] = self.total_job_count
+        return d
+
+
+def _progress_from_row(row: tuple[Any, ...]) -> Progress:
+    (task_id, slug, state, finalizable, normal, finalize, completed, failed, _pending, running,
+     created_at) = row
+    if state == TaskState.BUILDING:
+        label = "building"
+    elif failed:
+        label = "blocked"
+    elif state == TaskState.FINALIZING:
+        label = "finalizing"
+    else:
+        label = "running"
+    pending = normal + finalize - completed - failed - running
+    return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
+                    running, created_at)
+
+
+def progress(db: Database, task_id: str) -> Progress:
+    """The task's counters; a finished task's kept summary; else :class:`NoSuchMultiStepTask`."""
+    conn = db.connection()
+    row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM task WHERE task_id = ?", (task_id,)).fetchone()
+    if row is not None:
+        return _progress_from_row(row)
+    done = conn.execute("SELECT slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
+                        "WHERE task_id = ?", (task_id,)).fetchone()
+    if done is None:
+        raise NoSuchMultiStepTask(f"no task {task_id!r} in {db.path}: it never existed, was nuked, or "
+                                  "finished long enough ago that its summary was dropped")
+    slug, normal, finalize, created_at, finished_at = done
+    return Progress(task_id, slug, "finished", True, normal, finalize, normal + finalize, 0, 0, 0,
+                    created_at, finished_at)
+
+
+def active_tasks(db: Database) -> list[Progress]:
+    """Every task that has not finished, oldest first."""
+    rows = db.connection().execute(f"SELECT {_TASK_COLUMNS} FROM task ORDER BY created_at, id").fetchall()
+    return [_progress_from_row(r) for r in rows]
+
+
+def finished_tasks(db: Database) -> list[Progress]:
+    """Summaries of recently finished tasks, newest first."""
+    rows = db.connection().execute(
+        "SELECT task_id, slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
+        "ORDER BY finished_at DESC").fetchall()
+    return [Progress(t, s, "finished", True, n, f, n + f, 0, 0, 0, c, fin) for t, s, n, f, c, fin in rows]
+
+
+@dataclass(frozen=True)
+class FailureInfo:
+    """A failed job and its last recorded failure."""
+
+    job_id: int
+    task_id: str
+    func: str
+    args: str
+    finalizer: bool
+    exc_type: str
+    message: str
+    traceback: str
+    attempt: int
+    failed_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def failures(db: Database, task_id: str | None = None) -> list[FailureInfo]:
+    """Jobs that are failed now (not retried since), each with its last failure, oldest first."""
+    where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    rows = db.connection().execute(
+        "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
+        "f.failed_at FROM job j JOIN task t ON t.id = j.task "
+        "JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
+        f"WHERE j.state = ?{where} ORDER BY f.failed_at, j.id", (JobState.FAILED, *params)).fetchall()
+    return [FailureInfo(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
+
+
+def finalizers(db: Database, task_id: str) -> list[dict[str, Any]]:
+    """The task's finalization chain: each finalizer's position, callable and state."""
+    rows = db.connection().execute(
+        "SELECT j.id, j.position, j.func, j.args, j.state, j.attempts FROM job j JOIN task t ON t.id = j.task "
+        "WHERE t.task_id = ? AND j.kind = ? ORDER BY j.position", (task_id, JobKind.FINALIZE)).fetchall()
+    return [{"job_id": r[0], "position": r[1], "func": r[2], "args": r[3],
+             "state": JobState(r[4]).name.lower(), "attempts": r[5]} for r in rows]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A registered worker and the jobs it holds now."""
+
+    id: int
+    pid: int
+    hostname: str
+    kind: str
+    queues: str | None
+    started_at: float
+    heartbeat_at: float
+    expires_at: float | None
+    alive: bool
+    running_job_ids: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def workers(db: Database) -> list[WorkerInfo]:
+    """Registered workers, with whether each is alive now (its lock held, its lease current)."""
+    from .engine import lock_is_held
+
+    conn = db.connection()
+    t = time.time()
+    out = []
+    for wid, pid, host, kind, queues, started, beat, expires, lock_path in conn.execute(
+            "SELECT id, pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path "
+            "FROM worker ORDER BY id").fetchall():
+        jobs = [r[0] for r in conn.execute("SELECT id FROM job WHERE state = ? AND worker = ? ORDER BY id",
+                                           (JobState.RUNNING, wid))]
+        alive = (expires is None or expires >= t) and lock_is_held(lock_path)
+        out.append(WorkerInfo(wid, pid, host, kind, queues, started, beat, expires, alive, jobs))
+    return out
