@@ -295,6 +295,16 @@ def has_claimable(db: Database, queues: Sequence[str] | None = None) -> bool:
     return row is not None
 
 
+def work_left(db: Database, queues: Sequence[str] | None = None) -> bool:
+    """Whether any job (in ``queues``) is queued, running, or waiting for an automatic retry."""
+    where, params = _queue_filter(queues)
+    conn = db.connection()
+    busy = conn.execute(
+        f"SELECT 1 FROM task WHERE (pending_count > 0 OR running_count > 0) AND state IN (1, 2){where} LIMIT 1",
+        params).fetchone()
+    return busy is not None or conn.execute("SELECT 1 FROM job WHERE state = 5 LIMIT 1").fetchone() is not None
+
+
 def _claim(c: sqlite3.Connection, worker_id: int, limit: int,
            queues: Sequence[str] | None) -> list[ClaimedJob]:
     where, params = _queue_filter(queues)
@@ -571,3 +581,102 @@ def recover(db: Database, me: int | None = None) -> int:
         why = "its lease ran out (stalled or hung)" if stalled else "it is dead"
         log.warning("worker %d (pid %d): %s; %d job(s) back in their queues", worker_id, pid, why, n)
     return total
+
+
+# -- checking and repairing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something ``check`` found wrong in the file, and whether it was repaired."""
+
+    kind: str
+    task_id: str | None
+    detail: str
+    repaired: bool = False
+
+
+def check(db: Database, repair: bool = False) -> list[Problem]:
+    """Recount every task's counters from its job rows, find claims of dead workers, stalled
+    finalizations and abandoned ``with`` blocks, run SQLite's integrity check; with ``repair``, fix them.
+    """
+    conn = db.connection()
+    problems: list[Problem] = []
+    for (line,) in conn.execute("PRAGMA integrity_check").fetchall():
+        if line != "ok":
+            problems.append(Problem("integrity", None, line))
+    live = set()
+    for worker_id, expires_at, lock_path in conn.execute("SELECT id, expires_at, lock_path FROM worker"):
+        if (expires_at is None or expires_at >= now()) and lock_is_held(lock_path):
+            live.add(worker_id)
+    orphans = conn.execute("SELECT count(*) FROM job WHERE state = ? AND (worker IS NULL OR worker NOT IN "
+                           f"({','.join(str(w) for w in live) or 'NULL'}))", (RUNNING,)).fetchone()[0]
+    if orphans:
+        problems.append(Problem("dead-claims", None, f"{orphans} job(s) held by workers that are gone",
+                                repair))
+        if repair:
+            with db.write() as c:
+                _requeue(c, f"(worker IS NULL OR worker NOT IN ({','.join(str(w) for w in live) or 'NULL'}))", [])
+                c.execute(f"DELETE FROM worker WHERE id NOT IN ({','.join(str(w) for w in live) or 'NULL'})")
+    for pk, task_id in conn.execute("SELECT id, task_id FROM task ORDER BY id").fetchall():
+        problems += _check_task(db, pk, task_id, repair)
+    return problems
+
+
+def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Problem]:
+    problems = []
+    with db.write() as c:  # one snapshot to compare, and to fix in
+        row = c.execute("SELECT state, finalizable, normal_count, finalize_count, completed_count, failed_count, "
+                        "pending_count, running_count, builder_pid FROM task WHERE id = ?", (pk,)).fetchone()
+        if row is None:
+            return []
+        state, finalizable, normal, finalize, completed, failed, pending, running, builder = row
+        counts = dict(c.execute("SELECT kind * 10 + state, count(*) FROM job WHERE task = ? GROUP BY kind, state",
+                                (pk,)).fetchall())
+
+        def n(kind: int, *states: int) -> int:
+            return sum(counts.get(kind * 10 + s, 0) for s in states)
+
+        normal_rows = n(NORMAL, QUEUED, RUNNING, FAILED, SCHEDULED)
+        actual = {
+            "finalize_count": n(FINALIZE, QUEUED, RUNNING, COMPLETED, FAILED, SCHEDULED, WAITING),
+            "completed_count": (normal - normal_rows) + n(FINALIZE, COMPLETED),
+            "failed_count": n(NORMAL, FAILED) + n(FINALIZE, FAILED),
+            "pending_count": n(NORMAL, QUEUED) + n(FINALIZE, QUEUED),
+            "running_count": n(NORMAL, RUNNING) + n(FINALIZE, RUNNING),
+        }
+        stored = {"finalize_count": finalize, "completed_count": completed, "failed_count": failed,
+                  "pending_count": pending, "running_count": running}
+        wrong = {k: (stored[k], v) for k, v in actual.items() if stored[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k} {a} should be {b}" for k, (a, b) in wrong.items())
+            problems.append(Problem("counters", task_id, detail, repair))
+            if repair:
+                c.execute("UPDATE task SET " + ", ".join(f"{k} = ?" for k in wrong) + " WHERE id = ?",
+                          (*[b for _, b in wrong.values()], pk))
+        if state == BUILDING and builder is not None and not _pid_alive(builder):
+            problems.append(Problem("abandoned", task_id, f"its with block never ended (process {builder} is "
+                                    "gone); repair removes it", repair))
+            if repair:
+                c.execute("DELETE FROM task WHERE id = ?", (pk,))
+            return problems
+        failed_now = actual["failed_count"]
+        if state == ACTIVE and finalizable and actual["completed_count"] >= normal and not failed_now:
+            problems.append(Problem("stalled", task_id, "ready, but finalization never began", repair))
+            if repair:
+                _begin_finalization(c, pk, task_id, None)
+        elif state == FINALIZING and not failed_now and not n(FINALIZE, QUEUED, RUNNING, SCHEDULED):
+            problems.append(Problem("stalled", task_id, "finalization stopped between two finalizers", repair))
+            if repair:
+                _advance_chain(c, pk, task_id, None)
+    return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
