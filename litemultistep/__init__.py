@@ -6,6 +6,7 @@ and once every job has succeeded runs its finalization jobs one after another, i
 
 from .config import configure
 from .db import Database
+from .embedding import Workers
 from .errors import (
     ArgumentNotSerializable,
     DatabaseUnusable,
@@ -44,6 +45,7 @@ __all__ = [
     "NotReadyForFinalization",
     "Progress",
     "SchemaTooNew",
+    "Workers",
     "configure",
     "current_task",
 ]

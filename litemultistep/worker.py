@@ -32,6 +32,31 @@ log = logging.getLogger("litemultistep")
 SHORT_JOB = 0.005
 
 
+#: test hook: a file whose first line "POINT module:qualname" makes the first worker to reach POINT
+#: for a job of that callable exit at once (POINT: after-claim, after-run); it fires once.
+CRASH_FILE_ENV = "LITEMULTISTEP_CRASH_FILE"
+CRASH_EXIT_CODE = 70
+
+
+def _maybe_crash(point: str, job: ClaimedJob) -> None:
+    path = os.environ.get(CRASH_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            want_point, _, want_func = f.readline().strip().partition(" ")
+    except FileNotFoundError:
+        return
+    if want_point != point or want_func != job.func:
+        return
+    try:
+        os.rename(path, path + ".fired")  # exactly one process wins the rename: the crash fires once
+    except FileNotFoundError:
+        return
+    log.warning("crash hook: exiting at %s of job %d (%s)", point, job.id, job.func)
+    os._exit(CRASH_EXIT_CODE)
+
+
 class StopNow(BaseException):
     """Raised in the main thread by a second stop signal: abandon the running job (it runs again)."""
 
@@ -116,7 +141,9 @@ class WorkerProcess:
             job = self._held.popleft()
             if not self._allowed(job):
                 continue
+            _maybe_crash("after-claim", job)
             result = execute(self.db, job)
+            _maybe_crash("after-run", job)
             ran += 1
             self._outcomes.append(result.outcome)
             if result.duration > SHORT_JOB or result.error is not None or job.is_finalizer:

@@ -1,0 +1,111 @@
+"""Starting and stopping worker processes from inside an application."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import TracebackType
+from typing import Any
+
+from .config import resolve_db
+from .worker import WorkerOptions
+
+log = logging.getLogger("litemultistep")
+
+
+class Workers:
+    """Real ``litemultistep worker`` processes, started and stopped by an application.
+
+    The processes are spawned (a fresh interpreter each, safe from GUI toolkits and threads) in a
+    process group of their own, and stop by themselves if the application dies.
+
+    :param db: the database path (or :class:`litemultistep.Database`); default: the configured one.
+    :param concurrency: worker processes.
+    :param queues: globs of task queues to serve (default: all).
+    :param burst: the workers exit once nothing is queued or running.
+    :param options: any other ``WorkerOptions`` field (``lease``, ``batch``, ``poll``, ``paths``,
+        ``allow_modules``, ``quiet``, ``verbose``).
+    """
+
+    def __init__(self, db: Any = None, concurrency: int = 1, queues: list[str] | None = None,
+                 burst: bool = False, **options: Any) -> None:
+        paths = list(options.pop("paths", []))
+        main_dir = sys.path[0] if sys.path and sys.path[0] else ""
+        if main_dir and os.path.isdir(main_dir):
+            paths.append(main_dir)  # the application's own directory, so its job modules import
+        self.options = WorkerOptions(db=resolve_db(db).path, concurrency=concurrency, queues=list(queues or []),
+                                     burst=burst, paths=paths, parent_pid=os.getpid(), **options)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Workers:
+        """Start the processes (returns at once)."""
+        if self.alive:
+            return self
+        argv = self.options.child_argv()
+        # child_argv describes one supervised process; the application's workers get their own
+        # supervisor instead, which keeps `concurrency` of them running.
+        argv[argv.index("-c") + 1] = str(self.options.concurrency)
+        argv.remove("--supervised")
+        self.process = subprocess.Popen(argv, start_new_session=True)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the workers are running."""
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the supervising process (the only worker when ``concurrency`` is 1)."""
+        return self.process.pid if self.process else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the workers to exit by themselves (with ``burst``); returns the exit status."""
+        if self.process is None:
+            raise RuntimeError("the workers were never started")
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop gracefully (running jobs finish), then by force after ``timeout`` seconds.
+
+        Jobs cut short by force go back to their queues. Returns the exit status.
+        """
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("workers did not stop within %.1f s; killing them", timeout)
+        # the whole group: the supervisor's children too, should any outlive it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        code = proc.wait()
+        _reap_group_wait(proc.pid)
+        return code
+
+    def __enter__(self) -> Workers:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _reap_group_wait(pgid: int, timeout: float = 5.0) -> None:
+    """Wait until no process of the group is left (orphans are reaped by init, not by us)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)

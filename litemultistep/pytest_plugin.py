@@ -1,0 +1,131 @@
+"""pytest fixtures for code that uses litemultistep: the real engine on a real temporary file.
+
+Registered through the ``pytest11`` entry point, so installing litemultistep is all it takes:
+
+* ``litemultistep_db``: a fresh database file in the test's ``tmp_path``, the default for the test;
+* ``litemultistep_sync``: sync mode for the test (jobs run inline in ``add_job``);
+* ``litemultistep_drain``: run every queued job in this process, through the worker's own code;
+* ``litemultistep_worker``: real ``litemultistep worker`` processes for the test, stopped at teardown,
+  with ``crash_once()`` to make a worker die at a chosen point of a chosen job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import config
+from .config import resolve_db
+from .embedding import Workers
+from .runner import DrainSummary, drain
+from .task import MultiStepTask
+from .views import Progress
+from .worker import CRASH_FILE_ENV
+
+
+@pytest.fixture
+def litemultistep_db(tmp_path: Path) -> Iterator[str]:
+    """Path of a fresh database file, set as the default database for the test (then unset)."""
+    path = str(tmp_path / "litemultistep.sqlite")
+    saved = config._settings.db
+    config.configure(db=path)
+    try:
+        yield path
+    finally:
+        config._settings.db = saved
+
+
+@pytest.fixture
+def litemultistep_sync() -> Iterator[None]:
+    """Sync mode for the test: each job runs inline in ``add_job``, finalizers when finalizable."""
+    saved = config._settings.mode
+    config.configure(mode="sync")
+    try:
+        yield
+    finally:
+        config._settings.mode = saved
+
+
+@pytest.fixture
+def litemultistep_drain(litemultistep_db: str) -> Callable[..., DrainSummary]:
+    """A callable that runs every queued job, normal and finalization, in this process until none is
+    left, and returns a summary (``completed``, ``failed``, ``finalized`` task ids, ``failures``).
+
+    ``litemultistep_drain(raise_on_failure=True)`` re-raises the first job exception, so a failing
+    job fails the test with its own traceback.
+    """
+
+    def run(raise_on_failure: bool = False, db: Any = None, queues: list[str] | None = None) -> DrainSummary:
+        return drain(resolve_db(db), raise_on_failure=raise_on_failure, queues=queues)
+
+    return run
+
+
+class WorkerFixture:
+    """Real worker processes on the test's database, stopped when the test ends."""
+
+    def __init__(self, db: str, tmp: Path) -> None:
+        self.db = db
+        self._tmp = tmp
+        self._workers: list[Workers] = []
+        self._crash_file = str(tmp / "litemultistep-crash")
+        os.environ[CRASH_FILE_ENV] = self._crash_file
+
+    def start(self, concurrency: int = 2, **options: Any) -> Workers:
+        """Start ``concurrency`` more worker processes (options as for :class:`litemultistep.Workers`)."""
+        options.setdefault("lease", 5.0)
+        workers = Workers(self.db, concurrency=concurrency, **options).start()
+        self._workers.append(workers)
+        return workers
+
+    def crash_once(self, fn: Callable[..., Any], when: str = "after-run") -> None:
+        """Make the first worker that runs a job of ``fn`` exit at once, without recording anything.
+
+        ``when`` is ``"after-claim"`` (before the job runs) or ``"after-run"`` (it ran; its result
+        is lost). The job goes back to its queue and runs again: use it to prove a job idempotent.
+        Workers started before this call see it too.
+        """
+        from .jobs import callable_path
+
+        if when not in ("after-claim", "after-run"):
+            raise ValueError(f"when must be 'after-claim' or 'after-run', not {when!r}")
+        with open(self._crash_file, "w") as f:
+            f.write(f"{when} {callable_path(fn)}\n")
+
+    @property
+    def crashed(self) -> bool:
+        """Whether the crash set by :meth:`crash_once` has happened."""
+        return os.path.exists(self._crash_file + ".fired")
+
+    def wait(self, task: MultiStepTask | str, timeout: float = 30.0) -> Progress:
+        """Wait until the task finishes or is blocked by failures; returns its last snapshot."""
+        if isinstance(task, str):
+            task = MultiStepTask(task, resolve_db(self.db))
+        return task.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every worker: gracefully, then by force after ``timeout``."""
+        for workers in self._workers:
+            workers.stop(timeout)
+        self._workers.clear()
+
+
+@pytest.fixture
+def litemultistep_worker(litemultistep_db: str, tmp_path: Path) -> Iterator[WorkerFixture]:
+    """Two real ``litemultistep worker`` processes on the test's database (``.start()`` adds more),
+    stopped at teardown; ``.wait(task)`` waits for a task, ``.crash_once(fn)`` crashes a worker."""
+    fixture = WorkerFixture(litemultistep_db, tmp_path)
+    saved = os.environ.get(CRASH_FILE_ENV)
+    fixture.start()
+    try:
+        yield fixture
+    finally:
+        fixture.stop()
+        if saved is None:
+            os.environ.pop(CRASH_FILE_ENV, None)
+        else:
+            os.environ[CRASH_FILE_ENV] = saved
