@@ -1,0 +1,91 @@
+"""Job callables for the tests: importable by the test process and by worker processes alike."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import litemultistep
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def record(path: str, tag: str) -> None:
+    _append(path, f"{tag} {os.getpid()}")
+
+
+def record_kw(path: str, *, tag: str, extra: list | None = None) -> None:
+    _append(path, f"{tag} {extra!r}")
+
+
+def slow_record(path: str, tag: str, seconds: float) -> None:
+    _append(path, f"start {tag} {os.getpid()}")
+    time.sleep(seconds)
+    _append(path, f"end {tag} {os.getpid()}")
+
+
+def noop(*args: object) -> None:
+    return None
+
+
+def boom(message: str = "boom") -> None:
+    raise RuntimeError(message)
+
+
+def fail_once(marker: str, message: str = "first attempt fails on purpose") -> None:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ValueError(message)
+
+
+def fail_times(counter: str, times: int) -> None:
+    """Fail the first ``times`` calls (counted in a file), then succeed."""
+    n = 0
+    if os.path.exists(counter):
+        with open(counter) as f:
+            n = int(f.read())
+    with open(counter, "w") as f:
+        f.write(str(n + 1))
+    if n < times:
+        raise ValueError(f"failure {n + 1} of {times}")
+
+
+def fan_out(path: str, n: int) -> None:
+    task = litemultistep.current_task()
+    for i in range(n):
+        task.add_job(record, path, f"child{i}")
+    _append(path, "parent")
+
+
+def add_job_late(path: str) -> None:
+    litemultistep.current_task().add_job(record, path, "late")
+
+
+def exit_job() -> None:
+    raise SystemExit(3)
+
+
+async def async_record(path: str, tag: str) -> str:
+    await asyncio.sleep(0.01)
+    _append(path, f"{tag} {os.getpid()}")
+    return tag
+
+
+class Holder:
+    @classmethod
+    def cm(cls, path: str, tag: str) -> None:
+        record(path, f"cm-{tag}")
+
+    @staticmethod
+    def sm(path: str, tag: str) -> None:
+        record(path, f"sm-{tag}")
+
+    def method(self) -> None:
+        pass
