@@ -254,8 +254,8 @@ class Database:
             self._pid = os.getpid()
         try:
             return self._pw.connection()  # type: ignore[no-any-return]
-        except sqlite3.DatabaseError as e:
-            raise DatabaseUnusable(f"cannot open {self.path}: {e}") from None
+        except (sqlite3.DatabaseError, pw.DatabaseError) as e:
+            raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -268,16 +268,21 @@ class Database:
             raise _translate(e, self.path) from None
         try:
             yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        try:
             conn.execute("COMMIT")
-        except sqlite3.OperationalError as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except sqlite3.IntegrityError:
+            self._rollback(conn)
+            raise
+        except sqlite3.DatabaseError as e:
+            self._rollback(conn)
             raise _translate(e, self.path) from None
+        except BaseException:
+            self._rollback(conn)
+            raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -314,7 +319,8 @@ class Database:
                     self._upgrade_schema(conn)
             finally:
                 lock.release()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, pw.DatabaseError) as e:
+            self.close()
             raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
@@ -368,10 +374,13 @@ def _schema_state(conn: sqlite3.Connection, path: str) -> str:
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(f"{path} was written by a newer litemultistep (schema v{version}; this version "
                            f"knows v{SCHEMA_VERSION}): upgrade litemultistep to use it")
+    # Touch every table's root page: a truncated file fails here, at open, not in the middle of work.
+    for model in MODELS:
+        conn.execute(f"SELECT 1 FROM {model._meta.table_name} LIMIT 1").fetchall()
     return "current" if version == SCHEMA_VERSION else "old"
 
 
-def _translate(error: sqlite3.OperationalError, path: str) -> LiteMultiStepError:
+def _translate(error: sqlite3.DatabaseError, path: str) -> LiteMultiStepError:
     message = str(error)
     if "locked" in message or "busy" in message:
         return DatabaseUnusable(f"{path} stayed locked by another writer for {BUSY_TIMEOUT:.0f} s: {message}")
@@ -380,6 +389,9 @@ def _translate(error: sqlite3.OperationalError, path: str) -> LiteMultiStepError
                                 "free some space, nothing stored was lost")
     if "readonly" in message:
         return DatabaseUnusable(f"cannot write to {path}: {message}")
+    if "malformed" in message or "not a database" in message:
+        return DatabaseUnusable(f"{path} is corrupt ({message}); restore it from a backup, or run "
+                                "`litemultistep check` to see what SQLite finds")
     return DatabaseUnusable(f"{path}: {message}")
 
 

@@ -58,8 +58,9 @@ def _compute_path(fn: Any) -> str:
         raise JobNotImportable(f"a lambda cannot be a job ({module}:{qualname}): a worker cannot import "
                                "it; define a function at the top level of a module")
     if "<locals>" in qualname:
-        raise JobNotImportable(f"{qualname} is defined inside a function, so a worker cannot import it; "
-                               "move it to the top level of a module")
+        raise JobNotImportable(f"{qualname} is defined inside a function (a closure, or a decorator's wrapper "
+                               "without functools.wraps), so a worker cannot import it; move it to the top "
+                               "level of a module")
     if module == "__main__":
         main = sys.modules.get("__main__")
         spec = getattr(main, "__spec__", None)
@@ -68,7 +69,12 @@ def _compute_path(fn: Any) -> str:
                 f"{qualname} is defined in the __main__ script, which a worker cannot import; move it "
                 "into a module of its own (e.g. jobs.py beside the script) and import it from there"
             )
-        module = spec.name
+        # Run with -m: workers import it by its real name. Importing it here would run the script's
+        # top level a second time, so look the callable up in the running __main__ instead.
+        path = f"{spec.name}:{qualname}"
+        if _lookup(main, qualname) is not fn:
+            raise JobNotImportable(f"{qualname} is not reachable by that name in {spec.name}")
+        return path
     path = f"{module}:{qualname}"
     try:
         found = resolve(path)
@@ -98,16 +104,21 @@ def resolve(path: str) -> Callable[..., Any]:
     except Exception as e:
         raise JobNotImportable(
             f"importing module {module_name!r} for job {path} raised {type(e).__name__}: {e}") from e
-    for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise JobNotImportable(f"module {module_name!r} has no {qualname!r} (job {path}); was it "
-                                   "renamed or removed since the job was queued?") from None
+    try:
+        obj = _lookup(obj, qualname)
+    except AttributeError:
+        raise JobNotImportable(f"module {module_name!r} has no {qualname!r} (job {path}); was it "
+                               "renamed or removed since the job was queued?") from None
     if not callable(obj):
         raise JobNotImportable(f"{path} is a {type(obj).__name__}, not a callable")
     _resolved[path] = obj
     return obj  # type: ignore[no-any-return]
+
+
+def _lookup(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 _SCALARS = (str, bool, type(None))
