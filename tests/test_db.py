@@ -98,10 +98,10 @@ class TestBadPaths:
         os.chmod(path, 0o444)
         code = textwrap.dedent(f"""
             import os
+            from litemultistep import Database, DatabaseUnusable  # imported while the stdlib is readable
             if os.geteuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
-            from litemultistep import Database, DatabaseUnusable
             try:
                 Database({path!r})
             except DatabaseUnusable as e:
