@@ -231,11 +231,15 @@ class WorkerProcess:
 
     def _heartbeat(self) -> None:
         interval = max(self.options.lease / 4, 0.05)
+        next_beat = time.monotonic() + interval
+        parent = self.options.parent_pid
         while True:
-            time.sleep(interval)
-            parent = self.options.parent_pid
+            time.sleep(min(0.5, interval))
             if parent is not None and os.getppid() != parent:
                 self.request_stop(f"its parent process {parent} is gone")
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + interval
             try:
                 if not self.lost.is_set() and not engine.heartbeat(self.db, self.worker_id, self.options.lease):
                     self.lost.set()

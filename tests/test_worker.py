@@ -1,0 +1,294 @@
+"""Real ``litemultistep worker`` processes, started as a user starts them and stopped with real signals."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import sys
+import time
+
+import jobfuncs
+import pytest
+from conftest import lines, wait_for
+
+from litemultistep import MultiStepTask, NoSuchMultiStepTask
+from litemultistep.config import resolve_db
+from litemultistep.engine import check
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def started(log_path: str, tag: str) -> list[str]:
+    return [line for line in lines(log_path) if line.startswith(f"start {tag} ")]
+
+
+def finished(db: str, task: MultiStepTask) -> bool:
+    return task.progress().finished
+
+
+def assert_clean(db: str) -> None:
+    assert check(resolve_db(db)) == []
+
+
+def test_parallel_tasks_finalize_in_order_across_processes(db, log_path, spawn):
+    tasks = []
+    for k in range(3):
+        with MultiStepTask.create(f"t{k}", db=db) as task:
+            for i in range(60):
+                task.add_job(jobfuncs.record, log_path, f"t{k}-n{i}")
+            for j in range(3):
+                task.add_finalization_job(jobfuncs.record, log_path, f"t{k}-F{j}")
+        tasks.append(task)
+    proc = spawn(db, "-c", "3", "--burst")
+    assert proc.wait(90) == 0, spawn.log(proc)
+    tags = [line.split()[0] for line in lines(log_path)]
+    counts = collections.Counter(tags)
+    assert all(n == 1 for n in counts.values()) and len(counts) == 3 * 63
+    for k, task in enumerate(tasks):
+        pos = {t: i for i, t in enumerate(tags)}
+        last_normal = max(pos[f"t{k}-n{i}"] for i in range(60))
+        assert last_normal < pos[f"t{k}-F0"] < pos[f"t{k}-F1"] < pos[f"t{k}-F2"]
+        with pytest.raises(NoSuchMultiStepTask):
+            MultiStepTask.find(task.task_id, db=db)
+    assert len({line.split()[1] for line in lines(log_path)}) >= 2
+    assert_clean(db)
+
+
+def test_two_jobs_run_at_once_with_c2(db, log_path, spawn):
+    with MultiStepTask.create("pair", db=db) as task:
+        for i in range(2):
+            task.add_job(jobfuncs.slow_record, log_path, f"p{i}", 1.0)
+    proc = spawn(db, "-c", "2", "--burst")
+    assert proc.wait(60) == 0
+    events = [line.split()[0] for line in lines(log_path)]
+    assert events[:2] == ["start", "start"], events
+
+
+def test_small_task_is_not_stuck_behind_a_big_one(db, log_path, spawn):
+    with MultiStepTask.create("big", db=db) as big:
+        for i in range(1500):
+            big.add_job(jobfuncs.record, log_path, f"big{i}")
+    with MultiStepTask.create("small", db=db) as small:
+        for i in range(20):
+            small.add_job(jobfuncs.record, log_path, f"small{i}")
+    proc = spawn(db, "--burst", "-q")
+    assert proc.wait(90) == 0
+    tags = [line.split()[0] for line in lines(log_path)]
+    last_small = max(i for i, t in enumerate(tags) if t.startswith("small"))
+    big_before = sum(1 for t in tags[:last_small] if t.startswith("big"))
+    assert big_before <= 100, f"the 20-job task waited for {big_before} jobs of the big one"
+
+
+def test_sigterm_lets_the_running_job_finish(db, log_path, spawn):
+    with MultiStepTask.create("term", db=db) as task:
+        task.add_job(jobfuncs.slow_record, log_path, "long", 1.5)
+        task.add_job(jobfuncs.record, log_path, "next")
+    proc = spawn(db)
+    wait_for(lambda: started(log_path, "long"), what="the job to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, spawn.log(proc)
+    assert [line.split()[0] for line in lines(log_path)] == ["start", "end"]
+    p = task.progress()
+    assert (p.completed_count, p.pending_count, p.running_count) == (1, 1, 0)
+    assert_clean(db)
+
+
+def test_second_sigterm_stops_at_once_and_the_job_runs_again(db, log_path, spawn):
+    with MultiStepTask.create("term2", db=db) as task:
+        task.add_job(jobfuncs.slow_record, log_path, "long", 30)
+    proc = spawn(db)
+    wait_for(lambda: started(log_path, "long"), what="the job to start")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) != 0
+    p = task.progress()
+    assert (p.completed_count, p.pending_count, p.running_count) == (0, 1, 0)
+    assert_clean(db)
+
+
+def test_sigkill_mid_job_loses_nothing(db, log_path, spawn):
+    with MultiStepTask.create("kill", db=db) as task:
+        task.add_job(jobfuncs.slow_record, log_path, "victim", 1.0)
+        for i in range(5):
+            task.add_job(jobfuncs.record, log_path, f"n{i}")
+        task.add_finalization_job(jobfuncs.record, log_path, "F")
+    proc = spawn(db)
+    wait_for(lambda: started(log_path, "victim"), what="the job to start")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    second = spawn(db, "--burst")
+    assert second.wait(60) == 0, spawn.log(second)
+    assert len(started(log_path, "victim")) == 2
+    assert task.progress().finished
+    tags = [line.split()[0] for line in lines(log_path)]
+    assert tags.count("F") == 1 and tags[-1] == "F"
+    assert "back in their queues" in spawn.log(second)
+    assert_clean(db)
+
+
+def test_sigkill_mid_finalization_resumes_at_that_finalizer(db, log_path, spawn):
+    with MultiStepTask.create("killfin", db=db) as task:
+        task.add_job(jobfuncs.record, log_path, "n")
+        task.add_finalization_job(jobfuncs.record, log_path, "F1")
+        task.add_finalization_job(jobfuncs.slow_record, log_path, "F2", 1.0)
+        task.add_finalization_job(jobfuncs.record, log_path, "F3")
+    proc = spawn(db)
+    wait_for(lambda: started(log_path, "F2"), what="the second finalizer to start")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    second = spawn(db, "--burst")
+    assert second.wait(60) == 0, spawn.log(second)
+    tags = [line.split()[0] for line in lines(log_path)]
+    assert tags.count("F1") == 1 and tags.count("F3") == 1 and tags[-1] == "F3"
+    assert len(started(log_path, "F2")) == 2
+    assert task.progress().finished
+    assert_clean(db)
+
+
+def test_many_tasks_finishing_together_finalize_exactly_once(db, log_path, spawn):
+    for k in range(200):
+        with MultiStepTask.create(f"one{k}", db=db) as task:
+            task.add_job(jobfuncs.noop, k)
+            task.add_finalization_job(jobfuncs.record, log_path, f"F{k}")
+    proc = spawn(db, "-c", "4", "--burst", "-q")
+    assert proc.wait(90) == 0, spawn.log(proc)
+    counts = collections.Counter(line.split()[0] for line in lines(log_path))
+    assert counts == {f"F{k}": 1 for k in range(200)}
+    assert "error" not in spawn.log(proc).lower()
+    assert_clean(db)
+
+
+def test_job_adds_jobs_to_its_own_task(db, log_path, spawn):
+    with MultiStepTask.create("fan", db=db) as task:
+        task.add_job(jobfuncs.fan_out, log_path, 10)
+        task.add_finalization_job(jobfuncs.record, log_path, "F")
+    proc = spawn(db, "-c", "2", "--burst")
+    assert proc.wait(60) == 0
+    tags = [line.split()[0] for line in lines(log_path)]
+    assert sorted(tags[:-1]) == sorted(["parent"] + [f"child{i}" for i in range(10)])
+    assert tags[-1] == "F"
+
+
+def test_stalled_worker_loses_its_lease_and_its_late_result_is_ignored(db, log_path, spawn):
+    with MultiStepTask.create("stall", db=db) as task:
+        task.add_job(jobfuncs.slow_record, log_path, "held", 2.0)
+        task.add_finalization_job(jobfuncs.record, log_path, "F")
+    stalled = spawn(db, "--lease", "1")
+    wait_for(lambda: started(log_path, "held"), what="the job to start")
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        rescuer = spawn(db, "--lease", "1")
+        wait_for(lambda: len(started(log_path, "held")) == 2, what="the job to be taken over")
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    wait_for(lambda: finished(db, task), what="the task to finish")
+    time.sleep(2.5)  # the stalled worker wakes, finishes its copy and tries to record it
+    tags = [line.split()[0] for line in lines(log_path)]
+    assert tags.count("F") == 1
+    assert task.progress().completed_count == 2
+    assert "taken back from it" in spawn.log(stalled)
+    for proc in (stalled, rescuer):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert_clean(db)
+
+
+def test_failures_do_not_stop_a_burst_worker(db, log_path, spawn):
+    with MultiStepTask.create("fails", db=db) as task:
+        task.add_job(jobfuncs.boom, "multi\nline\x1b[31m message")
+        task.add_job(jobfuncs.record, log_path, "ok")
+        task.add_finalization_job(jobfuncs.record, log_path, "F")
+    proc = spawn(db, "--burst")
+    assert proc.wait(60) == 0
+    assert task.failed_count == 1 and task.completed_count == 1
+    log = spawn.log(proc)
+    assert "failed job" in log and "multi\\nline\\x1b[31m message" in log and "\x1b" not in log
+
+
+def test_callable_gone_at_run_time_fails_with_the_reason(db, tmp_path, spawn):
+    module = tmp_path / "vanishing.py"
+    module.write_text("def work():\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import vanishing
+        with MultiStepTask.create("gone", db=db) as task:
+            task.add_job(vanishing.work)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("vanishing", None)
+    module.write_text("# work() was removed\n")
+    proc = spawn(db, "--burst", "--path", str(tmp_path))
+    assert proc.wait(60) == 0
+    [failure] = task.failures()
+    assert "has no 'work'" in failure.message and "JobNotImportable" in failure.exc_type
+
+
+def test_allow_module_refuses_other_modules(db, log_path, spawn):
+    with MultiStepTask.create("allow", db=db) as task:
+        task.add_job(jobfuncs.record, log_path, "x")
+    proc = spawn(db, "--burst", "--allow-module", "myapp.jobs")
+    assert proc.wait(60) == 0
+    assert lines(log_path) == []
+    [failure] = task.failures()
+    assert "not allowed by --allow-module" in failure.message
+
+
+def test_queues_glob_serves_only_matching_tasks(db, log_path, spawn):
+    with MultiStepTask.create("images", db=db) as images:
+        images.add_job(jobfuncs.record, log_path, "img")
+    with MultiStepTask.create("mail", db=db) as mail:
+        mail.add_job(jobfuncs.record, log_path, "mail")
+    proc = spawn(db, "--burst", "--queues", "images~*")
+    assert proc.wait(60) == 0
+    assert [line.split()[0] for line in lines(log_path)] == ["img"]
+    assert mail.progress().pending_count == 1
+
+
+def test_supervisor_death_stops_its_workers(db, log_path, spawn):
+    with MultiStepTask.create("orphans", db=db) as task:
+        for i in range(4):
+            task.add_job(jobfuncs.slow_record, log_path, f"s{i}", 0.5)
+    proc = spawn(db, "-c", "2")
+    wait_for(lambda: started(log_path, "s0"), what="a job to start")
+    conn = resolve_db(db).connection()
+    pids = [r[0] for r in conn.execute("SELECT pid FROM worker WHERE kind = 'process'")]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    def all_gone() -> bool:
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        return False
+            except FileNotFoundError:
+                pass
+        return True
+
+    wait_for(all_gone, timeout=20, what="the orphaned workers to exit")
+
+
+def test_bad_database_exits_2_with_a_message(tmp_path, spawn):
+    notdb = tmp_path / "notes.txt"
+    notdb.write_text("hello\n" * 50)
+    proc = spawn(str(notdb), "--burst")
+    assert proc.wait(30) == 2
+    log = spawn.log(proc)
+    assert "is not a SQLite database" in log and "Traceback" not in log
+
+
+def test_idle_worker_starts_a_new_job_quickly(db, log_path, spawn):
+    proc = spawn(db)
+    wait_for(lambda: resolve_db(db).connection().execute("SELECT count(*) FROM worker").fetchone()[0] == 1,
+             what="the worker to register")
+    time.sleep(0.5)
+    with MultiStepTask.create("late", db=db) as task:
+        task.add_job(jobfuncs.record, log_path, "late")
+    wait_for(lambda: lines(log_path), timeout=10, what="the job to run")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert task.progress().finished
+    assert os.path.exists(log_path)
