@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
 from .errors import NoSuchMultiStepTask
 
@@ -99,14 +100,16 @@ def progress(db: Database, task_id: str) -> Progress:
                     created_at, finished_at)
 
 
-def active_tasks(db: Database) -> list[Progress]:
-    """Every task that has not finished, oldest first."""
+def active_tasks(db: Any = None) -> list[Progress]:
+    """Every task that has not finished, oldest first (``db``: a path, a Database, or the default)."""
+    db = resolve_db(db)
     rows = db.connection().execute(f"SELECT {_TASK_COLUMNS} FROM task ORDER BY created_at, id").fetchall()
     return [_progress_from_row(r) for r in rows]
 
 
-def finished_tasks(db: Database) -> list[Progress]:
+def finished_tasks(db: Any = None) -> list[Progress]:
     """Summaries of recently finished tasks, newest first."""
+    db = resolve_db(db)
     rows = db.connection().execute(
         "SELECT task_id, slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
         "ORDER BY finished_at DESC").fetchall()
@@ -132,8 +135,9 @@ class FailureInfo:
         return asdict(self)
 
 
-def failures(db: Database, task_id: str | None = None) -> list[FailureInfo]:
+def failures(db: Any = None, task_id: str | None = None) -> list[FailureInfo]:
     """Jobs that are failed now (not retried since), each with its last failure, oldest first."""
+    db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
@@ -171,10 +175,11 @@ class WorkerInfo:
         return asdict(self)
 
 
-def workers(db: Database) -> list[WorkerInfo]:
+def workers(db: Any = None) -> list[WorkerInfo]:
     """Registered workers, with whether each is alive now (its lock held, its lease current)."""
     from .engine import lock_is_held
 
+    db = resolve_db(db)
     conn = db.connection()
     t = time.time()
     out = []

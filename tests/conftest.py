@@ -55,11 +55,11 @@ class Spawner:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __call__(self, db: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([LMS, "worker", db, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env or env_for_workers(), start_new_session=True)
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        log.close()
+        log_path = self.tmp / f"worker-{len(self.procs)}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([LMS, "worker", db, *args], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env or env_for_workers(), start_new_session=True)
+        proc.log_path = str(log_path)  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 

@@ -21,6 +21,12 @@ def record(path: str, tag: str) -> None:
     _append(path, f"{tag} {os.getpid()}")
 
 
+def paced_record(path: str, tag: str) -> None:
+    """Like record, taking 10 ms: enough work for several workers to share."""
+    time.sleep(0.01)
+    record(path, tag)
+
+
 def record_kw(path: str, *, tag: str, extra: list | None = None) -> None:
     _append(path, f"{tag} {extra!r}")
 

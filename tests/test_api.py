@@ -296,11 +296,10 @@ class TestFailures:
 
 class TestAtomicBlock:
     def test_exception_in_block_leaves_nothing(self, db, log_path):
-        with pytest.raises(KeyError):
-            with MultiStepTask.create("atomic", db=db) as task:
-                for i in range(100):
-                    task.add_job(jobfuncs.record, log_path, f"n{i}")
-                raise KeyError("inside")
+        with pytest.raises(KeyError), MultiStepTask.create("atomic", db=db) as task:
+            for i in range(100):
+                task.add_job(jobfuncs.record, log_path, f"n{i}")
+            raise KeyError("inside")
         with pytest.raises(NoSuchMultiStepTask):
             MultiStepTask.find(task.task_id, db=db)
         assert run_all(db).completed == 0

@@ -36,7 +36,7 @@ def test_parallel_tasks_finalize_in_order_across_processes(db, log_path, spawn):
     for k in range(3):
         with MultiStepTask.create(f"t{k}", db=db) as task:
             for i in range(60):
-                task.add_job(jobfuncs.record, log_path, f"t{k}-n{i}")
+                task.add_job(jobfuncs.paced_record, log_path, f"t{k}-n{i}")
             for j in range(3):
                 task.add_finalization_job(jobfuncs.record, log_path, f"t{k}-F{j}")
         tasks.append(task)
