@@ -148,12 +148,22 @@ def status(db: str, task_id: str | None, as_json: bool) -> None:
                     "finished": [p.as_dict() for p in finished]})
         return
     now = time.time()
+    if not out.is_terminal:  # piped: plain lines, one per task, nothing cut
+        for p in active:
+            print(f"{p.task_id}\t{p.state}\t{p.percent:.0f}%\t{_counts(p)}\tage {_age(now - p.created_at)}")
+        for p in finished:
+            print(f"{p.task_id}\tfinished\t100%\t{p.total_job_count} jobs\t"
+                  f"{_age(now - (p.finished_at or now))} ago")
+        if not active and not finished:
+            print("No active tasks.")
+        return
     if not active:
         out.print("No active tasks.")
     else:
         table = Table(title=f"Active tasks in {database.path}", title_justify="left")
         for col in ("task", "progress", "done", "failed", "pending", "running", "total", "state", "age"):
-            table.add_column(col, justify="right" if col not in ("task", "progress", "state") else "left")
+            table.add_column(col, justify="right" if col not in ("task", "progress", "state") else "left",
+                             no_wrap=col == "task")
         for p in active:
             table.add_row(p.task_id, ProgressBar(total=max(p.total_job_count, 1), completed=p.completed_count,
                                                  width=20),
@@ -163,7 +173,7 @@ def status(db: str, task_id: str | None, as_json: bool) -> None:
     if finished:
         table = Table(title="Recently finished", title_justify="left")
         for col in ("task", "jobs", "took", "finished"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col == "task")
         for p in finished:
             table.add_row(p.task_id, str(p.total_job_count), _age((p.finished_at or now) - p.created_at),
                           f"{_age(now - (p.finished_at or now))} ago")
