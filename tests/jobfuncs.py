@@ -95,3 +95,12 @@ class Holder:
 
     def method(self) -> None:
         pass
+
+
+def sleep_once(marker: str, path: str, tag: str, seconds: float) -> None:
+    """Sleep the first time only (a marker file remembers), then record."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        _append(path, f"start {tag} {os.getpid()}")
+        time.sleep(seconds)
+    record(path, tag)
