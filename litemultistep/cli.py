@@ -99,7 +99,7 @@ def cli() -> None:
               help="Most short jobs recorded and claimed in one transaction.")
 @click.option("--poll", type=click.FloatRange(0.001, 5), default=0.02, show_default=True,
               envvar="LITEMULTISTEP_POLL", show_envvar=True,
-              help="Seconds between looks at the file while idle.")
+              help="Seconds between looks at the file while idle, where inotify is not available.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only (no line per job).")
 @click.option("--parent-pid", type=int, hidden=True)

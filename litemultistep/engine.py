@@ -583,6 +583,25 @@ def recover(db: Database, me: int | None = None) -> int:
     return total
 
 
+def tidy(db: Database, idle: bool = False) -> None:
+    """Give free pages back to the filesystem once they are over a quarter of the file, and, when
+    ``idle``, cut a large ``-wal`` file back to nothing, so the file shrinks when work is done."""
+    conn = db.connection()
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    if free > 256 and free * 4 > pages:
+        # A bounded step, so no other writer waits long. executescript, because execute() steps this
+        # pragma once and frees a single page.
+        conn.executescript("BEGIN IMMEDIATE; PRAGMA incremental_vacuum(4096); COMMIT;")
+    if idle:
+        try:
+            wal = os.path.getsize(db.path + "-wal")
+        except OSError:
+            return
+        if wal > 4 * 1024 * 1024:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
 # -- checking and repairing -------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from . import engine
+from ._wakeup import WalWaiter
 from .db import Database
 from .engine import ClaimedJob, Outcome
 from .errors import LiteMultiStepError
@@ -119,6 +120,7 @@ class WorkerProcess:
         self.lost = threading.Event()
         self._outcomes: list[Outcome] = []
         self._held: deque[ClaimedJob] = deque()
+        self._waiter: WalWaiter | None = None
         self.worker_id, self._lock = engine.register_worker(db, "process", self.queues, options.lease)
         log.info("worker %d (pid %d) serving %s on %s", self.worker_id, os.getpid(),
                  " ".join(options.queues) or "all queues", db.path)
@@ -176,6 +178,8 @@ class WorkerProcess:
 
     def finish(self) -> None:
         """Record what is done, put back what is not, and leave the worker table."""
+        if self._waiter is not None:
+            self._waiter.close()
         try:
             if self._outcomes and not self.lost.is_set():
                 engine.record(self.db, self.worker_id, self._outcomes)
@@ -189,7 +193,6 @@ class WorkerProcess:
         beat = threading.Thread(target=self._heartbeat, name="litemultistep-heartbeat", daemon=True)
         beat.start()
         next_maintenance = 0.0
-        data_version = None
         try:
             while not self.stopping:
                 if self.run_once():
@@ -203,10 +206,11 @@ class WorkerProcess:
                     next_maintenance = now + 1.0
                     if engine.has_claimable(self.db, self.queues):
                         continue
+                    engine.tidy(self.db, idle=True)
                     if self.options.burst and not engine.work_left(self.db, self.queues):
                         log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
                         break
-                data_version = self._idle(data_version, next_maintenance)
+                self._idle(next_maintenance)
         except StopNow:
             log.warning("worker %d: stopped at once; its unfinished jobs go back to their queues",
                         self.worker_id)
@@ -215,19 +219,17 @@ class WorkerProcess:
         self.finish()
         return 0
 
-    def _idle(self, data_version: int | None, until: float) -> int:
-        """Sleep until another connection commits something or ``until`` comes; cheap on the CPU."""
-        conn = self.db.connection()
+    def _idle(self, until: float) -> None:
+        """Wait until another process commits something claimable, or ``until`` comes."""
+        if self._waiter is None:
+            self._waiter = WalWaiter(self.db.path + "-wal", self.options.poll)
         while not self.stopping:
-            current = conn.execute("PRAGMA data_version").fetchone()[0]
-            if data_version is not None and current != data_version and engine.has_claimable(
-                    self.db, self.queues):
-                return int(current)
-            data_version = current
-            if time.monotonic() >= until:
-                break
-            time.sleep(self.options.poll)
-        return int(data_version or 0)
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            # at most a quarter second at a time, so a stop signal is seen promptly
+            if self._waiter.wait(min(left, 0.25)) and engine.has_claimable(self.db, self.queues):
+                return
 
     def _heartbeat(self) -> None:
         interval = max(self.options.lease / 4, 0.05)

@@ -1,0 +1,75 @@
+"""Waiting, cheaply, until another process commits to the database.
+
+Every commit in WAL mode writes to the ``-wal`` file. On Linux an inotify watch on that file wakes an
+idle worker the moment a write lands, with no polling at all; elsewhere (or if inotify is refused),
+a ``stat`` of the file every ``poll`` seconds tells the same thing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import select
+import sys
+import time
+
+_IN_MODIFY = 0x00000002
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+
+
+def _inotify_watch(path: str) -> int | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+        os.close(fd)
+        return None
+    return int(fd)
+
+
+class WalWaiter:
+    """Waits for writes to ``path`` (a ``-wal`` file)."""
+
+    def __init__(self, path: str, poll: float) -> None:
+        self.path = path
+        self.poll = poll
+        self.fd = _inotify_watch(path)
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True as soon as the file was written to."""
+        if self.fd is not None:
+            ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
+            if not ready:
+                return False
+            try:
+                while os.read(self.fd, 65536):
+                    pass  # drain the queued events: one wake-up is enough
+            except BlockingIOError:
+                pass
+            return True
+        time.sleep(min(self.poll, max(timeout, 0.0)))
+        current = self._signature()
+        changed = current != self._seen
+        self._seen = current
+        return changed
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Benchmark litemultistep on this machine, optionally side by side with huey's SqliteHuey.
+
+    python scripts/bench.py                  # the full run (a few minutes)
+    python scripts/bench.py --quick          # a smoke run (seconds)
+    python scripts/bench.py --compare huey   # also huey, same workloads, same run (pip install -e '.[bench]')
+
+Every figure is printed as a Markdown table: the median of the runs, with min-max. Drain rates are
+steady-state: jobs finished per second between 5% and 95% done, so process start-up (the same for
+any queue) does not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH", "")) if p)
+    env.pop("LITEMULTISTEP_DB", None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def cell(self) -> str:
+        if not self.values:
+            return "-"
+        med = statistics.median(self.values)
+        fmt = _fmt(med)
+        if len(self.values) > 1:
+            return f"{fmt} ({_fmt(min(self.values))}-{_fmt(max(self.values))})"
+        return fmt
+
+
+def _fmt(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
+    """Jobs per second between 5% and 95% done, interpolated from (time, done) samples."""
+    def when(target: float) -> float:
+        for (t0, d0), (t1, d1) in zip(samples, samples[1:], strict=False):
+            if d0 <= target <= d1 and d1 > d0:
+                return t0 + (t1 - t0) * (target - d0) / (d1 - d0)
+        raise RuntimeError("the samples do not cover the drain")
+    lo, hi = 0.05 * total, 0.95 * total
+    return (hi - lo) / (when(hi) - when(lo))
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid``, to the nanosecond (Linux schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+# -- litemultistep ----------------------------------------------------------------------------------
+
+
+def fill(db: str, n: int, synchronous: str = "normal") -> tuple[float, float]:
+    """Create one task of ``n`` no-op jobs in one ``with`` block, in a fresh process.
+    Returns (jobs per second, peak RSS of that process in MB)."""
+    code = textwrap.dedent(f"""
+        import resource, time
+        import bench_jobs
+        from litemultistep import MultiStepTask
+        t = time.perf_counter()
+        with MultiStepTask.create("bench", db={db!r}) as task:
+            for i in range({n}):
+                task.add_job(bench_jobs.noop, i)
+        print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=child_env(LITEMULTISTEP_SYNCHRONOUS=synchronous))
+    seconds, maxrss = out.stdout.split()
+    return n / float(seconds), int(maxrss) / 1024
+
+
+def completed(db: str) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        row = conn.execute("SELECT coalesce(sum(completed_count), 0) FROM task").fetchone()
+        done = conn.execute("SELECT coalesce(sum(normal_count + finalize_count), 0) FROM finished_task").fetchone()
+        return int(row[0]) + int(done[0])
+    finally:
+        conn.close()
+
+
+def drain(db: str, n: int, synchronous: str = "normal", memory: list[float] | None = None) -> float:
+    """Run ``litemultistep worker DB -c 2 --burst`` on ``n`` queued jobs; steady-state jobs/s."""
+    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", "2", "--burst"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=child_env(LITEMULTISTEP_SYNCHRONOUS=synchronous))
+    samples = [(time.monotonic(), 0)]
+    rss_at: dict[str, float] = {}
+    while proc.poll() is None:
+        done = completed(db)
+        samples.append((time.monotonic(), done))
+        if memory is not None:
+            for label, frac in (("10%", 0.1), ("90%", 0.9)):
+                if label not in rss_at and done >= frac * n:
+                    kids = children(proc.pid)
+                    rss_at[label] = max((rss_kb(k) for k in kids), default=0) / 1024
+        time.sleep(0.02)
+    samples.append((time.monotonic(), completed(db)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker exited {proc.returncode}")
+    if memory is not None:
+        memory.extend([rss_at.get("10%", 0.0), rss_at.get("90%", 0.0)])
+    return steady_rate(samples, n)
+
+
+def finalization_latency(tmp: str, jobs: int) -> float:
+    """Milliseconds from the last normal job running to the first finalizer running."""
+    code = textwrap.dedent(f"""
+        import bench_jobs
+        from litemultistep import MultiStepTask
+        with MultiStepTask.create("fin", db={tmp + '/fin.sqlite'!r}) as task:
+            for i in range({jobs}):
+                task.add_job(bench_jobs.stamp, {tmp + '/fin.log'!r}, "n")
+            task.add_finalization_job(bench_jobs.stamp, {tmp + '/fin.log'!r}, "F")
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
+    subprocess.run([sys.executable, "-m", "litemultistep", "worker", tmp + "/fin.sqlite", "-c", "2", "--burst",
+                    "-q"], check=True, env=child_env())
+    with open(tmp + "/fin.log") as f:
+        rows = [line.split() for line in f]
+    os.remove(tmp + "/fin.log")
+    last_job = max(float(t) for tag, t in rows if tag == "n")
+    final = min(float(t) for tag, t in rows if tag == "F")
+    return (final - last_job) * 1000
+
+
+def idle(tmp: str, seconds: float, pickups: int) -> tuple[float, list[float]]:
+    """CPU share of one idle worker, and milliseconds from a commit to its job starting."""
+    import bench_jobs
+
+    from litemultistep import MultiStepTask
+
+    db = tmp + "/idle.sqlite"
+    log = tmp + "/idle.log"
+    MultiStepTask.create("warm", db=db).nuke()
+    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    try:
+        time.sleep(1.5)
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        share = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+        latencies = []
+        for i in range(pickups):
+            with MultiStepTask.create("pick", db=db) as task:
+                task.add_job(bench_jobs.stamp, log, f"p{i}")
+            committed = time.time()
+            while True:
+                try:
+                    with open(log) as f:
+                        rows = dict(line.split() for line in f)
+                except FileNotFoundError:
+                    rows = {}
+                if f"p{i}" in rows:
+                    latencies.append((float(rows[f"p{i}"]) - committed) * 1000)
+                    break
+                time.sleep(0.005)
+            time.sleep(0.3)  # idle again, polling
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return share, latencies
+
+
+def progress_read_us(db: str, reads: int = 1000) -> float:
+    from litemultistep import MultiStepTask
+    from litemultistep.db import open_database
+    from litemultistep.views import active_tasks
+
+    database = open_database(db)
+    task = MultiStepTask(active_tasks(database)[0].task_id, database)
+    times = []
+    for _ in range(reads):
+        t = time.perf_counter()
+        task.progress()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def file_kb(db: str) -> float:
+    return sum(os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p)) / 1024
+
+
+# -- huey -------------------------------------------------------------------------------------------
+
+
+def huey_run(tmp: str, n: int, fsync: str) -> tuple[float, float]:
+    """huey's SqliteHuey, consumer ``-k process -w 2``: (enqueue one by one /s, steady drain /s)."""
+    db = f"{tmp}/huey-{fsync}-{time.monotonic_ns()}.sqlite"
+    env = child_env(BENCH_HUEY_DB=db, BENCH_HUEY_FSYNC=fsync)
+    code = textwrap.dedent(f"""
+        import time
+        from bench_huey_app import noop
+        t = time.perf_counter()
+        for i in range({n}):
+            noop(i)
+        print(time.perf_counter() - t)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    enqueue = n / float(out.stdout)
+
+    def remaining() -> int:
+        conn = sqlite3.connect(db, timeout=30)
+        try:
+            return int(conn.execute("SELECT count(*) FROM task").fetchone()[0])
+        finally:
+            conn.close()
+
+    proc = subprocess.Popen([sys.executable, "-m", "huey.bin.huey_consumer", "bench_huey_app.huey", "-k", "process",
+                             "-w", "2", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    samples = [(time.monotonic(), 0)]
+    try:
+        while True:
+            left = remaining()
+            samples.append((time.monotonic(), n - left))
+            if left == 0:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return enqueue, steady_rate(samples, n)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and one run each: a smoke test")
+    parser.add_argument("--compare", choices=["huey"], action="append", default=[],
+                        help="also run huey's SqliteHuey on the same workloads")
+    parser.add_argument("--runs", type=int, help="runs of each drain (default 3, 1 with --quick)")
+    args = parser.parse_args(argv)
+    if "huey" in args.compare:
+        try:
+            import huey  # noqa: F401
+        except ImportError:
+            parser.error("--compare huey needs huey: pip install -e '.[bench]'")
+    quick = args.quick
+    runs = args.runs or (1 if quick else 3)
+    drain_n = 5_000 if quick else 100_000
+    small_n, big_n = (2_000, 50_000) if quick else (10_000, 1_000_000)
+    huey_n = 1_000 if quick else 20_000
+
+    figures: list[Figure] = []
+    ratios: list[str] = []
+
+    def add(name: str, unit: str, values: list[float], note: str = "") -> Figure:
+        f = Figure(name, unit, values, note)
+        figures.append(f)
+        print(f"  {name}: {f.cell()} {unit}", file=sys.stderr, flush=True)
+        return f
+
+    with tempfile.TemporaryDirectory(prefix="lms-bench-") as tmp:
+        def fresh(name: str) -> str:
+            return f"{tmp}/{name}-{time.monotonic_ns()}.sqlite"
+
+        def repeat(fn: Callable[[], float]) -> list[float]:
+            return [fn() for _ in range(runs)]
+
+        print(f"litemultistep benchmark ({'quick' if quick else 'full'}), {runs} run(s) each", file=sys.stderr)
+        empty = fresh("empty")
+        from litemultistep import Database
+        Database(empty)
+        empty_kb = file_kb(empty)
+
+        def fill_and_drain(n: int, sync: str = "normal") -> float:
+            db = fresh("drain")
+            fill(db, n, sync)
+            return drain(db, n, sync)
+
+        normal = add(f"drain, {drain_n:,} no-op jobs, worker -c 2 --burst (synchronous NORMAL)", "jobs/s",
+                     repeat(lambda: fill_and_drain(drain_n)))
+        full = add(f"drain, {drain_n:,} no-op jobs, worker -c 2 --burst (synchronous FULL)", "jobs/s",
+                   repeat(lambda: fill_and_drain(drain_n, "full")))
+
+        enq = []
+        rss = []
+        for _ in range(runs):
+            rate, mem = fill(fresh("enqueue"), drain_n)
+            enq.append(rate)
+            rss.append(mem)
+        add(f"enqueue, {drain_n:,} jobs in one with block", "jobs/s", enq)
+
+        big = fresh("big")
+        rate, mem = fill(big, big_n)
+        add(f"enqueue, {big_n:,} jobs in one with block", "jobs/s", [rate])
+        add(f"enqueuing process peak RSS, {big_n:,} jobs", "MB", [mem], f"{statistics.median(rss):.0f} MB for "
+            f"{drain_n:,}")
+        full_kb = file_kb(big)
+        add(f"progress() read, task of {big_n:,} jobs", "µs", [progress_read_us(big)])
+        memory: list[float] = []
+        big_rate = add(f"drain with {big_n:,} queued", "jobs/s", [drain(big, big_n, memory=memory)])
+        add(f"worker RSS at 10% / 90% of {big_n:,} jobs", "MB", memory[:1], f"{memory[0]:.1f} MB at 10%, "
+            f"{memory[1]:.1f} MB at 90%")
+        small_rate = add(f"drain with {small_n:,} queued", "jobs/s", repeat(lambda: fill_and_drain(small_n)))
+        ratios.append(f"drain rate with {big_n:,} queued / with {small_n:,} queued: "
+                      f"{statistics.median(big_rate.values) / statistics.median(small_rate.values):.2f}")
+        add("file size: empty / full / after the drain", "KB", [file_kb(big)],
+            f"{empty_kb:.0f} KB empty, {full_kb:,.0f} KB with {big_n:,} jobs queued, {file_kb(big):.0f} KB after")
+
+        add("finalization: last job run -> first finalizer run", "ms",
+            [finalization_latency(tmp, 200) for _ in range(3 if quick else 10)])
+        share, pickups = idle(tmp, 2.0 if quick else 10.0, 5 if quick else 20)
+        add("idle worker CPU", "% of a core", [share * 100], "all threads, from /proc schedstat")
+        add("idle system: commit -> job start", "ms", pickups, f"max {max(pickups):.1f} ms")
+
+        if "huey" in args.compare:
+            h_full, h_off, h_enq = [], [], []
+            for _ in range(runs):
+                e, d = huey_run(tmp, huey_n, "default")
+                h_enq.append(e)
+                h_full.append(d)
+                h_off.append(huey_run(tmp, huey_n, "off")[1])
+            add(f"huey SqliteHuey drain, {huey_n:,} tasks, -k process -w 2 (defaults: synchronous FULL)", "tasks/s",
+                h_full)
+            add(f"huey SqliteHuey drain, {huey_n:,} tasks, fsync=False (synchronous OFF)", "tasks/s", h_off)
+            add(f"huey enqueue one by one, {huey_n:,} tasks", "tasks/s", h_enq)
+            ours_one = []
+            for _ in range(runs):
+                db = fresh("one")
+                code = textwrap.dedent(f"""
+                    import time, bench_jobs
+                    from litemultistep import MultiStepTask
+                    task = MultiStepTask.create("one", db={db!r})
+                    t = time.perf_counter()
+                    for i in range({huey_n}):
+                        task.add_job(bench_jobs.noop, i)
+                    print(time.perf_counter() - t)
+                """)
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env=child_env())
+                ours_one.append(huey_n / float(out.stdout))
+            add(f"litemultistep enqueue one by one (no with block), {huey_n:,} jobs", "jobs/s", ours_one)
+            med = statistics.median
+            ratios.append(f"drain, both synchronous FULL: litemultistep / huey = "
+                          f"{med(full.values) / med(h_full):.1f}x")
+            ratios.append(f"drain, litemultistep NORMAL / huey OFF (weaker than NORMAL) = "
+                          f"{med(normal.values) / med(h_off):.1f}x")
+            ratios.append(f"enqueue one by one: litemultistep / huey = {med(ours_one) / med(h_enq):.1f}x")
+
+    print(f"\nMachine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"SQLite {sqlite3.sqlite_version}\n")
+    print("| workload | result | unit | note |")
+    print("| --- | --- | --- | --- |")
+    for f in figures:
+        print(f"| {f.name} | {f.cell()} | {f.unit} | {f.note} |")
+    if ratios:
+        print()
+        for r in ratios:
+            print(f"- {r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

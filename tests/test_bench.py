@@ -1,0 +1,22 @@
+"""The benchmark runs (its figures live in docs/benchmarks.md, never in assertions on speed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_runs_and_prints_its_table():
+    out = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    workloads = {line.split(" | ")[0].lstrip("| ") for line in table[2:]}
+    assert any(w.startswith("drain, 5,000 no-op jobs") for w in workloads)
+    assert {"idle worker CPU", "idle system: commit -> job start"} <= workloads
+    assert all(" - |" not in line for line in table[2:]), "a workload printed no figure"
