@@ -587,11 +587,13 @@ def tidy(db: Database, idle: bool = False) -> None:
     """Give free pages back to the filesystem once they are over a quarter of the file, and, when
     ``idle``, cut a large ``-wal`` file back to nothing, so the file shrinks when work is done."""
     conn = db.connection()
-    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    if free > 256 and free * 4 > pages:
-        # A bounded step, so no other writer waits long. executescript, because execute() steps this
-        # pragma once and frees a single page.
+    while True:
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        if free <= 256 or free * 4 <= pages:
+            break
+        # Bounded steps, each its own transaction, so no other writer waits long. executescript,
+        # because execute() steps this pragma once and frees a single page.
         conn.executescript("BEGIN IMMEDIATE; PRAGMA incremental_vacuum(4096); COMMIT;")
     if idle:
         try:
