@@ -100,7 +100,8 @@ class Task(_Model):
 
 
 class Job(_Model):
-    id = pw.AutoField()
+    #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
+    id = AutoIncrementField()
     task = pw.ForeignKeyField(Task, on_delete="CASCADE", index=False, column_name="task")
     kind = pw.IntegerField()
     #: order of a finalization job in its chain (0, 1, ...)

@@ -330,7 +330,7 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
     t = now()
     # task pk -> [completed, failed, finished_running, task_id, a finalizer completed]
     deltas: dict[int, list] = {}
-    retry_rules: dict[int, tuple[int, float]] = {}
+    retry_rules: dict[int, tuple[int, float] | None] = {}
     for o in outcomes:
         job = o.job
         if o.ok:
@@ -350,6 +350,9 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
             if job.task_pk not in retry_rules:
                 retry_rules[job.task_pk] = c.execute(
                     "SELECT max_retries, retry_delay FROM task WHERE id = ?", (job.task_pk,)).fetchone()
+            if retry_rules[job.task_pk] is None:  # the task is gone: this late report is stale
+                _stale(job, worker_id)
+                continue
             max_retries, delay = retry_rules[job.task_pk]
             retry = job.attempt <= max_retries
             new_state = SCHEDULED if retry else FAILED

@@ -1,0 +1,392 @@
+"""The engine's decisions, on a real file: fairness, stale results, recovery, repair, and a model-based
+test that drives random sequences of operations against a small model of the rules."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from litemultistep import FinalizationAlreadyBegun, NoSuchMultiStepTask, NotReadyForFinalization
+from litemultistep import engine as E
+from litemultistep.db import Database, JobKind, open_database
+from litemultistep.engine import Outcome
+from litemultistep.views import progress
+
+NOOP = ("jobfuncs:noop", "[[],{}]")
+
+
+def add(db: Database, task_id: str, kind: int = JobKind.NORMAL, n: int = 1) -> None:
+    E.add_jobs(db, task_id, [(kind, *NOOP)] * n)
+
+
+@pytest.fixture
+def store(db):
+    return open_database(db)
+
+
+def worker(store: Database, lease: float = 1000.0):
+    worker_id, lock = E.register_worker(store, "process", lease=lease)
+    return worker_id
+
+
+class TestClaims:
+    def test_least_recently_served_queue_goes_first(self, store):
+        a = E.create_task(store, "a")
+        b = E.create_task(store, "b")
+        add(store, a, n=5)
+        add(store, b, n=5)
+        w = worker(store)
+        served = [E.claim(store, w, 1)[0].task_id for _ in range(6)]
+        assert served == [a, b, a, b, a, b]
+
+    def test_claim_takes_a_batch_from_one_queue(self, store):
+        a = E.create_task(store, "a")
+        add(store, a, n=10)
+        jobs = E.claim(store, worker(store), 4)
+        assert len(jobs) == 4 and [j.id for j in jobs] == sorted(j.id for j in jobs)
+        p = progress(store, a)
+        assert (p.running_count, p.pending_count) == (4, 6)
+
+    def test_building_task_is_invisible(self, store):
+        a = E.create_task(store, "a")
+        E.begin_building(store, a)
+        add(store, a, n=3)
+        assert E.claim(store, worker(store), 10) == []
+        E.mark_finalizable(store, a)
+        assert len(E.claim(store, worker(store), 10)) == 3
+
+    def test_queue_globs(self, store):
+        a = E.create_task(store, "images")
+        b = E.create_task(store, "mail")
+        add(store, a)
+        add(store, b)
+        w = worker(store)
+        assert [j.task_id for j in E.claim(store, w, 5, ["mail~*"])] == [b]
+        assert E.claim(store, w, 5, ["mail~*"]) == []
+
+
+class TestStaleWorkers:
+    def test_late_result_of_a_taken_over_worker_is_ignored(self, store):
+        t = E.create_task(store, "t")
+        add(store, t)
+        E.mark_finalizable(store, t)
+        slow = worker(store)
+        [job] = E.claim(store, slow, 1)
+        store.connection().execute("UPDATE worker SET expires_at = 0 WHERE id = ?", (slow,))
+        rescuer = worker(store)
+        assert E.recover(store, rescuer) == 1
+        assert E.heartbeat(store, slow, 10) is False
+        assert E.record(store, slow, [Outcome(job, True)]) == []
+        p = progress(store, t)
+        assert (p.completed_count, p.pending_count, p.running_count) == (0, 1, 0)
+        [again] = E.claim(store, rescuer, 1)
+        assert again.id == job.id and again.attempt == 2
+        E.record(store, rescuer, [Outcome(again, True)])
+        assert progress(store, t).finished
+
+    def test_dead_worker_is_found_by_its_free_lock(self, store):
+        t = E.create_task(store, "t")
+        add(store, t, n=2)
+        dead_id, lock = E.register_worker(store, "process", lease=1000)
+        E.claim(store, dead_id, 2)
+        lock.release()  # what the kernel does when the process dies
+        assert E.recover(store, worker(store)) == 2
+        assert progress(store, t).pending_count == 2
+
+    def test_release_puts_jobs_back(self, store):
+        t = E.create_task(store, "t")
+        add(store, t, n=3)
+        w = worker(store)
+        jobs = E.claim(store, w, 3)
+        E.release(store, w, [j.id for j in jobs[1:]])
+        p = progress(store, t)
+        assert (p.running_count, p.pending_count) == (1, 2)
+
+
+class TestRetries:
+    def test_scheduled_retry_waits_for_its_time(self, store):
+        t = E.create_task(store, "t", max_retries=1, retry_delay=3600)
+        add(store, t)
+        w = worker(store)
+        [job] = E.claim(store, w, 1)
+        E.record(store, w, [Outcome(job, False, "ValueError", "no", "tb")])
+        p = progress(store, t)
+        assert (p.failed_count, p.pending_count) == (0, 1)
+        assert E.promote_scheduled(store) == 0 and E.claim(store, w, 1) == []
+        assert E.work_left(store)
+        assert E.promote_scheduled(store, due_by=float("inf")) == 1
+        assert E.claim(store, w, 1)[0].attempt == 2
+
+    def test_retry_errors(self, store):
+        from litemultistep import JobNotFailed, NoSuchJob
+        t = E.create_task(store, "t")
+        add(store, t)
+        job_id = store.connection().execute("SELECT id FROM job").fetchone()[0]
+        with pytest.raises(NoSuchJob):
+            E.retry_jobs(store, [job_id + 100])
+        with pytest.raises(JobNotFailed, match="it is queued"):
+            E.retry_jobs(store, [job_id])
+
+
+class TestCheck:
+    def test_stalled_finalization_is_found_and_resumed(self, store):
+        t = E.create_task(store, "t")
+        add(store, t, JobKind.FINALIZE, n=2)
+        E.mark_finalizable(store, t)  # the first finalizer is queued
+        conn = store.connection()
+        conn.execute("UPDATE job SET state = 6 WHERE state = 1")  # as if the chain had been lost
+        conn.execute("UPDATE task SET pending_count = 0")
+        problems = E.check(store)
+        assert [p.kind for p in problems] == ["stalled"]
+        assert [p.kind for p in E.check(store, repair=True)] == ["stalled"]
+        assert E.check(store) == []
+        assert progress(store, t).pending_count == 2
+
+    def test_abandoned_block_is_removed(self, store):
+        t = E.create_task(store, "t")
+        E.begin_building(store, t)
+        add(store, t, n=3)
+        store.connection().execute("UPDATE task SET builder_pid = 999999999")
+        assert [p.kind for p in E.check(store, repair=True)] == ["abandoned"]
+        assert E.check(store) == []
+        with pytest.raises(NoSuchMultiStepTask):
+            progress(store, t)
+
+
+# -- the model-based test ---------------------------------------------------------------------------
+
+
+class EngineModel(RuleBasedStateMachine):
+    """Random operations on a real file, each checked against a model of the rules."""
+
+    @initialize()
+    def setup(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="lms-model-")
+        self.db = Database(os.path.join(self.dir, "model.sqlite"))
+        self.tasks: dict[str, dict] = {}  # task id -> model
+        self.workers = [E.register_worker(self.db, "process", lease=1000) for _ in range(3)]
+        self.claims: dict[int, list] = {w: [] for w, _ in self.workers}  # worker id -> claimed jobs
+        self.orphans: list[tuple[int, E.ClaimedJob]] = []  # claims of crashed workers
+
+    def teardown(self) -> None:
+        for _, lock in getattr(self, "workers", []):
+            lock.release()
+        if hasattr(self, "db"):
+            self.db.close()
+
+    # model helpers
+    def live(self) -> list[str]:
+        return [t for t, m in self.tasks.items() if m["state"] != "done"]
+
+    def last_job_id(self) -> int:
+        return int(self.db.connection().execute("SELECT max(id) FROM job").fetchone()[0])
+
+    def advance(self, m: dict, claim_for: int | None) -> int | None:
+        """The model's finalization step: the next waiting finalizer, or done. Returns its job id."""
+        waiting = sorted((j["position"], jid) for jid, j in m["jobs"].items()
+                         if j["kind"] == "F" and j["state"] == "waiting")
+        if not waiting:
+            m["state"] = "done"
+            return None
+        jid = waiting[0][1]
+        m["jobs"][jid]["state"] = "running" if claim_for else "queued"
+        m["jobs"][jid]["worker"] = claim_for
+        return jid
+
+    def ready(self, m: dict) -> bool:
+        normal = [j for j in m["jobs"].values() if j["kind"] == "N"]
+        return (m["state"] == "active" and m["finalizable"] and all(j["state"] == "done" for j in normal))
+
+    # rules
+    @rule(normal=st.integers(0, 3), finalizers=st.integers(0, 3), finalizable=st.booleans())
+    def create(self, normal, finalizers, finalizable) -> None:
+        task_id = E.create_task(self.db, "m")
+        self.tasks[task_id] = {"state": "active", "finalizable": False, "jobs": {}, "next_pos": 0}
+        for finalizer in [False] * normal + [True] * finalizers:
+            self._add(task_id, finalizer)
+        if finalizable:
+            self._mark(task_id)
+
+    def _add(self, task_id: str, finalizer: bool) -> None:
+        m = self.tasks[task_id]
+        kind = JobKind.FINALIZE if finalizer else JobKind.NORMAL
+        if m["state"] == "done":
+            with pytest.raises(NoSuchMultiStepTask):
+                add(self.db, task_id, kind)
+            return
+        if m["state"] == "finalizing":
+            with pytest.raises(FinalizationAlreadyBegun):
+                add(self.db, task_id, kind)
+            return
+        add(self.db, task_id, kind)
+        job = {"kind": "F" if finalizer else "N", "state": "waiting" if finalizer else "queued", "worker": None}
+        if finalizer:
+            job["position"] = m["next_pos"]
+            m["next_pos"] += 1
+        m["jobs"][self.last_job_id()] = job
+
+    def _mark(self, task_id: str) -> None:
+        m = self.tasks[task_id]
+        if m["state"] == "done":
+            with pytest.raises(NoSuchMultiStepTask):
+                E.mark_finalizable(self.db, task_id)
+            return
+        E.mark_finalizable(self.db, task_id)
+        m["finalizable"] = True
+        if self.ready(m) and not any(j["state"] == "failed" for j in m["jobs"].values()):
+            m["state"] = "finalizing"
+            self.advance(m, None)
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data(), finalizer=st.booleans())
+    def add_job(self, data, finalizer) -> None:
+        self._add(data.draw(st.sampled_from(sorted(self.tasks))), finalizer)
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data())
+    def mark_finalizable(self, data) -> None:
+        self._mark(data.draw(st.sampled_from(sorted(self.tasks))))
+
+    @rule(w=st.integers(0, 2))
+    def work(self, w) -> None:
+        """A worker claims a batch and completes it, finalizers handed to it included."""
+        self.claim(w, 3)
+        while self.claims[self.workers[w][0]]:
+            self._finish(w, 0, True)
+
+    @rule(w=st.integers(0, 2), limit=st.integers(1, 4))
+    def claim(self, w, limit) -> None:
+        worker_id = self.workers[w][0]
+        jobs = E.claim(self.db, worker_id, limit)
+        claimable = [(t, jid) for t, m in self.tasks.items() if m["state"] in ("active", "finalizing")
+                     for jid, j in m["jobs"].items() if j["state"] == "queued"]
+        assert bool(jobs) == bool(claimable)
+        assert len({j.task_id for j in jobs}) <= 1 and len(jobs) <= limit
+        for job in jobs:
+            model_job = self.tasks[job.task_id]["jobs"][job.id]
+            assert model_job["state"] == "queued"
+            model_job.update(state="running", worker=worker_id)
+            self.claims[worker_id].append(job)
+
+    def _finish(self, w: int, index: int, ok: bool) -> None:
+        worker_id = self.workers[w][0]
+        job = self.claims[worker_id].pop(index % len(self.claims[worker_id]))
+        handed = E.record(self.db, worker_id, [Outcome(job, ok, "ValueError", "model failure", "tb")])
+        m = self.tasks[job.task_id]
+        mj = m["jobs"][job.id]
+        expected = None
+        if not ok:
+            mj.update(state="failed", worker=None)
+        else:
+            mj.update(state="done", worker=None)
+            failed = any(j["state"] == "failed" for j in m["jobs"].values())
+            if self.ready(m) and not failed:
+                m["state"] = "finalizing"
+                expected = self.advance(m, worker_id)
+            elif m["state"] == "finalizing" and mj["kind"] == "F":
+                expected = self.advance(m, worker_id)
+        assert [h.id for h in handed] == ([expected] if expected else [])
+        self.claims[worker_id].extend(handed)
+
+    @rule(w=st.integers(0, 2), index=st.integers(0, 10))
+    def complete(self, w, index) -> None:
+        if self.claims[self.workers[w][0]]:
+            self._finish(w, index, True)
+
+    @rule(w=st.integers(0, 2), index=st.integers(0, 10))
+    def fail(self, w, index) -> None:
+        if self.claims[self.workers[w][0]]:
+            self._finish(w, index, False)
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data())
+    def retry(self, data) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.tasks)))
+        m = self.tasks[task_id]
+        if m["state"] == "done":
+            with pytest.raises(NoSuchMultiStepTask):
+                E.retry_task(self.db, task_id)
+            return
+        ids = E.retry_task(self.db, task_id)
+        failed = sorted(jid for jid, j in m["jobs"].items() if j["state"] == "failed")
+        assert ids == failed
+        for jid in failed:
+            m["jobs"][jid]["state"] = "queued"
+
+    @rule(w=st.integers(0, 2))
+    def crash(self, w) -> None:
+        """A worker dies: its jobs go back to their queues; a new worker takes its place."""
+        worker_id, lock = self.workers[w]
+        lock.release()
+        other = self.workers[(w + 1) % 3][0]
+        assert E.recover(self.db, other) == len(self.claims[worker_id])
+        for job in self.claims.pop(worker_id):
+            self.tasks[job.task_id]["jobs"][job.id].update(state="queued", worker=None)
+            self.orphans.append((worker_id, job))
+        self.workers[w] = E.register_worker(self.db, "process", lease=1000)
+        self.claims[self.workers[w][0]] = []
+
+    @precondition(lambda self: self.orphans)
+    @rule(index=st.integers(0, 10), ok=st.booleans())
+    def late_result(self, index, ok) -> None:
+        """A crashed worker's result arrives anyway: it must change nothing."""
+        worker_id, job = self.orphans[index % len(self.orphans)]
+        assert E.record(self.db, worker_id, [Outcome(job, ok, "X", "late", "")]) == []
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data())
+    def finalize(self, data) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.tasks)))
+        m = self.tasks[task_id]
+        failed = any(j["state"] == "failed" for j in m["jobs"].values())
+        if m["state"] in ("done", "finalizing"):
+            with pytest.raises(FinalizationAlreadyBegun):
+                E.finalize(self.db, task_id)
+        elif not self.ready(m) or failed:
+            with pytest.raises(NotReadyForFinalization):
+                E.finalize(self.db, task_id)
+        else:  # unreachable by the engine's own rules: ready tasks begin finalization at once
+            raise AssertionError(f"task {task_id} is ready but finalization did not begin")
+
+    @staticmethod
+    def _count(jobs: list[dict], kind: str, *states: str) -> int:
+        return sum(1 for j in jobs if j["kind"] in kind and j["state"] in states)
+
+    @invariant()
+    def counters_match_the_model(self) -> None:
+        if not hasattr(self, "db"):
+            return
+        for task_id, m in self.tasks.items():
+            if m["state"] == "done":
+                assert E.task_finished(self.db, task_id)
+                continue
+            p = progress(self.db, task_id)
+            count = functools.partial(self._count, list(m["jobs"].values()))
+            assert p.normal_job_count == count("N", "queued", "running", "failed", "done")
+            assert p.finalize_job_count == count("F", "waiting", "queued", "running", "failed", "done")
+            assert p.completed_count == count("NF", "done")
+            assert p.failed_count == count("NF", "failed")
+            assert p.running_count == count("NF", "running")
+            assert p.pending_count == count("NF", "queued", "waiting")
+            assert p.finalizable == m["finalizable"]
+            assert (p.state == "finalizing") == (m["state"] == "finalizing" and not p.failed_count)
+        assert E.check(self.db) == []
+
+
+EngineModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+TestEngineModel = EngineModel.TestCase
+TestEngineModel.pytestmark = pytest.mark.timeout(600)
+
+
+def test_json_arguments_are_stored_as_text(store):
+    t = E.create_task(store, "t")
+    E.add_jobs(store, t, [(JobKind.NORMAL, "jobfuncs:noop", json.dumps([[1, "two"], {"k": None}]))])
+    assert store.connection().execute("SELECT typeof(args) FROM job").fetchone() == ("text",)
