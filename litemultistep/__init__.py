@@ -21,6 +21,7 @@ from .errors import (
     NotInJob,
     NotReadyForFinalization,
     SchemaTooNew,
+    StorageError,
 )
 from .task import MultiStepTask, current_task
 from .views import FailureInfo, Progress
@@ -45,6 +46,7 @@ __all__ = [
     "NotReadyForFinalization",
     "Progress",
     "SchemaTooNew",
+    "StorageError",
     "Workers",
     "configure",
     "current_task",

@@ -23,7 +23,7 @@ from filelock import Timeout as LockTimeout
 from playhouse.sqlite_ext import AutoIncrementField
 
 from . import config
-from .errors import DatabaseUnusable, LiteMultiStepError, SchemaTooNew
+from .errors import DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
 
 log = logging.getLogger("litemultistep")
 
@@ -386,8 +386,11 @@ def _translate(error: sqlite3.DatabaseError, path: str) -> LiteMultiStepError:
     if "locked" in message or "busy" in message:
         return DatabaseUnusable(f"{path} stayed locked by another writer for {BUSY_TIMEOUT:.0f} s: {message}")
     if "full" in message:
-        return DatabaseUnusable(f"cannot write to {path}: the disk is full ({message}); "
-                                "free some space, nothing stored was lost")
+        return StorageError(f"cannot write to {path}: the disk is full ({message}); "
+                            "free some space, nothing stored was lost")
+    if "disk I/O error" in message:
+        return StorageError(f"cannot write to {path}: disk I/O error (the disk may be full or failing, or a "
+                            "file size limit was reached); nothing stored was lost")
     if "readonly" in message:
         return DatabaseUnusable(f"cannot write to {path}: {message}")
     if "malformed" in message or "not a database" in message:

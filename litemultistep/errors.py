@@ -32,6 +32,11 @@ class DatabaseUnusable(LiteMultiStepError):
     """The database path cannot be used: a directory, not SQLite, read-only, another program's, corrupt."""
 
 
+class StorageError(DatabaseUnusable):
+    """A write failed: the disk is full or failing (or a file size limit was hit). Nothing stored was
+    lost; the same write can succeed once there is space again."""
+
+
 class SchemaTooNew(DatabaseUnusable):
     """The file was written by a newer litemultistep whose schema this version does not know."""
 

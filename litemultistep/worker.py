@@ -24,7 +24,7 @@ from . import engine
 from ._wakeup import WalWaiter
 from .db import Database
 from .engine import ClaimedJob, Outcome
-from .errors import LiteMultiStepError
+from .errors import LiteMultiStepError, StorageError
 from .runner import execute
 
 log = logging.getLogger("litemultistep")
@@ -121,9 +121,19 @@ class WorkerProcess:
         self._outcomes: list[Outcome] = []
         self._held: deque[ClaimedJob] = deque()
         self._waiter: WalWaiter | None = None
-        self.worker_id, self._lock = engine.register_worker(db, "process", self.queues, options.lease)
+        self.worker_id, self._lock = self._register()
         log.info("worker %d (pid %d) serving %s on %s", self.worker_id, os.getpid(),
                  " ".join(options.queues) or "all queues", db.path)
+
+    def _register(self) -> tuple[int, engine.WorkerLock]:
+        backoff = 0.5
+        while True:
+            try:
+                return engine.register_worker(self.db, "process", self.queues, self.options.lease)
+            except StorageError as e:  # a full disk is transient: wait for space rather than exit
+                log.error("worker (pid %d) cannot register: %s; trying again in %.1f s", os.getpid(), e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     def request_stop(self, why: str) -> None:
         if not self.stopping:
@@ -172,8 +182,7 @@ class WorkerProcess:
         self._held.clear()
         self._outcomes = []
         self._lock.release()
-        self.worker_id, self._lock = engine.register_worker(self.db, "process", self.queues,
-                                                            self.options.lease)
+        self.worker_id, self._lock = self._register()
         self.lost.clear()
 
     def finish(self) -> None:
@@ -193,24 +202,33 @@ class WorkerProcess:
         beat = threading.Thread(target=self._heartbeat, name="litemultistep-heartbeat", daemon=True)
         beat.start()
         next_maintenance = 0.0
+        backoff = 0.0
         try:
             while not self.stopping:
-                if self.run_once():
-                    continue
-                if self._held or self._outcomes:
-                    continue  # handed a finalizer, or results to record
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    engine.recover(self.db, self.worker_id)
-                    engine.promote_scheduled(self.db)
-                    next_maintenance = now + 1.0
+                try:
+                    now = time.monotonic()
+                    if now >= next_maintenance:  # every second, busy or not: dead workers' jobs come back
+                        engine.recover(self.db, self.worker_id)
+                        engine.promote_scheduled(self.db)
+                        next_maintenance = now + 1.0
+                    if self.run_once():
+                        backoff = 0.0
+                        continue
+                    if self._held or self._outcomes:
+                        continue  # handed a finalizer, or results to record
                     if engine.has_claimable(self.db, self.queues):
                         continue
                     engine.tidy(self.db, idle=True)
                     if self.options.burst and not engine.work_left(self.db, self.queues):
                         log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
                         break
-                self._idle(next_maintenance)
+                    backoff = 0.0
+                    self._idle(next_maintenance)
+                except StorageError as e:
+                    # The results in hand stay in memory and are recorded once a write succeeds again.
+                    backoff = min(max(backoff * 2, 0.5), 10.0)
+                    log.error("worker %d: %s; trying again in %.1f s", self.worker_id, e, backoff)
+                    self._sleep(backoff)
         except StopNow:
             log.warning("worker %d: stopped at once; its unfinished jobs go back to their queues",
                         self.worker_id)
@@ -218,6 +236,11 @@ class WorkerProcess:
             return 1
         self.finish()
         return 0
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, seconds))
 
     def _idle(self, until: float) -> None:
         """Wait until another process commits something claimable, or ``until`` comes."""

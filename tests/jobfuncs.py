@@ -104,3 +104,16 @@ def sleep_once(marker: str, path: str, tag: str, seconds: float) -> None:
         _append(path, f"start {tag} {os.getpid()}")
         time.sleep(seconds)
     record(path, tag)
+
+
+def work(path: str, tag: str, seconds: float = 0.0) -> None:
+    """A job that logs its start and its end, with its pid, around some work."""
+    _append(path, f"start {tag} {os.getpid()}")
+    if seconds:
+        time.sleep(seconds)
+    _append(path, f"end {tag} {os.getpid()}")
+
+
+def victim(path: str, tag: str) -> None:
+    """Like work, under another name: the crash hook picks its jobs out."""
+    work(path, tag)
