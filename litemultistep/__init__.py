@@ -5,7 +5,7 @@ and once every job has succeeded runs its finalization jobs one after another, i
 """
 
 from .config import configure
-from .db import Database
+from .db import Database, NetworkFilesystemWarning
 from .embedding import Workers
 from .errors import (
     ArgumentNotSerializable,
@@ -39,6 +39,7 @@ __all__ = [
     "JobNotImportable",
     "LiteMultiStepError",
     "MultiStepTask",
+    "NetworkFilesystemWarning",
     "NoDatabaseConfigured",
     "NoSuchJob",
     "NoSuchMultiStepTask",

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
@@ -168,6 +169,31 @@ INDEXES = [
 MIGRATIONS: dict[int, list[str]] = {}
 
 
+class NetworkFilesystemWarning(UserWarning):
+    """The database is on a network filesystem, where SQLite's locks (and ours) are unreliable."""
+
+
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+                       "gpfs", "fuse.sshfs", "fuse.s3fs", "fuse.rclone", "davfs", "fuse.glusterfs"}
+
+
+def filesystem_type(path: str, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the filesystem holding ``path`` (Linux), from the longest matching mount point."""
+    try:
+        with open(mounts) as f:
+            table = [line.split() for line in f]
+    except OSError:
+        return None
+    best, kind = "", None
+    for fields in table:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def _check_path(path: str, create: bool) -> str:
     """Refuse, with a message naming the problem, a path SQLite would misuse or we must not touch."""
     if path.startswith("file:") or path == ":memory:" or path == "":
@@ -195,6 +221,11 @@ def _check_path(path: str, create: bool) -> str:
     elif not create:
         raise DatabaseUnusable(f"no database at {path} (a reading command never creates one); "
                                "check the path, or create tasks first")
+    fs = filesystem_type(parent)
+    if fs in NETWORK_FILESYSTEMS:
+        warnings.warn(f"{path} is on a network filesystem ({fs}): SQLite's locking is not reliable there and "
+                      "workers on other hosts cannot share it; use a local disk", NetworkFilesystemWarning,
+                      stacklevel=4)
     if not os.access(parent, os.W_OK):
         raise DatabaseUnusable(f"the directory {parent} is read-only: SQLite creates {os.path.basename(path)}-wal "
                                "and -shm beside the database; make the directory writable")

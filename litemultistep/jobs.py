@@ -166,13 +166,22 @@ def _check_value(value: Any, where: str, depth: int) -> None:
                                   f"exactly; {hint}")
 
 
+#: the largest JSON a job's arguments may take: big data belongs in a file whose path the job gets
+MAX_ARGS_BYTES = 8 * 1024 * 1024
+
+
 def encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """JSON for a job's arguments; raises :class:`ArgumentNotSerializable` naming the argument."""
     for i, value in enumerate(args):
         _check_value(value, f"argument {i + 1}", 0)
     for key, value in kwargs.items():
         _check_value(value, f"keyword argument {key!r}", 0)
-    return json.dumps([list(args), kwargs], ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    text = json.dumps([list(args), kwargs], ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    if len(text) > MAX_ARGS_BYTES:
+        raise ArgumentNotSerializable(
+            f"the job's arguments take {len(text) / 2**20:.1f} MiB as JSON, over the {MAX_ARGS_BYTES // 2**20} MiB "
+            "limit: every worker reads them from the database; write the data to a file and pass its path")
+    return text
 
 
 def decode_args(text: str) -> tuple[list[Any], dict[str, Any]]:

@@ -111,6 +111,18 @@ class TestBadPaths:
         assert f"ERROR: {path} is read-only" in out.stdout, out.stderr
         shutil.rmtree(folder)
 
+    def test_network_filesystem_warns(self, tmp_path, monkeypatch):
+        from litemultistep import NetworkFilesystemWarning
+        from litemultistep import db as dbmod
+        mounts = tmp_path / "mounts"
+        mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/export {tmp_path} nfs4 rw 0 0\n")
+        assert dbmod.filesystem_type(str(tmp_path / "x"), str(mounts)) == "nfs4"
+        assert dbmod.filesystem_type("/var", str(mounts)) == "ext4"
+        real = dbmod.filesystem_type
+        monkeypatch.setattr(dbmod, "filesystem_type", lambda path: real(path, str(mounts)))
+        with pytest.warns(NetworkFilesystemWarning, match="network filesystem \\(nfs4\\)"):
+            Database(tmp_path / "app.sqlite")
+
     def test_reading_never_creates(self, tmp_path):
         with pytest.raises(DatabaseUnusable, match="never creates one"):
             Database(tmp_path / "absent.sqlite", create=False)
@@ -157,6 +169,18 @@ class TestFile:
         assert len(ids) == 8
         conn = sqlite3.connect(path)
         assert conn.execute("SELECT count(*) FROM task").fetchone() == (8,)
+        conn.close()
+
+    def test_older_schema_is_upgraded_under_the_lock(self, db, monkeypatch):
+        from litemultistep import db as dbmod
+        task = MultiStepTask.create("old", db=db)
+        monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+        monkeypatch.setitem(dbmod.MIGRATIONS, SCHEMA_VERSION + 1, ["CREATE TABLE upgraded (x)"])
+        Database(db)
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+        assert conn.execute("SELECT count(*) FROM upgraded").fetchone() == (0,)
+        assert conn.execute("SELECT task_id FROM task").fetchone() == (task.task_id,)
         conn.close()
 
     def test_fork_child_reopens(self, db, log_path):

@@ -152,6 +152,11 @@ class TestArguments:
         with pytest.raises(ArgumentNotSerializable, match="nested more than 100 levels"):
             task.add_job(jobfuncs.noop, value)
 
+    def test_oversized_arguments_refused(self, task):
+        with pytest.raises(ArgumentNotSerializable, match="50.0 MiB as JSON, over the 8 MiB limit"):
+            task.add_job(jobfuncs.noop, "x" * (50 * 2**20))
+        assert task.normal_job_count == 0
+
     def test_exact_values_round_trip(self):
         args = (2**64, -(2**70), 1.5, "unicode ✓ 日本", None, True, [1, [2, {"k": "v"}]], {"": 0})
         assert decode_args(encode_args(args, {"x": 3})) == (list(args), {"x": 3})

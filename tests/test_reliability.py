@@ -65,14 +65,14 @@ def test_chaos_random_sigkills(db, log_path, spawn):
             normal = [f"t{k}-n{i}" for i in range(250)]
             finals = [f"t{k}-F{j}" for j in range(3)]
             for tag in normal:
-                task.add_job(jobfuncs.work, log_path, tag, 0.01)
+                task.add_job(jobfuncs.work, log_path, tag, 0.03)
             for tag in finals:
                 task.add_finalization_job(jobfuncs.work, log_path, tag, 0.02)
         plan[task.task_id] = (task, normal, finals)
     workers = [spawn(db, "-q") for _ in range(3)]
     rng = random.Random(7)
     kills = 0
-    deadline = time.monotonic() + 12
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not all(t.progress().finished for t, _, _ in plan.values()):
         time.sleep(rng.uniform(0.15, 0.4))
         victim = workers.pop(rng.randrange(len(workers)))
