@@ -27,6 +27,7 @@ import socket
 import sqlite3
 import string
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -400,15 +401,18 @@ def release(db: Database, worker_id: int, job_ids: Sequence[int]) -> None:
         _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(job_ids))})", [worker_id, *job_ids])
 
 
+def _shift_counters(c: sqlite3.Connection, task_pks: Iterable[int], **per_job: int) -> None:
+    """Apply counter changes made by each of some jobs to their tasks, one UPDATE per task.
+    ``per_job`` maps a counter column (a name in this file, never user input) to its change per job."""
+    assignments = ", ".join(f"{column} = {column} + ?" for column in per_job)
+    for pk, n in Counter(task_pks).items():
+        c.execute(f"UPDATE task SET {assignments} WHERE id = ?", (*(d * n for d in per_job.values()), pk))
+
+
 def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object]) -> int:
     rows = c.execute(f"UPDATE job SET state = ?, worker = NULL WHERE state = ? AND {where} RETURNING task",
                      (QUEUED, RUNNING, *params)).fetchall()
-    per_task: dict[int, int] = {}
-    for (pk,) in rows:
-        per_task[pk] = per_task.get(pk, 0) + 1
-    for pk, n in per_task.items():
-        c.execute("UPDATE task SET running_count = running_count - ?, pending_count = pending_count + ? "
-                  "WHERE id = ?", (n, n, pk))
+    _shift_counters(c, (pk for (pk,) in rows), running_count=-1, pending_count=1)
     return len(rows)
 
 
@@ -436,11 +440,7 @@ def promote_scheduled(db: Database, due_by: float | None = None) -> int:
     with db.write() as c:
         rows = c.execute("UPDATE job SET state = ?, run_at = NULL WHERE state = 5 AND run_at <= ? "
                          "RETURNING task", (QUEUED, t)).fetchall()
-        per_task: dict[int, int] = {}
-        for (pk,) in rows:
-            per_task[pk] = per_task.get(pk, 0) + 1
-        for pk, n in per_task.items():
-            c.execute("UPDATE task SET pending_count = pending_count + ? WHERE id = ?", (n, pk))
+        _shift_counters(c, (pk for (pk,) in rows), pending_count=1)
     return len(rows)
 
 
@@ -488,12 +488,7 @@ def retry_all(db: Database) -> list[int]:
 def _retry_where(c: sqlite3.Connection, where: str, params: list[object]) -> list[int]:
     rows = c.execute(f"UPDATE job SET state = ? WHERE state = ? AND {where} RETURNING id, task",
                      (QUEUED, FAILED, *params)).fetchall()
-    per_task: dict[int, int] = {}
-    for _, pk in rows:
-        per_task[pk] = per_task.get(pk, 0) + 1
-    for pk, n in per_task.items():
-        c.execute("UPDATE task SET failed_count = failed_count - ?, pending_count = pending_count + ? "
-                  "WHERE id = ?", (n, n, pk))
+    _shift_counters(c, (pk for _, pk in rows), failed_count=-1, pending_count=1)
     return sorted(r[0] for r in rows)
 
 

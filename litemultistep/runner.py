@@ -45,9 +45,9 @@ def execute(db: Database, job: ClaimedJob) -> Result:
     """Run one claimed job; an exception of the job (even ``SystemExit``) becomes a failure."""
     token = current_job.set((db, job.task_id))
     start = time.perf_counter()
-    what = describe_call(job.func, job.args)
-    log.info("start %s job %d of %s: %s", "finalizer" if job.is_finalizer else "job", job.id, job.task_id,
-             what)
+    if log.isEnabledFor(logging.INFO):
+        log.info("start %s %d of %s: %s", "finalizer" if job.is_finalizer else "job", job.id, job.task_id,
+                 describe_call(job.func, job.args))
     try:
         fn = resolve(job.func)
         args, kwargs = decode_args(job.args)

@@ -39,10 +39,7 @@ CRASH_FILE_ENV = "LITEMULTISTEP_CRASH_FILE"
 CRASH_EXIT_CODE = 70
 
 
-def _maybe_crash(point: str, job: ClaimedJob) -> None:
-    path = os.environ.get(CRASH_FILE_ENV)
-    if not path:
-        return
+def _maybe_crash(path: str, point: str, job: ClaimedJob) -> None:
     try:
         with open(path) as f:
             want_point, _, want_func = f.readline().strip().partition(" ")
@@ -121,6 +118,7 @@ class WorkerProcess:
         self._outcomes: list[Outcome] = []
         self._held: deque[ClaimedJob] = deque()
         self._waiter: WalWaiter | None = None
+        self._crash_file = os.environ.get(CRASH_FILE_ENV)
         self.worker_id, self._lock = self._register()
         log.info("worker %d (pid %d) serving %s on %s", self.worker_id, os.getpid(),
                  " ".join(options.queues) or "all queues", db.path)
@@ -153,9 +151,11 @@ class WorkerProcess:
             job = self._held.popleft()
             if not self._allowed(job):
                 continue
-            _maybe_crash("after-claim", job)
+            if self._crash_file:
+                _maybe_crash(self._crash_file, "after-claim", job)
             result = execute(self.db, job)
-            _maybe_crash("after-run", job)
+            if self._crash_file:
+                _maybe_crash(self._crash_file, "after-run", job)
             ran += 1
             self._outcomes.append(result.outcome)
             if result.duration > SHORT_JOB or result.error is not None or job.is_finalizer:

@@ -58,7 +58,7 @@ def test_parallel_tasks_finalize_in_order_across_processes(db, log_path, spawn):
 def test_two_jobs_run_at_once_with_c2(db, log_path, spawn):
     with MultiStepTask.create("pair", db=db) as task:
         for i in range(2):
-            task.add_job(jobfuncs.slow_record, log_path, f"p{i}", 1.0)
+            task.add_job(jobfuncs.slow_record, log_path, f"p{i}", 2.5)
     proc = spawn(db, "-c", "2", "--burst")
     assert proc.wait(60) == 0
     events = [line.split()[0] for line in lines(log_path)]
@@ -251,10 +251,14 @@ def test_supervisor_death_stops_its_workers(db, log_path, spawn):
         for i in range(4):
             task.add_job(jobfuncs.slow_record, log_path, f"s{i}", 0.5)
     proc = spawn(db, "-c", "2")
-    wait_for(lambda: started(log_path, "s0"), what="a job to start")
     conn = resolve_db(db).connection()
-    pids = [r[0] for r in conn.execute("SELECT pid FROM worker WHERE kind = 'process'")]
-    assert len(pids) == 2
+
+    def worker_pids() -> list[int]:
+        return [r[0] for r in conn.execute("SELECT pid FROM worker WHERE kind = 'process'")]
+
+    wait_for(lambda: len(worker_pids()) == 2 and any(line.startswith("start ") for line in lines(log_path)),
+             what="both workers, and a job running")
+    pids = worker_pids()
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
 
