@@ -193,10 +193,11 @@ def _status_one(database: Database, task_id: str, as_json: bool) -> None:
               f"finalizable: {'yes' if p.finalizable else 'no'}", highlight=False)
     if chain:
         out.print("  finalizers:")
-        for f in chain:
-            out.print(f"    {f['position'] + 1}. {f['func']} {f['state']}", highlight=False)
-    for f in fails:
-        out.print(f"  [red]failed[/] job {f.job_id} {f.func}: {f.exc_type}: {f.message}", highlight=False)
+        for link in chain:
+            out.print(f"    {link['position'] + 1}. {link['func']} {link['state']}", highlight=False)
+    for failure in fails:
+        out.print(f"  [red]failed[/] job {failure.job_id} {failure.func}: {failure.exc_type}: {failure.message}",
+                  highlight=False, markup=False)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4D5331
 SQLITE_HEADER = b"SQLite format 3\x00"
 #: Seconds a connection waits for another writer before giving up with a clear error.
-BUSY_TIMEOUT = 60.0
+BUSY_TIMEOUT = 60
 
 
 class TaskState(IntEnum):
@@ -281,8 +281,8 @@ class Database:
         if os.getpid() != self._pid:
             # Inherited across fork: keep the parent's connection object alive but unused; closing
             # it here could release locks the parent still relies on.
-            self._forsaken.append(self._pw._state.conn)
-            self._pw._state.reset()
+            self._forsaken.append(self._pw._state.conn)  # type: ignore[attr-defined]
+            self._pw._state.reset()  # type: ignore[attr-defined]
             self._pid = os.getpid()
         try:
             return self._pw.connection()  # type: ignore[no-any-return]

@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
@@ -142,7 +143,7 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str]],
         pk, state, _, _, _, _, finalize_count = _task_row(c, task_id)
         if state == FINALIZING:
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization: it takes no more jobs")
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         n_normal = 0
         for kind, func, args in jobs:
             if kind == NORMAL:
@@ -351,10 +352,11 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
             if job.task_pk not in retry_rules:
                 retry_rules[job.task_pk] = c.execute(
                     "SELECT max_retries, retry_delay FROM task WHERE id = ?", (job.task_pk,)).fetchone()
-            if retry_rules[job.task_pk] is None:  # the task is gone: this late report is stale
+            rules = retry_rules[job.task_pk]
+            if rules is None:  # the task is gone: this late report is stale
                 _stale(job, worker_id)
                 continue
-            max_retries, delay = retry_rules[job.task_pk]
+            max_retries, delay = rules
             retry = job.attempt <= max_retries
             new_state = SCHEDULED if retry else FAILED
             run_at = t + delay * 2 ** (job.attempt - 1) if retry else None

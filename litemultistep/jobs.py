@@ -80,7 +80,8 @@ def _compute_path(fn: Any) -> str:
         found = resolve(path)
     except JobNotImportable as e:
         raise JobNotImportable(f"{_describe(fn)} cannot be imported back as {path}: {e}") from None
-    same_method = getattr(found, "__func__", None) is not None and found.__func__ is getattr(fn, "__func__", None)
+    found_func = getattr(found, "__func__", None)
+    same_method = found_func is not None and found_func is getattr(fn, "__func__", None)
     if found is not fn and not same_method:
         raise JobNotImportable(
             f"importing {path} gives {found!r}, not the callable passed ({fn!r}); a decorator that does "
@@ -156,12 +157,13 @@ def _check_value(value: Any, where: str, depth: int) -> None:
                     "only, so it would come back as a string: use string keys")
             _check_value(item, f"{where}[{key!r}]", depth + 1)
         return
-    hint = {
+    hints: dict[type, str] = {
         tuple: "a tuple would come back as a list: pass a list",
         set: "pass a sorted list",
         frozenset: "pass a sorted list",
         bytes: "pass base64 text or a list of numbers",
-    }.get(kind, "pass JSON types only: str, int, float, bool, None, list, dict with string keys")
+    }
+    hint = hints.get(kind, "pass JSON types only: str, int, float, bool, None, list, dict with string keys")
     raise ArgumentNotSerializable(f"{where} is a {kind.__name__} ({value!r:.60}), which JSON cannot carry "
                                   f"exactly; {hint}")
 

@@ -1,6 +1,7 @@
 """Reading the file: progress snapshots, task and failure listings, live workers.
 
-Nothing here writes; every decision about who runs what is in ``engine.py``.
+Nothing here changes the database; every decision about who runs what is in ``engine.py``. (Telling
+whether a worker is alive takes its lock file for an instant, and removes the file of a dead one.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -272,7 +272,7 @@ class WorkerProcess:
                 log.warning("worker %d: heartbeat failed: %s", self.worker_id, e)
 
 
-def _install_signals(on_first: callable, supervised: bool) -> None:  # type: ignore[valid-type]
+def _install_signals(on_first: Callable[[str], None], supervised: bool) -> None:
     count = 0
 
     def handler(signum: int, frame: FrameType | None) -> None:
