@@ -395,14 +395,6 @@ def _stale(job: ClaimedJob, worker_id: int) -> None:
                 job.id, job.task_id, worker_id)
 
 
-def release(db: Database, worker_id: int, job_ids: Sequence[int]) -> None:
-    """Put claimed jobs this worker will not run back in their queues (graceful stop)."""
-    if not job_ids:
-        return
-    with db.write() as c:
-        _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(job_ids))})", [worker_id, *job_ids])
-
-
 def _shift_counters(c: sqlite3.Connection, task_pks: Iterable[int], **per_job: int) -> None:
     """Apply counter changes made by each of some jobs to their tasks, one UPDATE per task.
     ``per_job`` maps a counter column (a name in this file, never user input) to its change per job."""

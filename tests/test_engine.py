@@ -100,15 +100,6 @@ class TestStaleWorkers:
         assert E.recover(store, worker(store)) == 2
         assert progress(store, t).pending_count == 2
 
-    def test_release_puts_jobs_back(self, store):
-        t = E.create_task(store, "t")
-        add(store, t, n=3)
-        w = worker(store)
-        jobs = E.claim(store, w, 3)
-        E.release(store, w, [j.id for j in jobs[1:]])
-        p = progress(store, t)
-        assert (p.running_count, p.pending_count) == (1, 2)
-
 
 class TestRetries:
     def test_scheduled_retry_waits_for_its_time(self, store):
