@@ -211,14 +211,17 @@ def watch(db: str, task_id: str, timeout: float | None, interval: float) -> None
     database = _open(db)
     views.progress(database, task_id)  # an unknown id fails before any bar is drawn
     deadline = None if timeout is None else time.monotonic() + timeout
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed}"),
-                   TimeRemainingColumn(), console=err, transient=False, disable=not err.is_terminal)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=False,
+                   disable=not err.is_terminal)
     last_line = ""
     with bar:
-        handle = bar.add_task(task_id, total=None)
+        handle = bar.add_task(task_id, total=None, rate="")
         while True:
             p = views.progress(database, task_id)
-            bar.update(handle, total=p.total_job_count, completed=p.completed_count)
+            speed = bar.tasks[0].speed
+            bar.update(handle, total=p.total_job_count, completed=p.completed_count,
+                       rate=f"{speed:,.0f} jobs/s" if speed else "")
             if not err.is_terminal:
                 line = f"{task_id}: {_counts(p)} ({p.state})"
                 if line != last_line:
