@@ -316,17 +316,6 @@ class Database:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
 
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: several queries see one snapshot of the file."""
-        conn = self.connection()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-
     def close(self) -> None:
         """Close this thread's connection (another use reopens it)."""
         if os.getpid() == self._pid and not self._pw.is_closed():

@@ -45,11 +45,8 @@ class Workers:
         """Start the processes (returns at once)."""
         if self.alive:
             return self
-        argv = self.options.child_argv()
-        # child_argv describes one supervised process; the application's workers get their own
-        # supervisor instead, which keeps `concurrency` of them running.
-        argv[argv.index("-c") + 1] = str(self.options.concurrency)
-        argv.remove("--supervised")
+        # not "supervised": the process (a supervisor when concurrency > 1) answers SIGINT itself
+        argv = self.options.argv(self.options.concurrency, supervised=False)
         self.process = subprocess.Popen(argv, start_new_session=True)
         return self
 

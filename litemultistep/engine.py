@@ -77,6 +77,17 @@ class ClaimedJob:
         return self.kind == FINALIZE
 
 
+@dataclass
+class _TaskChange:
+    """What one transaction's recorded outcomes change in one task."""
+
+    task_id: str
+    completed: int = 0
+    failed: int = 0
+    finished_running: int = 0
+    finalizer_completed: bool = False
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What came of running a claimed job."""
@@ -330,8 +341,7 @@ def _claim(c: sqlite3.Connection, worker_id: int, limit: int,
 
 def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) -> list[ClaimedJob]:
     t = now()
-    # task pk -> [completed, failed, finished_running, task_id, a finalizer completed]
-    deltas: dict[int, list] = {}
+    changes: dict[int, _TaskChange] = {}
     retry_rules: dict[int, tuple[int, float] | None] = {}
     for o in outcomes:
         job = o.job
@@ -345,9 +355,9 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
             if cur.rowcount != 1:
                 _stale(job, worker_id)
                 continue
-            d = deltas.setdefault(job.task_pk, [0, 0, 0, job.task_id, False])
-            d[0] += 1
-            d[4] = d[4] or job.kind == FINALIZE
+            change = changes.setdefault(job.task_pk, _TaskChange(job.task_id))
+            change.completed += 1
+            change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
         else:
             if job.task_pk not in retry_rules:
                 retry_rules[job.task_pk] = c.execute(
@@ -369,21 +379,21 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
                 "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, "
                 "worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t, os.getpid()))
-            d = deltas.setdefault(job.task_pk, [0, 0, 0, job.task_id, False])
-            d[1] += 0 if retry else 1
-        d[2] += 1
+            change = changes.setdefault(job.task_pk, _TaskChange(job.task_id))
+            change.failed += 0 if retry else 1
+        change.finished_running += 1
     handed: list[ClaimedJob] = []
-    for pk, (completed, failed, done, task_id, finalizer_done) in deltas.items():
+    for pk, change in changes.items():
         state, finalizable, normal, completed_now, failed_now = c.execute(
             "UPDATE task SET completed_count = completed_count + ?, failed_count = failed_count + ?, "
             "running_count = running_count - ? WHERE id = ? "
             "RETURNING state, finalizable, normal_count, completed_count, failed_count",
-            (completed, failed, done, pk)).fetchone()
+            (change.completed, change.failed, change.finished_running, pk)).fetchone()
         nxt = None
         if state == ACTIVE and finalizable and completed_now >= normal and not failed_now:
-            nxt = _begin_finalization(c, pk, task_id, worker_id)
-        elif state == FINALIZING and finalizer_done:
-            nxt = _advance_chain(c, pk, task_id, worker_id)
+            nxt = _begin_finalization(c, pk, change.task_id, worker_id)
+        elif state == FINALIZING and change.finalizer_completed:
+            nxt = _advance_chain(c, pk, change.task_id, worker_id)
         if nxt is not None:
             handed.append(nxt)
     return handed

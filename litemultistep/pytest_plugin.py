@@ -21,6 +21,7 @@ import pytest
 from . import config
 from .config import resolve_db
 from .embedding import Workers
+from .jobs import callable_path
 from .runner import DrainSummary, drain
 from .task import MultiStepTask
 from .views import Progress
@@ -89,8 +90,6 @@ class WorkerFixture:
         is lost). The job goes back to its queue and runs again: use it to prove a job idempotent.
         Workers started before this call see it too.
         """
-        from .jobs import callable_path
-
         if when not in ("after-claim", "after-run"):
             raise ValueError(f"when must be 'after-claim' or 'after-run', not {when!r}")
         with open(self._crash_file, "w") as f:

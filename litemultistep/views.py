@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
+from .engine import lock_is_held
 from .errors import NoSuchMultiStepTask
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
@@ -178,8 +179,6 @@ class WorkerInfo:
 
 def workers(db: Any = None) -> list[WorkerInfo]:
     """Registered workers, with whether each is alive now (its lock held, its lease current)."""
-    from .engine import lock_is_held
-
     db = resolve_db(db)
     conn = db.connection()
     t = time.time()

@@ -83,10 +83,13 @@ class WorkerOptions:
     #: started by a supervisor: ignore SIGINT, whose Ctrl-C reaches the supervisor too
     supervised: bool = False
 
-    def child_argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "litemultistep", "worker", self.db, "-c", "1",
+    def argv(self, concurrency: int, supervised: bool) -> list[str]:
+        """The ``litemultistep worker`` command for these options, as a child of this process."""
+        argv = [sys.executable, "-m", "litemultistep", "worker", self.db, "-c", str(concurrency),
                 "--lease", str(self.lease), "--batch", str(self.batch), "--poll", str(self.poll),
-                "--parent-pid", str(os.getpid()), "--supervised"]
+                "--parent-pid", str(os.getpid())]
+        if supervised:
+            argv.append("--supervised")
         for q in self.queues:
             argv += ["--queues", q]
         for p in self.paths:
@@ -319,7 +322,7 @@ class Supervisor:
         self.done: set[int] = set()
 
     def _start(self, slot: int) -> None:
-        self.children[slot] = subprocess.Popen(self.options.child_argv())
+        self.children[slot] = subprocess.Popen(self.options.argv(1, supervised=True))
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
