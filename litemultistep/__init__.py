@@ -11,7 +11,10 @@ from .errors import (
     ArgumentNotSerializable,
     DatabaseUnusable,
     FinalizationAlreadyBegun,
+    DatabaseBusy,
+    InvalidSetting,
     InvalidSlug,
+    JobNotAllowed,
     JobNotFailed,
     JobNotImportable,
     LiteMultiStepError,
@@ -20,10 +23,13 @@ from .errors import (
     NoSuchMultiStepTask,
     NotInJob,
     NotReadyForFinalization,
+    JobTimeout,
     SchemaTooNew,
     StorageError,
+    WorkerCrashed,
 )
-from .task import MultiStepTask, current_task
+from .runner import time_left
+from .task import JobSpec, MultiStepTask, current_task, job
 from .views import FailureInfo, Progress
 
 __version__ = "0.1.0"
@@ -31,12 +37,17 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentNotSerializable",
     "Database",
+    "DatabaseBusy",
     "DatabaseUnusable",
     "FailureInfo",
     "FinalizationAlreadyBegun",
+    "InvalidSetting",
     "InvalidSlug",
+    "JobNotAllowed",
     "JobNotFailed",
     "JobNotImportable",
+    "JobSpec",
+    "JobTimeout",
     "LiteMultiStepError",
     "MultiStepTask",
     "NetworkFilesystemWarning",
@@ -48,7 +59,10 @@ __all__ = [
     "Progress",
     "SchemaTooNew",
     "StorageError",
+    "WorkerCrashed",
     "Workers",
     "configure",
     "current_task",
+    "job",
+    "time_left",
 ]

@@ -36,7 +36,8 @@ def _inotify_watch(path: str) -> int | None:
 
 
 class WalWaiter:
-    """Waits for writes to ``path`` (a ``-wal`` file)."""
+    """Tells when ``path`` (a ``-wal`` file) was written to: :meth:`fileno` is readable at once on
+    Linux; elsewhere :meth:`changed` compares the file's size and time every ``poll`` seconds."""
 
     def __init__(self, path: str, poll: float) -> None:
         self.path = path
@@ -51,23 +52,32 @@ class WalWaiter:
             return None
         return st.st_size, st.st_mtime_ns
 
-    def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True as soon as the file was written to."""
+    def fileno(self) -> int | None:
+        """A descriptor that is readable once the file was written to, or None (then poll)."""
+        return self.fd
+
+    def changed(self) -> bool:
+        """Whether the file was written to since the last call (and drain pending events)."""
         if self.fd is not None:
-            ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
-            if not ready:
-                return False
+            got = False
             try:
                 while os.read(self.fd, 65536):
-                    pass  # drain the queued events: one wake-up is enough
+                    got = True  # drain the queued events: one wake-up is enough
             except BlockingIOError:
                 pass
-            return True
-        time.sleep(min(self.poll, max(timeout, 0.0)))
+            return got
         current = self._signature()
         changed = current != self._seen
         self._seen = current
         return changed
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True as soon as the file was written to."""
+        if self.fd is not None:
+            ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
+            return bool(ready) and self.changed()
+        time.sleep(min(self.poll, max(timeout, 0.0)))
+        return self.changed()
 
     def close(self) -> None:
         if self.fd is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from . import engine, views
 from .db import Database
-from .errors import DatabaseUnusable, LiteMultiStepError
+from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
 from .worker import WorkerOptions, run_worker
 
 out = Console(soft_wrap=True)
@@ -39,6 +40,11 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def _error(message: str) -> None:
+    """An error for a person, on standard error: one unwrapped line, the message verbatim."""
+    click.echo(f"Error: {message}", err=True)
 
 
 def _open(path: str) -> Database:
@@ -59,6 +65,21 @@ def _age(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60}s"
     return f"{s}s"
+
+
+class PositiveSeconds(click.ParamType):
+    """A finite number of seconds above zero (``nan`` and ``inf`` are refused)."""
+
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return seconds
 
 
 db_argument = click.argument("db", envvar="LITEMULTISTEP_DB", type=click.Path(dir_okay=True))
@@ -91,35 +112,54 @@ def cli() -> None:
 @click.option("--allow-module", "allow_modules", multiple=True, metavar="PREFIX",
               envvar="LITEMULTISTEP_ALLOW_MODULES", show_envvar=True,
               help="Run only job callables from these modules (and their submodules); repeatable.")
-@click.option("--lease", type=click.FloatRange(0.2), default=30.0, show_default=True,
+@click.option("--timeout", type=PositiveSeconds(), default=None, envvar="LITEMULTISTEP_TIMEOUT", show_envvar=True,
+              help="Time limit in seconds for jobs whose task sets none: a job past it is killed and fails "
+                   "with JobTimeout. Default: no limit.")
+@click.option("--shutdown-timeout", type=PositiveSeconds(), default=30.0, show_default=True,
+              envvar="LITEMULTISTEP_SHUTDOWN_TIMEOUT", show_envvar=True,
+              help="On SIGTERM or Ctrl-C, seconds running jobs may take to finish before they are stopped "
+                   "and put back in their queues.")
+@click.option("--max-crashes", type=click.IntRange(1, 1000), default=3, show_default=True,
+              envvar="LITEMULTISTEP_MAX_CRASHES", show_envvar=True,
+              help="Times a job's process may die running it (segfault, os._exit, killed) before the job "
+                   "fails with WorkerCrashed.")
+@click.option("--lease", type=PositiveSeconds(), default=30.0, show_default=True,
               envvar="LITEMULTISTEP_LEASE", show_envvar=True,
-              help="Seconds without a heartbeat after which a worker's jobs are taken back.")
-@click.option("--batch", type=click.IntRange(1, 1000), default=32, show_default=True,
+              help="Seconds a worker whose lock file was removed still counts as alive after its last "
+                   "heartbeat (liveness is otherwise its OS lock, exact on one host).")
+@click.option("--batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               envvar="LITEMULTISTEP_BATCH", show_envvar=True,
-              help="Most short jobs recorded and claimed in one transaction.")
+              help="Most jobs handed to a job process at once; fewer when a task's jobs take longer than "
+                   "a few milliseconds in all.")
 @click.option("--poll", type=click.FloatRange(0.001, 5), default=0.02, show_default=True,
               envvar="LITEMULTISTEP_POLL", show_envvar=True,
               help="Seconds between looks at the file while idle, where inotify is not available.")
-@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
-@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only (no line per job).")
-@click.option("--parent-pid", type=int, hidden=True)
-@click.option("--supervised", is_flag=True, hidden=True)
+@click.option("-v", "--verbose", is_flag=True, envvar="LITEMULTISTEP_VERBOSE", show_envvar=True,
+              help="Log debug details.")
+@click.option("-q", "--quiet", is_flag=True, envvar="LITEMULTISTEP_QUIET", show_envvar=True,
+              help="Log warnings and errors only (no line per job).")
 def worker(db: str, concurrency: int, queues: Sequence[str], burst: bool, paths: Sequence[str],
-           allow_modules: Sequence[str], lease: float, batch: int, poll: float, verbose: bool, quiet: bool,
-           parent_pid: int | None, supervised: bool) -> None:
-    """Run jobs from DB: N processes, each running one job at a time.
+           allow_modules: Sequence[str], timeout: float | None, shutdown_timeout: float, max_crashes: int,
+           lease: float, batch: int, poll: float, verbose: bool, quiet: bool) -> None:
+    """Run jobs from DB in N job processes, each running one job at a time.
 
-    SIGTERM or Ctrl-C lets running jobs finish, then exits 0; a second one stops at once (those jobs
-    run again later). A job that raises is recorded as a failure; the worker goes on.
+    The worker process itself runs no job: it claims jobs, records results, enforces time limits and
+    keeps its liveness, so a job that hangs or crashes cannot harm it. A job that raises is recorded
+    as a failure; one that kills its process is retried up to --max-crashes times, then fails.
+
+    SIGTERM or Ctrl-C lets running jobs finish (at most --shutdown-timeout seconds) and exits 0; a
+    second one stops them at once, puts them back in their queues and exits 1. Exit 2: the worker
+    cannot work (bad database, bad option).
     """
     _setup_logging(verbose, quiet)
     options = WorkerOptions(db=db, concurrency=concurrency, queues=list(queues), burst=burst, paths=list(paths),
                             lease=lease, batch=batch, poll=poll, allow_modules=list(allow_modules),
-                            verbose=verbose, quiet=quiet, parent_pid=parent_pid, supervised=supervised)
+                            timeout=timeout, shutdown_timeout=shutdown_timeout, max_crashes=max_crashes,
+                            verbose=verbose, quiet=quiet)
     try:
         code = run_worker(options)
-    except DatabaseUnusable as e:
-        err.print(f"[red]Error:[/] {e}", highlight=False)
+    except (DatabaseUnusable, InvalidSetting) as e:
+        _error(str(e))
         sys.exit(2)
     sys.exit(code)
 
@@ -375,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         e.show()
         return e.exit_code
     except LiteMultiStepError as e:
-        err.print(f"[red]Error:[/] {e}", highlight=False)
+        _error(str(e))
         return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -24,12 +24,12 @@ from filelock import Timeout as LockTimeout
 from playhouse.sqlite_ext import AutoIncrementField
 
 from . import config
-from .errors import DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
+from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
 
 log = logging.getLogger("litemultistep")
 
 #: Schema version written to ``PRAGMA user_version``; an older file is upgraded, a newer one refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id`` of our files ("LMS1"), so another program's database is recognised.
 APPLICATION_ID = 0x4C4D5331
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -96,6 +96,10 @@ class Task(_Model):
     max_retries = _default(pw.IntegerField, 0)
     retry_delay = _default(pw.FloatField, 1.0)
     created_at = pw.FloatField()
+    #: seconds one job of this task may run before it is stopped (NULL: the worker's ``--timeout``)
+    timeout = pw.FloatField(null=True)
+    #: a running mean of how long this task's jobs take (s); claims size their batches from it
+    avg_duration = pw.FloatField(null=True)
     #: the process filling the task in its ``with`` block (to clean up after a crash)
     builder_pid = pw.IntegerField(null=True)
 
@@ -116,6 +120,12 @@ class Job(_Model):
     worker = pw.IntegerField(null=True)
     run_at = pw.FloatField(null=True)
     enqueued_at = pw.FloatField()
+    #: when the worker holding it claimed it (wall clock), for "running for" in the status view
+    claimed_at = pw.FloatField(null=True)
+    #: how many times a worker process died while holding it; at the worker's limit it fails
+    crashes = _default(pw.IntegerField, 0)
+    #: this job's own time limit (s), over the task's
+    timeout = pw.FloatField(null=True)
 
 
 class Failure(_Model):
@@ -143,6 +153,11 @@ class Worker(_Model):
     #: end of the lease; NULL for inline runners, whose liveness is their lock alone
     expires_at = pw.FloatField(null=True)
     lock_path = pw.TextField()
+    #: ``CLOCK_MONOTONIC`` of the last heartbeat: shared by every process of the host and never
+    #: jumped by a clock change; consulted only when the worker's lock file has gone missing
+    heartbeat_mono = pw.FloatField(null=True)
+    #: processes running jobs for this worker
+    concurrency = _default(pw.IntegerField, 1)
 
 
 class FinishedTask(_Model):
@@ -166,7 +181,17 @@ INDEXES = [
 ]
 
 # One entry per schema version above 1: the statements that bring a file from version N-1 to N.
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE task ADD COLUMN timeout REAL",
+        "ALTER TABLE task ADD COLUMN avg_duration REAL",
+        "ALTER TABLE job ADD COLUMN claimed_at REAL",
+        "ALTER TABLE job ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE job ADD COLUMN timeout REAL",
+        "ALTER TABLE worker ADD COLUMN heartbeat_mono REAL",
+        "ALTER TABLE worker ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 1",
+    ],
+}
 
 
 class NetworkFilesystemWarning(UserWarning):
@@ -404,7 +429,7 @@ def _schema_state(conn: sqlite3.Connection, path: str) -> str:
 def _translate(error: sqlite3.DatabaseError, path: str) -> LiteMultiStepError:
     message = str(error)
     if "locked" in message or "busy" in message:
-        return DatabaseUnusable(f"{path} stayed locked by another writer for {BUSY_TIMEOUT:.0f} s: {message}")
+        return DatabaseBusy(f"{path} stayed locked by another writer for {BUSY_TIMEOUT:.0f} s: {message}")
     if "full" in message:
         return StorageError(f"cannot write to {path}: the disk is full ({message}); "
                             "free some space, nothing stored was lost")
@@ -436,5 +461,11 @@ def open_database(path: str | os.PathLike[str]) -> Database:
 
 
 def now() -> float:
-    """Wall-clock seconds, the time base of every timestamp in the file."""
+    """Wall-clock seconds, the time base of every timestamp shown to people."""
     return time.time()
+
+
+def monotonic() -> float:
+    """``CLOCK_MONOTONIC`` seconds: one clock for every process of this host, which neither a clock
+    change nor a suspend makes jump; the only time base liveness decisions use."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC) if hasattr(time, "clock_gettime") else time.monotonic()

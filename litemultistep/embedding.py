@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from .config import resolve_db
-from .worker import WorkerOptions
+from .worker import PARENT_PID_ENV, WorkerOptions
 
 log = logging.getLogger("litemultistep")
 
@@ -38,16 +38,16 @@ class Workers:
         if main_dir and os.path.isdir(main_dir):
             paths.append(main_dir)  # the application's own directory, so its job modules import
         self.options = WorkerOptions(db=resolve_db(db).path, concurrency=concurrency, queues=list(queues or []),
-                                     burst=burst, paths=paths, parent_pid=os.getpid(), **options)
+                                     burst=burst, paths=paths, **options)
+        self.options.validate()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Workers:
         """Start the processes (returns at once)."""
         if self.alive:
             return self
-        # not "supervised": the process (a supervisor when concurrency > 1) answers SIGINT itself
-        argv = self.options.argv(self.options.concurrency, supervised=False)
-        self.process = subprocess.Popen(argv, start_new_session=True)
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(self.options.argv(), start_new_session=True, env=env)
         return self
 
     @property
@@ -66,11 +66,15 @@ class Workers:
             raise RuntimeError("the workers were never started")
         return self.process.wait(timeout)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """Stop gracefully (running jobs finish), then by force after ``timeout`` seconds.
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop as ``litemultistep worker`` stops on SIGTERM: running jobs finish, for at most the
+        ``shutdown_timeout`` option (30 s), then they are stopped and go back to their queues.
 
-        Jobs cut short by force go back to their queues. Returns the exit status.
+        ``timeout`` (default: ``shutdown_timeout`` plus 5 s) bounds the whole wait; past it every
+        process of the group is killed. Returns the exit status (0: every running job finished).
         """
+        if timeout is None:
+            timeout = self.options.shutdown_timeout + 5.0
         proc = self.process
         if proc is None:
             return None

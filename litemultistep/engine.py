@@ -20,6 +20,7 @@ The rules a reader can check in this file:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -30,15 +31,15 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from filelock import FileLock
-from filelock import Timeout as LockTimeout
 
 from . import config
-from .db import Database, JobKind, JobState, TaskState, now
+from .db import Database, JobKind, JobState, TaskState, monotonic, now
 from .errors import (
     FinalizationAlreadyBegun,
+    LiteMultiStepError,
     JobNotFailed,
     NoSuchJob,
     NoSuchMultiStepTask,
@@ -56,12 +57,19 @@ NORMAL, FINALIZE = JobKind.NORMAL, JobKind.FINALIZE
 
 #: rows written or deleted per transaction in bulk work, so no writer waits long behind it
 CHUNK = 20_000
+#: a claim takes as many of a task's jobs as its mean duration says will run in this many seconds,
+#: so a worker never sits on jobs another worker could start
+CLAIM_WINDOW = 0.003
+#: the longest wait before an automatic retry, however many attempts came before
+MAX_RETRY_DELAY = 7 * 86400.0
+#: crashes of a job's process before the job fails with WorkerCrashed (a worker's --max-crashes)
+DEFAULT_MAX_CRASHES = 3
 _NONCE_ALPHABET = string.ascii_letters + string.digits
 
 
-@dataclass(frozen=True)
-class ClaimedJob:
-    """A job a worker holds (state RUNNING under its id) and is about to run."""
+class ClaimedJob(NamedTuple):
+    """A job a worker holds (state RUNNING under its id) and is about to run. A tuple: made by the
+    hundred thousand a second on the hot path, and sent to job processes as a JSON array as it is."""
 
     id: int
     task_pk: int
@@ -71,6 +79,8 @@ class ClaimedJob:
     func: str
     args: str
     attempt: int
+    #: seconds it may run (its own limit, else its task's); None: the worker's default
+    timeout: float | None = None
 
     @property
     def is_finalizer(self) -> bool:
@@ -86,6 +96,20 @@ class _TaskChange:
     failed: int = 0
     finished_running: int = 0
     finalizer_completed: bool = False
+    requeued: int = 0
+    ran: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Done:
+    """Normal jobs of one task that all succeeded: the hot path records them in one statement."""
+
+    task_pk: int
+    task_id: str
+    job_ids: list[int]
+    #: seconds they ran in all
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -97,28 +121,33 @@ class Outcome:
     exc_type: str = ""
     message: str = ""
     traceback: str = ""
+    #: seconds it ran (it feeds the task's mean duration, which sizes later claims)
+    duration: float = 0.0
+    #: the process running it died: it goes back to its queue until its crash limit, then fails
+    crashed: bool = False
 
 
 # -- tasks ------------------------------------------------------------------------------------------
 
 
-def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: float = 1.0) -> str:
+def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: float = 1.0,
+                timeout: float | None = None) -> str:
     """Insert a new ACTIVE task and return its id: the slug, ``~``, a random nonce."""
     for _ in range(10):
         task_id = f"{slug}~{''.join(secrets.choice(_NONCE_ALPHABET) for _ in range(8))}"
         try:
             with db.write() as c:
                 c.execute(
-                    "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (task_id, slug, ACTIVE, now(), max_retries, retry_delay),
+                    "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout),
                 )
             return task_id
         except sqlite3.IntegrityError as e:
             if "UNIQUE" not in str(e):
                 raise
             continue  # the nonce collided with a live task: draw another
-    raise RuntimeError("could not draw a unique task id in 10 tries")
+    raise LiteMultiStepError("could not draw a unique task id in 10 tries")
 
 
 def begin_building(db: Database, task_id: str) -> None:
@@ -140,9 +169,9 @@ def _task_row(c: sqlite3.Connection, task_id: str) -> tuple[int, int, int, int, 
     return row  # type: ignore[no-any-return]
 
 
-def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str]],
+def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, float | None]],
              claim_for: int | None = None) -> list[ClaimedJob]:
-    """Store jobs ``(kind, func, args_json)`` of one task in one transaction.
+    """Store jobs ``(kind, func, args_json, timeout)`` of one task in one transaction.
 
     With ``claim_for`` (sync mode) the normal jobs are stored already claimed by that inline worker
     and returned, so no worker process can take them between the insert and their inline run.
@@ -156,25 +185,25 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str]],
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization: it takes no more jobs")
         rows: list[tuple[Any, ...]] = []
         n_normal = 0
-        for kind, func, args in jobs:
+        for kind, func, args, timeout in jobs:
             if kind == NORMAL:
-                rows.append((pk, NORMAL, None, func, args, QUEUED, 0, None, t))
+                rows.append((pk, NORMAL, None, func, args, QUEUED, 0, None, t, timeout))
                 n_normal += 1
             else:
-                rows.append((pk, FINALIZE, finalize_count, func, args, WAITING, 0, None, t))
+                rows.append((pk, FINALIZE, finalize_count, func, args, WAITING, 0, None, t, timeout))
                 finalize_count += 1
-        insert = ("INSERT INTO job (task, kind, position, func, args, state, attempts, worker, enqueued_at) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        insert = ("INSERT INTO job (task, kind, position, func, args, state, attempts, worker, enqueued_at, "
+                  "timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         claimed: list[ClaimedJob] = []
         if claim_for is None:
             c.executemany(insert, rows)
         else:
             for row in rows:
                 if row[1] == NORMAL:
-                    row = (*row[:5], RUNNING, 1, claim_for, t)
+                    row = (*row[:5], RUNNING, 1, claim_for, t, row[9])
                 job_id = c.execute(insert, row).lastrowid
                 if row[1] == NORMAL and job_id is not None:
-                    claimed.append(ClaimedJob(job_id, pk, task_id, NORMAL, None, row[3], row[4], 1))
+                    claimed.append(ClaimedJob(job_id, pk, task_id, NORMAL, None, row[3], row[4], 1, row[9]))
         running = len(claimed)
         c.execute(
             "UPDATE task SET normal_count = normal_count + ?, finalize_count = ?, "
@@ -228,20 +257,21 @@ def _advance_chain(c: sqlite3.Connection, pk: int, task_id: str,
                    claim_for: int | None) -> ClaimedJob | None:
     """Move the finalization chain to its next WAITING job, or finish the task if none is left."""
     row = c.execute(
-        "SELECT id, position, func, args, attempts FROM job WHERE task = ? AND state = ? "
-        "ORDER BY position LIMIT 1", (pk, WAITING)).fetchone()
+        "SELECT j.id, j.position, j.func, j.args, j.attempts, coalesce(j.timeout, t.timeout) FROM job j "
+        "JOIN task t ON t.id = j.task WHERE j.task = ? AND j.state = ? ORDER BY j.position LIMIT 1",
+        (pk, WAITING)).fetchone()
     if row is None:
         _finish_task(c, pk, task_id)
         return None
-    job_id, position, func, args, attempts = row
+    job_id, position, func, args, attempts, timeout = row
     if claim_for is None:
         c.execute("UPDATE job SET state = ? WHERE id = ?", (QUEUED, job_id))
         c.execute("UPDATE task SET pending_count = pending_count + 1 WHERE id = ?", (pk,))
         return None
-    c.execute("UPDATE job SET state = ?, worker = ?, attempts = attempts + 1 WHERE id = ?",
-              (RUNNING, claim_for, job_id))
+    c.execute("UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id = ?",
+              (RUNNING, claim_for, now(), job_id))
     c.execute("UPDATE task SET running_count = running_count + 1 WHERE id = ?", (pk,))
-    return ClaimedJob(job_id, pk, task_id, FINALIZE, position, func, args, attempts + 1)
+    return ClaimedJob(job_id, pk, task_id, FINALIZE, position, func, args, attempts + 1, timeout)
 
 
 def _finish_task(c: sqlite3.Connection, pk: int, task_id: str) -> None:
@@ -281,23 +311,34 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[str]]:
     return " AND (" + " OR ".join("task_id GLOB ?" for _ in queues) + ")", list(queues)
 
 
-def claim(db: Database, worker_id: int, limit: int, queues: Sequence[str] | None = None,
-          outcomes: Sequence[Outcome] = ()) -> list[ClaimedJob]:
-    """Record ``outcomes`` and claim up to ``limit`` more jobs, in one transaction (group commit).
+def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), done: Sequence[Done] = (),
+          give_back: Sequence[int] = (), wants: int = 1, max_batch: int = 32, queues: Sequence[str] | None = None,
+          max_crashes: int = DEFAULT_MAX_CRASHES) -> list[list[ClaimedJob]]:
+    """Record ``outcomes`` and ``done``, put back the jobs ``give_back`` (held but not started), and
+    claim up to ``wants`` batches, all in one transaction (group commit).
 
-    A finalizer handed to this worker by one of the outcomes comes first; no other job is claimed
-    with it, so the chain is not held up behind other work.
+    Each batch comes from one task, the least recently served first, and holds as many of its jobs as
+    the task's mean job duration says will run within :data:`CLAIM_WINDOW` (one job while that is
+    not known yet), at most ``max_batch``. A finalizer handed to this worker by one of the outcomes is
+    a batch of its own and comes first, so the chain is not held up behind other work.
     """
     with db.write() as c:
-        handed = _record(c, worker_id, outcomes) if outcomes else []
-        if handed or limit <= 0:
-            return handed
-        return _claim(c, worker_id, limit, queues)
+        handed = _record(c, worker_id, outcomes, done, max_crashes) if outcomes or done else []
+        if give_back:
+            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(give_back))})", [worker_id, *give_back])
+        batches = [[job] for job in handed]
+        while len(batches) < wants:
+            batch = _claim(c, worker_id, max_batch, queues)
+            if not batch:
+                break
+            batches.append(batch)
+        return batches
 
 
-def record(db: Database, worker_id: int, outcomes: Sequence[Outcome]) -> list[ClaimedJob]:
+def record(db: Database, worker_id: int, outcomes: Sequence[Outcome],
+           max_crashes: int = DEFAULT_MAX_CRASHES) -> list[ClaimedJob]:
     """Record outcomes without claiming; returns any finalizer handed to this worker."""
-    return claim(db, worker_id, 0, None, outcomes)
+    return [b[0] for b in claim(db, worker_id, outcomes=outcomes, wants=0, max_crashes=max_crashes)]
 
 
 def has_claimable(db: Database, queues: Sequence[str] | None = None) -> bool:
@@ -308,43 +349,88 @@ def has_claimable(db: Database, queues: Sequence[str] | None = None) -> bool:
     return row is not None
 
 
-def work_left(db: Database, queues: Sequence[str] | None = None) -> bool:
-    """Whether any job (in ``queues``) is queued, running, or waiting for an automatic retry."""
+def work_left(db: Database, queues: Sequence[str] | None = None, retry_horizon: float | None = None) -> bool:
+    """Whether any job (in ``queues``) is queued or running, or waits for an automatic retry due
+    within ``retry_horizon`` seconds (any retry at all when it is None)."""
     where, params = _queue_filter(queues)
     conn = db.connection()
     busy = conn.execute(
         f"SELECT 1 FROM task WHERE (pending_count > 0 OR running_count > 0) AND state IN (1, 2){where} LIMIT 1",
         params).fetchone()
-    return busy is not None or conn.execute("SELECT 1 FROM job WHERE state = 5 LIMIT 1").fetchone() is not None
+    if busy is not None:
+        return True
+    due = float("inf") if retry_horizon is None else now() + retry_horizon
+    return conn.execute(f"SELECT 1 FROM job WHERE state = {SCHEDULED} AND run_at <= ? AND task IN "
+                        f"(SELECT id FROM task WHERE 1{where}) LIMIT 1", (due, *params)).fetchone() is not None
 
 
-def _claim(c: sqlite3.Connection, worker_id: int, limit: int,
+def next_scheduled(db: Database) -> float | None:
+    """When the next automatic retry is due (wall clock), or None."""
+    row = db.connection().execute(f"SELECT min(run_at) FROM job WHERE state = {SCHEDULED}").fetchone()
+    return None if row is None else row[0]
+
+
+def batch_size(avg_duration: float | None, max_batch: int) -> int:
+    """How many jobs of a task one claim takes: what runs within :data:`CLAIM_WINDOW`."""
+    if avg_duration is None or max_batch <= 1:
+        return 1
+    return max(1, min(max_batch, int(CLAIM_WINDOW / max(avg_duration, 1e-7))))
+
+
+def _claim(c: sqlite3.Connection, worker_id: int, max_batch: int,
            queues: Sequence[str] | None) -> list[ClaimedJob]:
     where, params = _queue_filter(queues)
     task = c.execute(
-        f"SELECT id, task_id FROM task WHERE pending_count > 0 AND state IN (1, 2){where} "
+        f"SELECT id, task_id, avg_duration, timeout FROM task WHERE pending_count > 0 AND state IN (1, 2){where} "
         "ORDER BY last_served LIMIT 1", params).fetchone()
     if task is None:
         return []
-    pk, task_id = task
+    pk, task_id, avg_duration, task_timeout = task
     rows = c.execute(
-        "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1 WHERE id IN "
+        "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id IN "
         "(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?) "
-        "RETURNING id, kind, position, func, args, attempts",
-        (RUNNING, worker_id, pk, QUEUED, limit)).fetchall()
+        "RETURNING id, kind, position, func, args, attempts, timeout",
+        (RUNNING, worker_id, now(), pk, QUEUED, batch_size(avg_duration, max_batch))).fetchall()
     c.execute(
         "UPDATE task SET pending_count = pending_count - ?, running_count = running_count + ?, "
         "last_served = ? WHERE id = ?", (len(rows), len(rows), time.time_ns(), pk))
     rows.sort()
-    return [ClaimedJob(r[0], pk, task_id, r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [ClaimedJob(r[0], pk, task_id, r[1], r[2], r[3], r[4], r[5], r[6] if r[6] is not None else task_timeout)
+            for r in rows]
 
 
-def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) -> list[ClaimedJob]:
+def retry_wait(delay: float, attempt: int) -> float:
+    """Seconds before automatic retry number ``attempt``: ``delay`` doubling each time, capped."""
+    if attempt > 64:
+        return MAX_RETRY_DELAY
+    return min(delay * 2.0 ** (attempt - 1), MAX_RETRY_DELAY)
+
+
+def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
+            max_crashes: int) -> list[ClaimedJob]:
     t = now()
     changes: dict[int, _TaskChange] = {}
     retry_rules: dict[int, tuple[int, float] | None] = {}
+    for d in done:
+        # The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was
+        # taken back in the meantime are not deleted, and so not counted: exact either way.
+        n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND id IN "
+                      f"({','.join('?' * len(d.job_ids))})", (worker_id, *d.job_ids)).rowcount
+        if n != len(d.job_ids):
+            log.warning("%d result(s) of task %s from worker %d ignored: those jobs were taken back from it "
+                        "(it was thought dead); they run again elsewhere", len(d.job_ids) - n, d.task_id, worker_id)
+        change = changes.setdefault(d.task_pk, _TaskChange(d.task_id))
+        change.completed += n
+        change.finished_running += n
+        change.ran += len(d.job_ids)
+        change.seconds += d.seconds
     for o in outcomes:
         job = o.job
+        if o.crashed:
+            n = _requeue(c, "id = ? AND worker = ?", [job.id, worker_id], crashed=(o.message, max_crashes))
+            if not n:
+                _stale(job, worker_id)
+            continue
         if o.ok:
             if job.kind == NORMAL:
                 cur = c.execute("DELETE FROM job WHERE id = ? AND worker = ? AND state = ?",
@@ -369,26 +455,29 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
             max_retries, delay = rules
             retry = job.attempt <= max_retries
             new_state = SCHEDULED if retry else FAILED
-            run_at = t + delay * 2 ** (job.attempt - 1) if retry else None
+            run_at = t + retry_wait(delay, job.attempt) if retry else None
             cur = c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ? AND worker = ? "
                             "AND state = ?", (new_state, run_at, job.id, worker_id, RUNNING))
             if cur.rowcount != 1:
                 _stale(job, worker_id)
                 continue
-            c.execute(
-                "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, "
-                "worker_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t, os.getpid()))
+            _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
             change = changes.setdefault(job.task_pk, _TaskChange(job.task_id))
             change.failed += 0 if retry else 1
         change.finished_running += 1
+        if job.kind == NORMAL:
+            change.ran += 1
+            change.seconds += o.duration
     handed: list[ClaimedJob] = []
-    for pk, change in changes.items():
+    for pk in sorted(changes):  # key order: the same order in every transaction
+        change = changes[pk]
+        mean = change.seconds / change.ran if change.ran else None
         state, finalizable, normal, completed_now, failed_now = c.execute(
             "UPDATE task SET completed_count = completed_count + ?, failed_count = failed_count + ?, "
-            "running_count = running_count - ? WHERE id = ? "
+            "running_count = running_count - ?, avg_duration = CASE WHEN ? IS NULL THEN avg_duration "
+            "WHEN avg_duration IS NULL THEN ? ELSE (avg_duration + ?) / 2 END WHERE id = ? "
             "RETURNING state, finalizable, normal_count, completed_count, failed_count",
-            (change.completed, change.failed, change.finished_running, pk)).fetchone()
+            (change.completed, change.failed, change.finished_running, mean, mean, mean, pk)).fetchone()
         nxt = None
         if state == ACTIVE and finalizable and completed_now >= normal and not failed_now:
             nxt = _begin_finalization(c, pk, change.task_id, worker_id)
@@ -399,24 +488,48 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome]) 
     return handed
 
 
+def _insert_failure(c: sqlite3.Connection, job_id: int, task_pk: int, exc_type: str, message: str,
+                    tb: str, attempt: int, t: float) -> None:
+    c.execute(
+        "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, worker_pid) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, task_pk, exc_type, message, tb, attempt, t, os.getpid()))
+
+
 def _stale(job: ClaimedJob, worker_id: int) -> None:
     log.warning("job %d of task %s: result of worker %d ignored, the job was taken back from it "
-                "(its lease ran out or it was thought dead); it runs again elsewhere",
-                job.id, job.task_id, worker_id)
+                "(it was thought dead); it runs again elsewhere", job.id, job.task_id, worker_id)
 
 
 def _shift_counters(c: sqlite3.Connection, task_pks: Iterable[int], **per_job: int) -> None:
-    """Apply counter changes made by each of some jobs to their tasks, one UPDATE per task.
-    ``per_job`` maps a counter column (a name in this file, never user input) to its change per job."""
+    """Apply counter changes made by each of some jobs to their tasks, one UPDATE per task, in key
+    order. ``per_job`` maps a counter column (a name in this file, never user input) to its change."""
     assignments = ", ".join(f"{column} = {column} + ?" for column in per_job)
-    for pk, n in Counter(task_pks).items():
+    for pk, n in sorted(Counter(task_pks).items()):
         c.execute(f"UPDATE task SET {assignments} WHERE id = ?", (*(d * n for d in per_job.values()), pk))
 
 
-def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object]) -> int:
-    rows = c.execute(f"UPDATE job SET state = ?, worker = NULL WHERE state = ? AND {where} RETURNING task",
-                     (QUEUED, RUNNING, *params)).fetchall()
-    _shift_counters(c, (pk for (pk,) in rows), running_count=-1, pending_count=1)
+def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object],
+             crashed: tuple[str, int] | None = None) -> int:
+    """Put RUNNING jobs matching ``where`` back in their queues. With ``crashed`` (why, limit) their
+    process died holding them: each crash is counted, and a job at the limit fails with WorkerCrashed."""
+    if crashed is None:
+        rows = c.execute(f"UPDATE job SET state = ?, worker = NULL WHERE state = ? AND {where} RETURNING task",
+                         (QUEUED, RUNNING, *params)).fetchall()
+        _shift_counters(c, (pk for (pk,) in rows), running_count=-1, pending_count=1)
+        return len(rows)
+    why, limit = crashed
+    rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
+                     f"THEN {FAILED} ELSE {QUEUED} END WHERE state = ? AND {where} "
+                     "RETURNING id, task, state, crashes, attempts", (limit, RUNNING, *params)).fetchall()
+    back = [r[1] for r in rows if r[2] == QUEUED]
+    failed = [r for r in rows if r[2] == FAILED]
+    _shift_counters(c, back, running_count=-1, pending_count=1)
+    _shift_counters(c, (r[1] for r in failed), running_count=-1, failed_count=1)
+    t = now()
+    for job_id, pk, _, crashes, attempt in failed:
+        _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed",
+                        f"the process running it died {crashes} time(s), the crash limit ({why})", "", attempt, t)
+        log.error("job %d failed: the process running it died %d time(s) (%s)", job_id, crashes, why)
     return len(rows)
 
 
@@ -424,15 +537,16 @@ def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | No
     """Claim one given QUEUED job (used to run a retried job inline in sync mode)."""
     with db.write() as c:
         row = c.execute(
-            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1 WHERE id = ? AND state = ? "
-            "RETURNING id, task, kind, position, func, args, attempts",
-            (RUNNING, worker_id, job_id, QUEUED)).fetchone()
+            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id = ? "
+            "AND state = ? RETURNING id, task, kind, position, func, args, attempts, timeout",
+            (RUNNING, worker_id, now(), job_id, QUEUED)).fetchone()
         if row is None:
             return None
         c.execute("UPDATE task SET pending_count = pending_count - 1, running_count = running_count + 1 "
                   "WHERE id = ?", (row[1],))
-        task_id = c.execute("SELECT task_id FROM task WHERE id = ?", (row[1],)).fetchone()[0]
-        return ClaimedJob(row[0], row[1], task_id, row[2], row[3], row[4], row[5], row[6])
+        task_id, task_timeout = c.execute("SELECT task_id, timeout FROM task WHERE id = ?", (row[1],)).fetchone()
+        return ClaimedJob(row[0], row[1], task_id, row[2], row[3], row[4], row[5], row[6],
+                          row[7] if row[7] is not None else task_timeout)
 
 
 def promote_scheduled(db: Database, due_by: float | None = None) -> int:
@@ -464,98 +578,156 @@ def task_finished(db: Database, task_id: str) -> bool:
 
 
 def retry_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
-    """Requeue failed jobs by id; every id must name a failed job (else nothing changes)."""
+    """Requeue failed jobs by id, and run scheduled automatic retries now; every id must name a
+    failed or scheduled job (else nothing changes)."""
     with db.write() as c:
         for job_id in job_ids:
             row = c.execute("SELECT state FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise NoSuchJob(f"no job {job_id}: check the id with `litemultistep failed`")
-            if row[0] != FAILED:
+                top = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'job'").fetchone()
+                if top is not None and 0 < job_id <= top[0]:
+                    raise NoSuchJob(f"job {job_id} is no longer stored: it completed (or its task finished or "
+                                    "was nuked), so there is nothing to retry")
+                raise NoSuchJob(f"no job {job_id}: no job ever had that id; see `litemultistep failed`")
+            if row[0] not in (FAILED, SCHEDULED):
                 raise JobNotFailed(f"job {job_id} has not failed (it is {JobState(row[0]).name.lower()}); "
-                                   "only failed jobs can be retried")
-        return _retry_where(c, f"id IN ({','.join('?' * len(job_ids))})", list(job_ids))
+                                   "only failed jobs and scheduled retries can be retried")
+        marks = ",".join("?" * len(job_ids))
+        return _retry_where(c, f"id IN ({marks})", list(job_ids))
 
 
 def retry_task(db: Database, task_id: str) -> list[int]:
-    """Requeue every failed job of one task; returns their ids."""
+    """Requeue every failed job of one task, and run its scheduled retries now; returns their ids."""
     with db.write() as c:
         pk = _task_row(c, task_id)[0]
         return _retry_where(c, "task = ?", [pk])
 
 
 def retry_all(db: Database) -> list[int]:
-    """Requeue every failed job of every task; returns their ids."""
+    """Requeue every failed job of every task, and run every scheduled retry now; returns their ids."""
     with db.write() as c:
         return _retry_where(c, "1", [])
 
 
 def _retry_where(c: sqlite3.Connection, where: str, params: list[object]) -> list[int]:
-    rows = c.execute(f"UPDATE job SET state = ? WHERE state = ? AND {where} RETURNING id, task",
-                     (QUEUED, FAILED, *params)).fetchall()
+    # a retry starts afresh: the crash count of a job that hit the crash limit goes back to zero
+    rows = c.execute(f"UPDATE job SET state = ?, run_at = NULL, crashes = 0 WHERE state = ? AND {where} "
+                     "RETURNING id, task", (QUEUED, FAILED, *params)).fetchall()
     _shift_counters(c, (pk for _, pk in rows), failed_count=-1, pending_count=1)
-    return sorted(r[0] for r in rows)
+    due = c.execute(f"UPDATE job SET state = ?, run_at = NULL WHERE state = ? AND {where} RETURNING id, task",
+                    (QUEUED, SCHEDULED, *params)).fetchall()
+    _shift_counters(c, (pk for _, pk in due), pending_count=1)
+    return sorted(r[0] for r in rows + due)
 
 
 # -- workers and recovery ---------------------------------------------------------------------------
 
 
 class WorkerLock:
-    """The OS lock a runner holds while it lives: the kernel drops it the instant the process dies,
-    so a free lock proves death, however long a zombie lingers in the process table."""
+    """The OS lock (``flock``) a worker holds while it lives: the kernel drops it the instant the
+    process dies, so a free lock proves death, however long a zombie lingers in the process table.
+
+    Its file lives in ``DB.workers/``. Should the file vanish (someone cleaned the folder), the owner
+    makes a new one at its next heartbeat (:meth:`renew`); meanwhile others take it for alive while
+    its monotonic heartbeat is fresh.
+    """
 
     def __init__(self, db: Database) -> None:
-        os.makedirs(db.workers_dir, mode=0o700, exist_ok=True)
-        self.path = os.path.join(db.workers_dir, f"{os.getpid()}-{secrets.token_hex(6)}.lock")
-        self._lock = FileLock(self.path, timeout=0, mode=0o600, thread_local=False)
-        self._lock.acquire()
+        self._dir = db.workers_dir
+        self._lock, self._inode = self._take()
+
+    def _take(self) -> tuple[FileLock, int]:
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self._dir, f"{os.getpid()}-{secrets.token_hex(6)}.lock")
+        lock = FileLock(path, timeout=0, mode=0o600, thread_local=False)
+        lock.acquire()
+        return lock, os.stat(path).st_ino
+
+    @property
+    def path(self) -> str:
+        return str(self._lock.lock_file)
+
+    def intact(self) -> bool:
+        """Whether the file at :attr:`path` is still the one this lock holds."""
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except OSError:
+            return False
+
+    def renew(self) -> str:
+        """Take a fresh lock file (the old one was removed); returns its path."""
+        old = self._lock
+        self._lock, self._inode = self._take()
+        old.release()
+        return self.path
 
     def release(self) -> None:
         if self._lock.is_locked:
-            _unlink_and_release(self._lock)
+            # Removed while still held: lock names are never reused, so no one can be waiting on it.
+            _unlink(self.path)
+            self._lock.release()
 
 
-def _unlink_and_release(lock: FileLock) -> None:
-    # Removed while still held: lock names are never reused, so no one can be waiting on this file.
+def _unlink(path: str) -> None:
     try:
-        os.unlink(lock.lock_file)
+        os.unlink(path)
     except FileNotFoundError:
         pass
-    lock.release()
 
 
-def lock_is_held(path: str) -> bool:
-    """Whether a live process holds the worker lock at ``path``."""
-    probe = FileLock(path, timeout=0, mode=0o600, thread_local=False)
+def lock_state(path: str) -> bool | None:
+    """Whether a live process holds the worker lock at ``path``: True, False (its owner is dead), or
+    None when the file is missing. Only looks: it never creates or removes a file."""
     try:
-        probe.acquire()
-    except LockTimeout:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # cannot look (permissions): do not take the owner for dead
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
     except OSError:
-        return False
-    _unlink_and_release(probe)  # it was free: its owner is dead
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it took one
     return False
 
 
+def worker_alive(lock_path: str, heartbeat_mono: float | None, lease: float) -> bool:
+    """A worker is alive while its lock is held; if its lock file has vanished, while its monotonic
+    heartbeat is younger than ``lease`` (a live worker makes a new lock file within a second)."""
+    state = lock_state(lock_path)
+    if state is not None:
+        return state
+    return heartbeat_mono is not None and monotonic() - heartbeat_mono < lease
+
+
 def register_worker(db: Database, kind: str, queues: Sequence[str] | None = None,
-                    lease: float | None = None) -> tuple[int, WorkerLock]:
+                    lease: float | None = None, concurrency: int = 1) -> tuple[int, WorkerLock]:
     """Take a worker lock, then add the worker's row (in that order, so a live row's lock is held)."""
     lock = WorkerLock(db)
     t = now()
     with db.write() as c:
         worker_id = c.execute(
-            "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
+            "heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
-             t + lease if lease else None, lock.path)).lastrowid
+             t + lease if lease else None, lock.path, monotonic(), concurrency)).lastrowid
     return int(worker_id), lock  # type: ignore[arg-type]
 
 
-def heartbeat(db: Database, worker_id: int, lease: float) -> bool:
-    """Renew the worker's lease; False when the worker was taken for dead and its row removed."""
+def heartbeat(db: Database, worker_id: int, lease: float, lock: WorkerLock | None = None) -> bool:
+    """Renew the worker's heartbeat (and its lock file, if it vanished); False when the worker's row
+    is gone: it was taken for dead, and the jobs it held are no longer its own."""
     t = now()
+    path = lock.renew() if lock is not None and not lock.intact() else None
     with db.write() as c:
-        return c.execute("UPDATE worker SET heartbeat_at = ?, expires_at = ? WHERE id = ?",
-                         (t, t + lease, worker_id)).rowcount == 1
+        if path is not None:
+            c.execute("UPDATE worker SET lock_path = ? WHERE id = ?", (path, worker_id))
+        return c.execute("UPDATE worker SET heartbeat_at = ?, expires_at = ?, heartbeat_mono = ? WHERE id = ?",
+                         (t, t + lease, monotonic(), worker_id)).rowcount == 1
 
 
 def unregister_worker(db: Database, worker_id: int) -> None:
@@ -565,29 +737,48 @@ def unregister_worker(db: Database, worker_id: int) -> None:
         c.execute("DELETE FROM worker WHERE id = ?", (worker_id,))
 
 
-def recover(db: Database, me: int | None = None) -> int:
-    """Requeue the jobs of dead workers (lock free) and stalled ones (lease expired); returns the count."""
-    t = now()
-    rows = db.connection().execute("SELECT id, pid, lock_path, expires_at FROM worker").fetchall()
+def dead_workers(db: Database, lease: float) -> list[tuple[int, int, str]]:
+    """``(id, pid, lock_path)`` of every registered worker that is dead."""
+    rows = db.connection().execute("SELECT id, pid, lock_path, heartbeat_mono FROM worker").fetchall()
+    return [(w, pid, path) for w, pid, path, mono in rows if not worker_alive(path, mono, lease)]
+
+
+def recover(db: Database, me: int | None = None, lease: float = 30.0,
+            max_crashes: int = DEFAULT_MAX_CRASHES) -> int:
+    """Requeue the jobs of dead workers, and of worker ids that are no longer registered at all;
+    each counts as a crash of the job. Returns how many jobs went back (or failed at the crash limit)."""
     total = 0
-    for worker_id, pid, lock_path, expires_at in rows:
+    for worker_id, pid, lock_path in dead_workers(db, lease):
         if worker_id == me:
             continue
-        stalled = expires_at is not None and expires_at < t
-        if not stalled and lock_is_held(lock_path):
-            continue
         with db.write() as c:
-            n = _requeue(c, "worker = ?", [worker_id])
+            n = _requeue(c, "worker = ?", [worker_id], crashed=(f"worker pid {pid} died", max_crashes))
             c.execute("DELETE FROM worker WHERE id = ?", (worker_id,))
+        _unlink(lock_path)
         total += n
-        why = "its lease ran out (stalled or hung)" if stalled else "it is dead"
-        log.warning("worker %d (pid %d): %s; %d job(s) back in their queues", worker_id, pid, why, n)
+        log.warning("worker %d (pid %d) is dead; %d job(s) it held went back to their queues", worker_id, pid, n)
+    conn = db.connection()
+    if conn.execute(f"SELECT 1 FROM job WHERE state = {RUNNING} AND (worker IS NULL OR worker NOT IN "
+                    "(SELECT id FROM worker)) LIMIT 1").fetchone() is not None:
+        with db.write() as c:
+            n = _requeue(c, "(worker IS NULL OR worker NOT IN (SELECT id FROM worker))", [],
+                         crashed=("held by a worker that is no longer registered", max_crashes))
+        total += n
+        log.warning("%d job(s) held under worker ids no longer registered went back to their queues", n)
     return total
+
+
+#: the longest a checkpoint that cuts the -wal file back waits for readers, holding the write lock
+CHECKPOINT_WAIT_MS = 50
 
 
 def tidy(db: Database, idle: bool = False) -> None:
     """Give free pages back to the filesystem once they are over a quarter of the file, and, when
-    ``idle``, cut a large ``-wal`` file back to nothing, so the file shrinks when work is done."""
+    ``idle``, cut a large ``-wal`` file back to nothing, so the file shrinks when work is done.
+
+    The checkpoint that cuts the ``-wal`` holds the write lock while it waits for readers, so it
+    waits at most :data:`CHECKPOINT_WAIT_MS` and simply tries again at the next idle moment.
+    """
     conn = db.connection()
     while True:
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -603,7 +794,22 @@ def tidy(db: Database, idle: bool = False) -> None:
         except OSError:
             return
         if wal > 4 * 1024 * 1024:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            checkpoint(db)
+
+
+def checkpoint(db: Database) -> bool:
+    """Copy the ``-wal`` into the database and cut it back to nothing, waiting for readers at most
+    :data:`CHECKPOINT_WAIT_MS`; returns whether it got through."""
+    conn = db.connection()
+    busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+    try:
+        blocked = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {busy}")
+    return not blocked
 
 
 # -- checking and repairing -------------------------------------------------------------------------
@@ -619,7 +825,8 @@ class Problem:
     repaired: bool = False
 
 
-def check(db: Database, repair: bool = False) -> list[Problem]:
+def check(db: Database, repair: bool = False, lease: float = 30.0,
+          max_crashes: int = DEFAULT_MAX_CRASHES) -> list[Problem]:
     """Recount every task's counters from its job rows, find claims of dead workers, stalled
     finalizations and abandoned ``with`` blocks, run SQLite's integrity check; with ``repair``, fix them.
     """
@@ -628,19 +835,18 @@ def check(db: Database, repair: bool = False) -> list[Problem]:
     for (line,) in conn.execute("PRAGMA integrity_check").fetchall():
         if line != "ok":
             problems.append(Problem("integrity", None, line))
-    live = set()
-    for worker_id, expires_at, lock_path in conn.execute("SELECT id, expires_at, lock_path FROM worker"):
-        if (expires_at is None or expires_at >= now()) and lock_is_held(lock_path):
-            live.add(worker_id)
-    orphans = conn.execute("SELECT count(*) FROM job WHERE state = ? AND (worker IS NULL OR worker NOT IN "
-                           f"({','.join(str(w) for w in live) or 'NULL'}))", (RUNNING,)).fetchone()[0]
+    dead = dead_workers(db, lease)
+    dead_ids = {w for w, _, _ in dead}
+    held = conn.execute(f"SELECT worker, count(*) FROM job WHERE state = {RUNNING} GROUP BY worker").fetchall()
+    registered = {w for (w,) in conn.execute("SELECT id FROM worker")}
+    orphans = sum(n for w, n in held if w is None or w in dead_ids or w not in registered)
     if orphans:
-        problems.append(Problem("dead-claims", None, f"{orphans} job(s) held by workers that are gone",
-                                repair))
-        if repair:
-            with db.write() as c:
-                _requeue(c, f"(worker IS NULL OR worker NOT IN ({','.join(str(w) for w in live) or 'NULL'}))", [])
-                c.execute(f"DELETE FROM worker WHERE id NOT IN ({','.join(str(w) for w in live) or 'NULL'})")
+        problems.append(Problem("dead-claims", None, f"{orphans} job(s) held by workers that are gone", repair))
+    if dead:
+        problems.append(Problem("dead-workers", None, f"{len(dead)} dead worker(s) still registered: "
+                                + ", ".join(f"id {w} (pid {pid})" for w, pid, _ in dead), repair))
+    if repair and (orphans or dead):
+        recover(db, lease=lease, max_crashes=max_crashes)
     for pk, task_id in conn.execute("SELECT id, task_id FROM task ORDER BY id").fetchall():
         problems += _check_task(db, pk, task_id, repair)
     return problems

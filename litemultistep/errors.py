@@ -37,6 +37,27 @@ class StorageError(DatabaseUnusable):
     lost; the same write can succeed once there is space again."""
 
 
+class DatabaseBusy(StorageError):
+    """Another connection held the write lock longer than the busy timeout. Nothing was lost; the same
+    write can succeed a moment later (workers wait and try again)."""
+
+
+class JobTimeout(LiteMultiStepError):
+    """Recorded as a job's failure when it ran longer than its time limit and its process was killed."""
+
+
+class WorkerCrashed(LiteMultiStepError):
+    """Recorded as a job's failure when the process running it died that many times (a crash limit)."""
+
+
+class JobNotAllowed(LiteMultiStepError):
+    """Recorded as a job's failure when the worker's ``--allow-module`` does not allow its callable."""
+
+
+class InvalidSetting(LiteMultiStepError, ValueError):
+    """A setting (an argument, an option or a ``LITEMULTISTEP_*`` variable) has a value that cannot work."""
+
+
 class SchemaTooNew(DatabaseUnusable):
     """The file was written by a newer litemultistep whose schema this version does not know."""
 

@@ -116,6 +116,34 @@ def resolve(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def _in_modules(module: str, allow: list[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in allow)
+
+
+def allowed_or_why(path: str, allow: list[str]) -> str | None:
+    """None when the callable at ``path`` is defined in a module of ``allow`` (or a submodule);
+    else why it is refused. The attribute path may not leave the module (``mod:os.system``), and the
+    resolved object's own ``__module__`` must be allowed, so an imported name cannot pass for local."""
+    module_name, _, qualname = path.partition(":")
+    listed = ", ".join(allow)
+    if not _in_modules(module_name, allow):
+        return f"module {module_name!r} is not allowed by --allow-module ({listed}); the worker did not run {path}"
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+            if inspect.ismodule(obj):
+                return (f"{path} reaches into the module {obj.__name__!r} through {module_name!r}: an attribute "
+                        f"path may not leave its module under --allow-module ({listed}); the worker did not run it")
+    except Exception as e:  # noqa: BLE001 - the job fails with this text instead of running
+        return f"cannot check {path} for --allow-module: {type(e).__name__}: {e}"
+    defined_in = getattr(obj, "__module__", None)
+    if not isinstance(defined_in, str) or not _in_modules(defined_in, allow):
+        return (f"{path} is defined in {defined_in!r}, not in a module allowed by --allow-module ({listed}); "
+                "the worker did not run it")
+    return None
+
+
 def _lookup(obj: Any, qualname: str) -> Any:
     for part in qualname.split("."):
         obj = getattr(obj, part)

@@ -6,7 +6,7 @@ Registered through the ``pytest11`` entry point, so installing litemultistep is 
 * ``litemultistep_sync``: sync mode for the test (jobs run inline in ``add_job``);
 * ``litemultistep_drain``: run every queued job in this process, through the worker's own code;
 * ``litemultistep_worker``: real ``litemultistep worker`` processes for the test, stopped at teardown,
-  with ``crash_once()`` to make a worker die at a chosen point of a chosen job.
+  with ``crash_once()`` to make a job's process die at a chosen point of a chosen job.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .jobs import callable_path
 from .runner import DrainSummary, drain
 from .task import MultiStepTask
 from .views import Progress
-from .worker import CRASH_FILE_ENV
+from .jobproc import CRASH_FILE_ENV
 
 
 @pytest.fixture
@@ -84,11 +84,12 @@ class WorkerFixture:
         return workers
 
     def crash_once(self, fn: Callable[..., Any], when: str = "after-run") -> None:
-        """Make the first worker that runs a job of ``fn`` exit at once, without recording anything.
+        """Make the first process that runs a job of ``fn`` die at once, as a crash would: nothing of
+        that run is recorded.
 
         ``when`` is ``"after-claim"`` (before the job runs) or ``"after-run"`` (it ran; its result
-        is lost). The job goes back to its queue and runs again: use it to prove a job idempotent.
-        Workers started before this call see it too.
+        is lost). The worker sees its job process die, counts the crash, and the job runs again: use
+        it to prove a job idempotent. Workers started before this call see it too.
         """
         if when not in ("after-claim", "after-run"):
             raise ValueError(f"when must be 'after-claim' or 'after-run', not {when!r}")

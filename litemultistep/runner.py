@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import engine
 from .db import Database
 from .engine import ClaimedJob, Outcome
+from .errors import NotInJob
 from .jobs import decode_args, describe_call, resolve
 
 log = logging.getLogger("litemultistep")
@@ -36,35 +37,73 @@ class Result:
     duration: float = 0.0
 
 
+#: ``time.monotonic()`` by which the running job must end, for :func:`time_left`
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("litemultistep_deadline", default=None)
+
+
+def time_left() -> float | None:
+    """Seconds the running job has left before its time limit stops it; None without a limit.
+
+    :raises NotInJob: outside a job.
+    """
+    if current_job.get() is None:
+        raise NotInJob("time_left() is only available inside a running job")
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def execute(db: Database, job: ClaimedJob) -> Result:
-    """Run one claimed job; an exception of the job (even ``SystemExit``) becomes a failure."""
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, even when the exception's own ``__str__`` raises."""
+    try:
+        return str(exc)
+    except BaseException as e:  # noqa: BLE001 - whatever a broken __str__ raises, the failure is recorded
+        return f"<str() of this {type(exc).__name__} raised {type(e).__name__}>"
+
+
+def _traceback() -> str:
+    try:
+        return traceback.format_exc()
+    except BaseException:  # noqa: BLE001 - a traceback of a hostile exception cannot stop the record
+        return "<the traceback could not be formatted>"
+
+
+def execute(db: Database, job: ClaimedJob, catch_all: bool = False, timeout: float | None = None) -> Result:
+    """Run one claimed job; an exception of the job (even ``SystemExit``) becomes a failure.
+
+    With ``catch_all`` (in a worker's job process) every ``BaseException`` does, ``KeyboardInterrupt``
+    included; inline (sync mode, ``drain``) those reach the caller, whose process it is.
+    """
     token = current_job.set((db, job.task_id))
     start = time.perf_counter()
+    dtoken = _deadline.set(None if timeout is None else time.monotonic() + timeout)
     if log.isEnabledFor(logging.INFO):
         log.info("start %s %d of %s: %s", "finalizer" if job.is_finalizer else "job", job.id, job.task_id,
                  describe_call(job.func, job.args))
+    catch: tuple[type[BaseException], ...] = (BaseException,) if catch_all else (Exception, SystemExit)
     try:
         fn = resolve(job.func)
         args, kwargs = decode_args(job.args)
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
-    except (Exception, SystemExit) as e:
+    except catch as e:
         duration = time.perf_counter() - start
+        message = _text(e)
         log.info("failed job %d of %s after %.3fs: %s: %s", job.id, job.task_id, duration, _type_name(e),
-                 str(e).encode("unicode_escape").decode("ascii")[:300])
-        outcome = Outcome(job, False, _type_name(e), str(e), traceback.format_exc())
+                 message.encode("unicode_escape").decode("ascii")[:300])
+        outcome = Outcome(job, False, _type_name(e), message, _traceback(), duration)
         return Result(outcome, e, duration)
     finally:
         current_job.reset(token)
+        _deadline.reset(dtoken)
     duration = time.perf_counter() - start
     log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
-    return Result(Outcome(job, True), None, duration)
+    return Result(Outcome(job, True, duration=duration), None, duration)
 
 
 async def _await(awaitable: object) -> object:
@@ -149,12 +188,12 @@ def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None
     summary = DrainSummary()
     touched: set[str] = set()
     while True:
-        jobs = engine.claim(db, runner.worker_id, 1, queues)
-        if not jobs:
+        batches = engine.claim(db, runner.worker_id, max_batch=1, queues=queues)
+        if not batches:
             if engine.promote_scheduled(db, due_by=float("inf")):
                 continue
             break
-        for result in runner.run_chain(jobs[0], raise_errors=raise_on_failure):
+        for result in runner.run_chain(batches[0][0], raise_errors=raise_on_failure):
             touched.add(result.outcome.job.task_id)
             if result.outcome.ok:
                 summary.completed += 1

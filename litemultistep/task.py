@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
@@ -10,7 +11,14 @@ from typing import Any
 
 from . import config, engine, views
 from .db import Database, JobKind
-from .errors import FinalizationAlreadyBegun, InvalidSlug, NoSuchMultiStepTask, NotInJob, NotReadyForFinalization
+from .errors import (
+    FinalizationAlreadyBegun,
+    InvalidSetting,
+    InvalidSlug,
+    NoSuchMultiStepTask,
+    NotInJob,
+    NotReadyForFinalization,
+)
 from .jobs import callable_path, encode_args
 from .runner import InlineRunner, current_job
 from .views import FailureInfo, Progress
@@ -40,6 +48,39 @@ def _check_slug(slug: Any) -> str:
     return slug
 
 
+MAX_RETRIES = 1000
+
+
+def _check_seconds(name: str, value: Any, zero_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero_ok):
+        raise InvalidSetting(f"{name} must be a finite number of seconds {'>= 0' if zero_ok else '> 0'}, "
+                             f"not {value!r}")
+
+
+class JobSpec:
+    """A callable with per-job options, from :func:`job`; pass it to ``add_job`` in place of the callable."""
+
+    def __init__(self, fn: Callable[..., Any], timeout: float | None) -> None:
+        self.fn = fn
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"job({self.fn!r}, timeout={self.timeout!r})"
+
+
+def job(fn: Callable[..., Any], *, timeout: float | None = None) -> JobSpec:
+    """``fn`` with options for one job, kept apart from the job's own arguments::
+
+        task.add_job(litemultistep.job(resize, timeout=30), path, width=640)
+
+    :param timeout: this job's time limit in seconds, over the task's and the worker's.
+    """
+    if timeout is not None:
+        _check_seconds("timeout", timeout)
+    return JobSpec(fn, None if timeout is None else float(timeout))
+
+
 class MultiStepTask:
     """A group of jobs that run in parallel, then finalization jobs that run in order.
 
@@ -60,7 +101,7 @@ class MultiStepTask:
 
     @classmethod
     def create(cls, slug: str | None = None, db: Any = None, *, max_retries: int = 0,
-               retry_delay: float = 1.0) -> MultiStepTask:
+               retry_delay: float = 1.0, timeout: float | None = None) -> MultiStepTask:
         """Create a task whose id (and queue name) is ``slug~nonce``.
 
         :param slug: a readable name (default ``multi-step-task``); printable, at most 200 characters,
@@ -68,16 +109,21 @@ class MultiStepTask:
         :param db: a path or :class:`litemultistep.Database` (default: the configured one).
         :param max_retries: automatic retries of a failed job before it counts as failed (default 0,
             as in the gem).
-        :param retry_delay: seconds before the first automatic retry; each next one waits twice as long.
+        :param retry_delay: seconds before the first automatic retry; each next one waits twice as long
+            (at most a week).
+        :param timeout: seconds each job and finalizer of the task may run; past it, its process is
+            killed and the job fails with :class:`JobTimeout` (retry rules apply). Default: the
+            worker's ``--timeout``, else no limit. One job can have its own: :func:`litemultistep.job`.
         """
         slug = _check_slug(slug)
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
-        if not isinstance(retry_delay, (int, float)) or retry_delay < 0:
-            raise ValueError(f"retry_delay must be a number of seconds >= 0, not {retry_delay!r}")
+        if type(max_retries) is not int or not 0 <= max_retries <= MAX_RETRIES:
+            raise InvalidSetting(f"max_retries must be a whole number from 0 to {MAX_RETRIES}, not {max_retries!r}")
+        _check_seconds("retry_delay", retry_delay, zero_ok=True)
+        if timeout is not None:
+            _check_seconds("timeout", timeout)
         database = config.resolve_db(db)
-        return cls(engine.create_task(database, slug, max_retries=max_retries,
-                                      retry_delay=float(retry_delay)), database)
+        return cls(engine.create_task(database, slug, max_retries=max_retries, retry_delay=float(retry_delay),
+                                      timeout=None if timeout is None else float(timeout)), database)
 
     @classmethod
     def find(cls, task_id: str, db: Any = None) -> MultiStepTask:
@@ -113,7 +159,7 @@ class MultiStepTask:
 
     # -- adding jobs --------------------------------------------------------------------------------
 
-    def add_job(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def add_job(self, fn: Callable[..., Any] | JobSpec, *args: Any, **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)`` as a normal job; the arguments must be JSON types.
 
         In sync mode the job runs here and now, and its exception (if any) propagates after it is
@@ -121,12 +167,16 @@ class MultiStepTask:
         """
         self._add(JobKind.NORMAL, fn, args, kwargs)
 
-    def add_finalization_job(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def add_finalization_job(self, fn: Callable[..., Any] | JobSpec, *args: Any, **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)`` to run after every normal job, after the finalizers added before."""
         self._add(JobKind.FINALIZE, fn, args, kwargs)
 
-    def _add(self, kind: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        job = (kind, callable_path(fn), encode_args(args, kwargs))
+    def _add(self, kind: int, fn: Callable[..., Any] | JobSpec, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> None:
+        timeout = None
+        if isinstance(fn, JobSpec):
+            fn, timeout = fn.fn, fn.timeout
+        job = (kind, callable_path(fn), encode_args(args, kwargs), timeout)
         if self._buffer is not None:
             self._buffer.append(job)
             if len(self._buffer) >= engine.CHUNK:

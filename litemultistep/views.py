@@ -6,13 +6,12 @@ whether a worker is alive takes its lock file for an instant, and removes the fi
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
-from .engine import lock_is_held
+from .engine import worker_alive
 from .errors import NoSuchMultiStepTask
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
@@ -159,6 +158,62 @@ def finalizers(db: Database, task_id: str) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class RunningJob:
+    """A job a worker holds now: running, or handed to a job process that starts it within milliseconds."""
+
+    job_id: int
+    task_id: str
+    func: str
+    args: str
+    finalizer: bool
+    worker_id: int | None
+    attempt: int
+    claimed_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def running_jobs(db: Any = None, task_id: str | None = None) -> list[RunningJob]:
+    """Jobs held by workers now, longest-held first."""
+    db = resolve_db(db)
+    where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    rows = db.connection().execute(
+        "SELECT j.id, t.task_id, j.func, j.args, j.kind, j.worker, j.attempts, j.claimed_at FROM job j "
+        f"JOIN task t ON t.id = j.task WHERE j.state = ?{where} ORDER BY j.claimed_at, j.id",
+        (JobState.RUNNING, *params)).fetchall()
+    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, r[5], r[6], r[7]) for r in rows]
+
+
+@dataclass(frozen=True)
+class ScheduledRetry:
+    """A failed job whose automatic retry is due at ``run_at``; ``retry`` runs it now."""
+
+    job_id: int
+    task_id: str
+    func: str
+    args: str
+    attempt: int
+    run_at: float
+    exc_type: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scheduled_retries(db: Any = None, task_id: str | None = None) -> list[ScheduledRetry]:
+    """Failed jobs waiting for their automatic retry, soonest first, each with its last failure."""
+    db = resolve_db(db)
+    where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    rows = db.connection().execute(
+        "SELECT j.id, t.task_id, j.func, j.args, j.attempts, j.run_at, f.exc_type, f.message FROM job j "
+        "JOIN task t ON t.id = j.task LEFT JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
+        f"WHERE j.state = ?{where} ORDER BY j.run_at, j.id", (JobState.SCHEDULED, *params)).fetchall()
+    return [ScheduledRetry(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "", r[7] or "") for r in rows]
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     """A registered worker and the jobs it holds now."""
 
@@ -172,22 +227,22 @@ class WorkerInfo:
     expires_at: float | None
     alive: bool
     running_job_ids: list[int]
+    concurrency: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def workers(db: Any = None) -> list[WorkerInfo]:
-    """Registered workers, with whether each is alive now (its lock held, its lease current)."""
+def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:
+    """Registered workers, with whether each is alive now (its OS lock held). Only looks."""
     db = resolve_db(db)
     conn = db.connection()
-    t = time.time()
     out = []
-    for wid, pid, host, kind, queues, started, beat, expires, lock_path in conn.execute(
-            "SELECT id, pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path "
-            "FROM worker ORDER BY id").fetchall():
+    for wid, pid, host, kind, queues, started, beat, expires, lock_path, mono, concurrency in conn.execute(
+            "SELECT id, pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
+            "heartbeat_mono, concurrency FROM worker ORDER BY id").fetchall():
         jobs = [r[0] for r in conn.execute("SELECT id FROM job WHERE state = ? AND worker = ? ORDER BY id",
                                            (JobState.RUNNING, wid))]
-        alive = (expires is None or expires >= t) and lock_is_held(lock_path)
-        out.append(WorkerInfo(wid, pid, host, kind, queues, started, beat, expires, alive, jobs))
+        alive = worker_alive(lock_path, mono, lease)
+        out.append(WorkerInfo(wid, pid, host, kind, queues, started, beat, expires, alive, jobs, concurrency))
     return out

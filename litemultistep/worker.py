@@ -1,95 +1,120 @@
-"""Worker processes: the loop that claims and runs jobs, its heartbeat, signals, and the supervisor
-that keeps ``-c N`` of them running.
+"""The worker: one process that owns the database connection, the worker lock and the heartbeat, and
+``-c N`` job processes (``jobproc.py``) that run user code, one job at a time each.
 
-One worker process runs one job at a time. It records the results of short jobs and claims its next
-jobs in one transaction (group commit), and records a long job's result, a failure or a finalizer's
-result at once. Every decision is the engine's; this module only loops around it.
+No user code ever runs in the worker process itself, so nothing a job does (hang, hold the GIL,
+crash, close descriptors, ignore signals) can stop the worker from keeping its liveness, recording
+results, enforcing time limits or answering a stop signal. The worker's loop:
+
+* records the results its job processes sent, puts back the jobs they gave back, and claims a batch
+  for each idle job process, all in one transaction (group commit); a batch holds what the task's
+  mean job duration says will run within a few milliseconds, so no job waits in one process while
+  another process idles;
+* kills a job process whose job ran past its time limit (the job fails with ``JobTimeout``) and
+  replaces any that died (the job's crash is counted; at the crash limit it fails with
+  ``WorkerCrashed``);
+* every second, whether busy or not, gives back the jobs of dead workers and queues due retries;
+* sleeps in one ``select`` on its job processes' pipes, the ``-wal`` file's inotify watch and a
+  signal pipe, so it wakes on exactly the events that matter.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import mmap
 import os
+import select
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from types import FrameType
 
 from . import engine
 from ._wakeup import WalWaiter
-from .db import Database
-from .engine import ClaimedJob, Outcome
-from .errors import LiteMultiStepError, StorageError
-from .runner import execute
+from .db import Database, monotonic
+from .engine import ClaimedJob, Done, Outcome
+from .errors import DatabaseUnusable, InvalidSetting, StorageError
+from .jobproc import SLOT_SIZE, read_slot
 
 log = logging.getLogger("litemultistep")
 
-#: a job that ran this long has its result recorded at once instead of with the next claim
-SHORT_JOB = 0.005
+#: environment variable naming a process whose death stops the worker (set by ``Workers``)
+PARENT_PID_ENV = "LITEMULTISTEP_PARENT_PID"
+#: seconds between heartbeats and between rounds of recovery
+HEARTBEAT_EVERY = 2.0
+MAINTENANCE_EVERY = 1.0
+#: a job process gives back the rest of a batch once it has run this long (a claim plans for
+#: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
+GIVE_BACK_AFTER = 0.01
+#: a worker with --burst waits for automatic retries due within this many seconds, not later ones
+BURST_RETRY_HORIZON = 60.0
 
 
-#: test hook: a file whose first line "POINT module:qualname" makes the first worker to reach POINT
-#: for a job of that callable exit at once (POINT: after-claim, after-run); it fires once.
-CRASH_FILE_ENV = "LITEMULTISTEP_CRASH_FILE"
-CRASH_EXIT_CODE = 70
-
-
-def _maybe_crash(path: str, point: str, job: ClaimedJob) -> None:
-    try:
-        with open(path) as f:
-            want_point, _, want_func = f.readline().strip().partition(" ")
-    except FileNotFoundError:
+def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
         return
-    if want_point != point or want_func != job.func:
-        return
-    try:
-        os.rename(path, path + ".fired")  # exactly one process wins the rename: the crash fires once
-    except FileNotFoundError:
-        return
-    log.warning("crash hook: exiting at %s of job %d (%s)", point, job.id, job.func)
-    os._exit(CRASH_EXIT_CODE)
-
-
-class StopNow(BaseException):
-    """Raised in the main thread by a second stop signal: abandon the running job (it runs again)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise InvalidSetting(f"{name} must be a positive number of seconds, not {value!r}")
 
 
 @dataclass
 class WorkerOptions:
-    """Everything ``litemultistep worker`` accepts."""
+    """Everything ``litemultistep worker`` accepts (see ``litemultistep worker --help``)."""
 
     db: str
+    #: job processes, each running one job at a time
     concurrency: int = 1
     queues: list[str] = field(default_factory=list)
     burst: bool = False
     paths: list[str] = field(default_factory=list)
-    #: seconds a worker may go without a heartbeat before its jobs are taken back
+    #: a worker whose lock file vanished counts as alive this long after its last heartbeat
     lease: float = 30.0
-    #: most jobs claimed in one transaction while jobs are short
-    batch: int = 32
-    #: seconds between looks at the file while idle
+    #: most jobs handed to a job process at once while the task's jobs are short
+    batch: int = 256
+    #: seconds between looks at the file while idle, where inotify is not available
     poll: float = 0.02
-    #: only run callables from modules with these prefixes (empty: any)
+    #: only run callables defined in these modules (empty: any)
     allow_modules: list[str] = field(default_factory=list)
+    #: time limit (s) for jobs whose task sets none; None: no limit
+    timeout: float | None = None
+    #: seconds a graceful stop lets running jobs finish before they are stopped and put back
+    shutdown_timeout: float = 30.0
+    #: deaths of a job's process before the job fails with WorkerCrashed
+    max_crashes: int = engine.DEFAULT_MAX_CRASHES
     verbose: bool = False
     quiet: bool = False
-    #: stop when this process (our parent) is gone
+    #: stop when this process is gone
     parent_pid: int | None = None
-    #: started by a supervisor: ignore SIGINT, whose Ctrl-C reaches the supervisor too
-    supervised: bool = False
 
-    def argv(self, concurrency: int, supervised: bool) -> list[str]:
-        """The ``litemultistep worker`` command for these options, as a child of this process."""
-        argv = [sys.executable, "-m", "litemultistep", "worker", self.db, "-c", str(concurrency),
-                "--lease", str(self.lease), "--batch", str(self.batch), "--poll", str(self.poll),
-                "--parent-pid", str(os.getpid())]
-        if supervised:
-            argv.append("--supervised")
+    def validate(self) -> None:
+        """Refuse values that cannot work, with a message naming the setting."""
+        if not isinstance(self.concurrency, int) or not 1 <= self.concurrency <= 256:
+            raise InvalidSetting(f"concurrency must be a whole number from 1 to 256, not {self.concurrency!r}")
+        if not isinstance(self.batch, int) or not 1 <= self.batch <= 1000:
+            raise InvalidSetting(f"batch must be a whole number from 1 to 1000, not {self.batch!r}")
+        if not isinstance(self.max_crashes, int) or not 1 <= self.max_crashes <= 1000:
+            raise InvalidSetting(f"max_crashes must be a whole number from 1 to 1000, not {self.max_crashes!r}")
+        _positive("lease", self.lease)
+        _positive("poll", self.poll)
+        _positive("timeout", self.timeout, allow_none=True)
+        _positive("shutdown_timeout", self.shutdown_timeout)
+        for p in self.paths:
+            if not os.path.isdir(p):
+                raise InvalidSetting(f"--path {p}: no such directory")
+
+    def argv(self) -> list[str]:
+        """The ``litemultistep worker`` command line for these options."""
+        argv = [sys.executable, "-m", "litemultistep", "worker", self.db, "-c", str(self.concurrency),
+                "--lease", repr(self.lease), "--batch", str(self.batch), "--poll", repr(self.poll),
+                "--shutdown-timeout", repr(self.shutdown_timeout), "--max-crashes", str(self.max_crashes)]
+        if self.timeout is not None:
+            argv += ["--timeout", repr(self.timeout)]
         for q in self.queues:
             argv += ["--queues", q]
         for p in self.paths:
@@ -105,272 +130,437 @@ class WorkerOptions:
         return argv
 
 
-class WorkerProcess:
-    """One worker: registers itself, then claims and runs jobs until told to stop.
+class JobProcess:
+    """One child that runs jobs, and what the worker knows of it."""
 
-    :meth:`run_once` runs one claim-and-run round, so tests can step a worker without sleeping.
+    def __init__(self, options: WorkerOptions, slot: int) -> None:
+        self.slot = slot
+        self.options = options
+        self.batch: list[ClaimedJob] = []
+        #: some job of the batch has a time limit: the loop watches which one runs
+        self.limited = False
+        self.sent_at = 0.0
+        inbox_r, inbox_w = os.pipe()
+        outbox_r, outbox_w = os.pipe()
+        with tempfile.TemporaryFile() as f:
+            f.truncate(SLOT_SIZE)
+            self.page = mmap.mmap(f.fileno(), SLOT_SIZE)
+            page_fd = os.dup(f.fileno())
+        level = logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO
+        setup = {"parent": os.getpid(), "inbox": inbox_r, "outbox": outbox_w, "page": page_fd, "db": options.db,
+                 "paths": [os.path.abspath(p) for p in [os.getcwd(), *options.paths]], "log_level": level,
+                 "allow_modules": options.allow_modules}
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", "from litemultistep.jobproc import main; main()",
+                                          json.dumps(setup)],
+                                         pass_fds=(inbox_r, outbox_w, page_fd), start_new_session=True)
+        finally:
+            for fd in (inbox_r, outbox_w, page_fd):
+                os.close(fd)
+        self.to_child = Connection(inbox_w, readable=False)
+        self.from_child = Connection(outbox_r, writable=False)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batch)
+
+    def fileno(self) -> int:
+        return self.from_child.fileno()
+
+    def send(self, batch: list[ClaimedJob], window: float) -> bool:
+        self.batch = batch
+        self.limited = any(j.timeout is not None for j in batch)
+        self.sent_at = monotonic()
+        try:
+            self.to_child.send_bytes(json.dumps({"jobs": batch, "window": window}).encode())
+        except OSError:
+            return False
+        return True
+
+    def running(self) -> tuple[ClaimedJob | None, float]:
+        """The job of the current batch that runs now (or ran last), and since when."""
+        job_id, start = read_slot(self.page)
+        for job in self.batch:
+            if job.id == abs(job_id):
+                return (job, start) if job_id > 0 else (job, 0.0)
+        return None, 0.0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        for conn in (self.to_child, self.from_child):
+            conn.close()
+        self.page.close()
+
+
+def _how_it_died(code: int | None) -> str:
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Worker:
+    """A worker: registers itself, runs ``concurrency`` job processes, and serves until stopped.
+
+    :meth:`run` is the loop; :meth:`step` is one round of it, so tests can drive a worker.
     """
 
     def __init__(self, db: Database, options: WorkerOptions) -> None:
         self.db = db
         self.options = options
         self.queues = options.queues or None
+        self.signals = 0
         self.stopping = False
-        self.limit = 1
-        self.lost = threading.Event()
-        self._outcomes: list[Outcome] = []
-        self._held: deque[ClaimedJob] = deque()
-        self._waiter: WalWaiter | None = None
-        self._crash_file = os.environ.get(CRASH_FILE_ENV)
+        self.forced = False
+        self._stop_deadline = float("inf")
+        self.outcomes: list[Outcome] = []
+        self.done: list[Done] = []
+        self.give_back: list[int] = []
+        self.handed: deque[ClaimedJob] = deque()
+        self.procs: list[JobProcess] = []
+        self._waiter = WalWaiter(db.path + "-wal", options.poll)
+        self._next_maintenance = 0.0
+        self._next_heartbeat = 0.0
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._restarts: dict[int, float] = {}
         self.worker_id, self._lock = self._register()
-        log.info("worker %d (pid %d) serving %s on %s", self.worker_id, os.getpid(),
-                 " ".join(options.queues) or "all queues", db.path)
+        log.info("worker %d (pid %d): %d job process(es) serving %s on %s", self.worker_id, os.getpid(),
+                 options.concurrency, " ".join(options.queues) or "all queues", db.path)
+
+    # -- membership ---------------------------------------------------------------------------------
 
     def _register(self) -> tuple[int, engine.WorkerLock]:
         backoff = 0.5
         while True:
             try:
-                return engine.register_worker(self.db, "process", self.queues, self.options.lease)
-            except StorageError as e:  # a full disk is transient: wait for space rather than exit
+                return engine.register_worker(self.db, "process", self.queues, self.options.lease,
+                                              self.options.concurrency)
+            except StorageError as e:  # a full disk or a long lock is transient: wait, do not exit
                 log.error("worker (pid %d) cannot register: %s; trying again in %.1f s", os.getpid(), e, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-    def request_stop(self, why: str) -> None:
-        if not self.stopping:
-            log.info("worker %d: %s; finishing the current job, then exiting", self.worker_id, why)
-        self.stopping = True
-
-    def run_once(self) -> int:
-        """Record finished work, claim a batch and run it; returns how many jobs ran."""
-        if self.lost.is_set():
-            self._rejoin()
-        jobs = engine.claim(self.db, self.worker_id, self.limit, self.queues, self._outcomes)
-        self._outcomes = []
-        self._held.extend(jobs)
-        ran = 0
-        slow = False
-        while self._held and not self.stopping:
-            job = self._held.popleft()
-            if not self._allowed(job):
-                continue
-            if self._crash_file:
-                _maybe_crash(self._crash_file, "after-claim", job)
-            result = execute(self.db, job)
-            if self._crash_file:
-                _maybe_crash(self._crash_file, "after-run", job)
-            ran += 1
-            self._outcomes.append(result.outcome)
-            if result.duration > SHORT_JOB or result.error is not None or job.is_finalizer:
-                slow = slow or result.duration > SHORT_JOB
-                handed = engine.record(self.db, self.worker_id, self._outcomes)
-                self._outcomes = []
-                self._held.extendleft(reversed(handed))
-        self.limit = 1 if slow else min(self.limit * 2, self.options.batch)
-        return ran
-
-    def _allowed(self, job: ClaimedJob) -> bool:
-        allow = self.options.allow_modules
-        module = job.func.partition(":")[0]
-        if not allow or any(module == p or module.startswith(p + ".") for p in allow):
-            return True
-        self._outcomes.append(Outcome(job, False, "litemultistep.JobNotAllowed",
-                                      f"module {module!r} is not allowed by --allow-module "
-                                      f"({', '.join(allow)}); the worker did not run {job.func}", ""))
-        return False
+                backoff = min(backoff * 2, 5.0)
 
     def _rejoin(self) -> None:
-        log.warning("worker %d was taken for dead (its lease ran out); its jobs went back to their queues "
-                    "and it joins again under a new id", self.worker_id)
-        self._held.clear()
-        self._outcomes = []
+        """Our row is gone: we were taken for dead and our jobs were given to others. Stop running
+        them at once, then join again under a new id."""
+        log.error("worker %d was taken for dead (its row is gone); stopping its running jobs, which run "
+                  "elsewhere now, and joining again under a new id", self.worker_id)
+        for proc in self.procs:
+            if proc.busy:
+                proc.kill()
+                proc.batch = []
+        self.outcomes, self.done, self.give_back = [], [], []
+        self.handed.clear()
         self._lock.release()
         self.worker_id, self._lock = self._register()
-        self.lost.clear()
 
-    def finish(self) -> None:
-        """Record what is done, put back what is not, and leave the worker table."""
-        if self._waiter is not None:
-            self._waiter.close()
+    # -- signals ------------------------------------------------------------------------------------
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals == 1:
+            self.request_stop(f"got {name}")
+        else:
+            log.warning("worker %d: got %s again; stopping running jobs now (they go back to their queues)",
+                        self.worker_id, name)
+
+    def request_stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop_deadline = monotonic() + self.options.shutdown_timeout
+        busy = sum(p.busy for p in self.procs)
+        if busy:
+            log.info("worker %d: %s; letting %d running job(s) finish (at most %g s), then exiting",
+                     self.worker_id, why, busy, self.options.shutdown_timeout)
+        else:
+            log.info("worker %d: %s; exiting", self.worker_id, why)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; returns the exit status (0: every job that started finished)."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
+        self._signal_fd = rfd
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
         try:
-            if self._outcomes and not self.lost.is_set():
-                engine.record(self.db, self.worker_id, self._outcomes)
-            self._outcomes = []
-            engine.unregister_worker(self.db, self.worker_id)
+            self.procs = [JobProcess(self.options, i) for i in range(self.options.concurrency)]
+            while self.step():
+                pass
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._shutdown()
+            os.close(rfd)
+            os.close(wfd)
+        return 1 if self.forced else 0
+
+    def step(self) -> bool:
+        """One round: act on what happened, then wait for the next event. False once done."""
+        now = monotonic()
+        parent = self.options.parent_pid
+        if parent is not None and os.getppid() != parent:
+            self.request_stop(f"its parent process {parent} is gone")
+        if self.signals >= 2 or (self.stopping and now >= self._stop_deadline and self._busy()):
+            self._force_stop()
+            return False
+        self._collect()
+        self._enforce_time_limits(now)
+        if now >= self._retry_at:
+            try:
+                self._write(now)
+                self._backoff = 0.0
+            except StorageError as e:
+                self._storage_trouble(e)
+        if self.stopping and not self._busy() and not (self.outcomes or self.done or self.give_back):
+            return False
+        if self._burst_done():
+            log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
+            return False
+        self._wait()
+        return True
+
+    def _busy(self) -> bool:
+        return any(p.busy for p in self.procs)
+
+    def _write(self, now: float) -> None:
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_EVERY
+            if not engine.heartbeat(self.db, self.worker_id, self.options.lease, self._lock):
+                self._rejoin()
+        if now >= self._next_maintenance:  # busy or not: dead workers' jobs come back within a second
+            self._next_maintenance = now + MAINTENANCE_EVERY
+            engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
+            engine.promote_scheduled(self.db)
+        idle = [] if self.stopping else [p for p in self.procs if not p.busy]
+        while idle and self.handed:
+            self._hand(idle.pop(), [self.handed.popleft()])
+        wants = len(idle)
+        if not (self.outcomes or self.done or self.give_back):
+            if not wants:
+                return
+            if not engine.has_claimable(self.db, self.queues):
+                if not self._busy():
+                    engine.tidy(self.db, idle=True)  # nothing to do: give back space, cut the -wal back
+                return
+        outcomes, done, give_back = self.outcomes, self.done, self.give_back
+        batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=give_back,
+                               wants=wants, max_batch=self.options.batch, queues=self.queues,
+                               max_crashes=self.options.max_crashes)
+        self.outcomes, self.done, self.give_back = [], [], []
+        for batch in batches:
+            if idle:
+                self._hand(idle.pop(), batch)
+            else:
+                self.handed.extend(batch)  # a finalizer handed to us while every process is busy
+
+    def _hand(self, proc: JobProcess, batch: list[ClaimedJob]) -> None:
+        default = self.options.timeout
+        if default is not None:
+            batch = [j if j.timeout is not None else j._replace(timeout=default) for j in batch]
+        if not proc.send(batch, GIVE_BACK_AFTER):
+            self._crashed(proc, "its pipe is closed")
+
+    def _collect(self) -> None:
+        """Take in what job processes sent, and notice the ones that died."""
+        for proc in self.procs:
+            if not proc.busy:
+                if proc.proc.poll() is not None:
+                    self._replace(proc, _how_it_died(proc.proc.returncode))
+                continue
+            try:
+                if not proc.from_child.poll():
+                    if proc.proc.poll() is not None:
+                        raise EOFError
+                    continue
+                message = json.loads(proc.from_child.recv_bytes())
+            except (EOFError, OSError, ValueError):
+                proc.proc.wait()
+                self._crashed(proc, _how_it_died(proc.proc.returncode))
+                continue
+            if message["ok"]:
+                first = proc.batch[0]
+                self.done.append(Done(first.task_pk, first.task_id, message["ok"], message["seconds"]))
+            if message["results"]:
+                by_id = {j.id: j for j in proc.batch}
+                for job_id, ok, exc_type, text, tb, duration in message["results"]:
+                    self.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration))
+            self.give_back += message["gave_back"]
+            proc.batch = []
+
+    def _crashed(self, proc: JobProcess, how: str) -> None:
+        job, _ = proc.running()
+        for other in proc.batch:
+            if other is not job:
+                self.give_back.append(other.id)  # not started, or finished but unreported: they run again
+        if job is not None:
+            log.error("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
+                      job.task_id, how)
+            self.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
+        proc.batch = []
+        self._replace(proc, how)
+
+    def _enforce_time_limits(self, now: float) -> None:
+        for proc in self.procs:
+            if not proc.limited or not proc.busy:
+                continue
+            job, start = proc.running()
+            if job is None or not start or job.timeout is None or now < start + job.timeout:
+                continue
+            proc.kill()
+            log.error("worker %d: job %d of %s ran longer than its %g s limit; its process was killed",
+                      self.worker_id, job.id, job.task_id, job.timeout)
+            self.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
+                                         f"ran longer than its {job.timeout:g} s limit; its process was killed",
+                                         "", now - start))
+            self.give_back += [j.id for j in proc.batch if j is not job]
+            proc.batch = []
+            self._replace(proc, "killed at its job's time limit")
+
+    def _replace(self, old: JobProcess, why: str) -> None:
+        old.kill()
+        old.close()
+        if self.stopping:
+            self.procs.remove(old)
+            return
+        # a job process that dies at once, again and again (a broken install), is restarted slowly
+        last = self._restarts.get(old.slot, 0.0)
+        pause = 1.0 if monotonic() - last < 1.0 else 0.0
+        self._restarts[old.slot] = monotonic() + pause
+        if pause:
+            time.sleep(pause)
+        log.info("worker %d: job process %d (pid %d) replaced: %s", self.worker_id, old.slot, old.proc.pid, why)
+        self.procs[self.procs.index(old)] = JobProcess(self.options, old.slot)
+
+    def _burst_done(self) -> bool:
+        if not self.options.burst or self._busy() or self.outcomes or self.done or self.give_back or self.handed:
+            return False
+        if engine.has_claimable(self.db, self.queues):
+            return False
+        if engine.work_left(self.db, self.queues, retry_horizon=BURST_RETRY_HORIZON):
+            return False
+        later = engine.next_scheduled(self.db)
+        if later is not None:
+            log.warning("worker %d: automatic retries are scheduled later than %d s from now (the next at %s); "
+                        "--burst does not wait for them: `litemultistep retry` runs them now",
+                        self.worker_id, BURST_RETRY_HORIZON, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                           time.localtime(later)))
+        engine.tidy(self.db, idle=True)
+        return True
+
+    def _wait(self) -> None:
+        """Sleep until a job process answers, the file changes (when we could use work), a signal
+        comes, or the next timed duty."""
+        now = monotonic()
+        until = min(self._next_maintenance, self._next_heartbeat, self._stop_deadline)
+        for proc in self.procs:
+            if proc.busy and proc.limited:
+                job, start = proc.running()
+                if job is not None and start and job.timeout is not None:
+                    until = min(until, start + job.timeout)
+                else:
+                    until = min(until, now + 0.05)  # between two jobs of a limited batch: look again soon
+        fds: list[int] = [self._signal_fd]
+        fds += [p.fileno() for p in self.procs if p.busy]
+        idle = not self.stopping and (any(not p.busy for p in self.procs) or self.options.burst)
+        wal = self._waiter.fileno() if idle else None
+        if wal is not None:
+            fds.append(wal)
+        elif idle:
+            until = min(until, now + self.options.poll)
+        if self.outcomes or self.done or self.give_back:
+            until = now if now >= self._retry_at else self._retry_at
+        timeout = max(0.0, until - now)
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        if self._signal_fd in ready:
+            try:
+                while os.read(self._signal_fd, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        if wal is not None and wal in ready:
+            self._waiter.changed()
+        elif wal is None and idle:
+            self._waiter.changed()
+
+    def _storage_trouble(self, e: StorageError) -> None:
+        # The results in hand stay in memory and are recorded once a write succeeds again.
+        self._backoff = min(max(self._backoff * 2, 0.25), 2.0)
+        self._retry_at = monotonic() + self._backoff
+        log.error("worker %d: %s; trying again in %.2f s", self.worker_id, e, self._backoff)
+        try:
+            engine.checkpoint(self.db)  # after a full disk, a -wal cut back frees the space it took
+        except DatabaseUnusable:
+            pass
+
+    def _force_stop(self) -> None:
+        for proc in self.procs:
+            if proc.busy:
+                job, _ = proc.running()
+                proc.kill()
+                self.give_back += [j.id for j in proc.batch]
+                proc.batch = []
+                log.warning("worker %d: stopped job %s%s; it goes back to its queue", self.worker_id,
+                            job.id if job else "?", f" of {job.task_id}" if job else "")
+        self.forced = True
+
+    def _shutdown(self) -> None:
+        """Record what is done, put back what is not, end the job processes, leave the worker table."""
+        for proc in self.procs:
+            if proc.busy:
+                proc.kill()
+                self.give_back += [j.id for j in proc.batch]
+                proc.batch = []
+                self.forced = True
+            proc.to_child.close()  # the child sees the end of its input and exits
+        for proc in self.procs:
+            try:
+                proc.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            proc.close()
+        self._waiter.close()
+        try:
+            for attempt in range(20):
+                try:
+                    if self.outcomes or self.done:
+                        engine.claim(self.db, self.worker_id, outcomes=self.outcomes, done=self.done, wants=0,
+                                     max_crashes=self.options.max_crashes)
+                        self.outcomes, self.done = [], []
+                    engine.unregister_worker(self.db, self.worker_id)
+                    break
+                except StorageError as e:
+                    log.error("worker %d: %s; trying again (%d/20)", self.worker_id, e, attempt + 1)
+                    time.sleep(0.5)
         finally:
             self._lock.release()
 
-    def run(self) -> int:
-        """The loop: work while there is work, look after other workers, wait cheaply when idle."""
-        beat = threading.Thread(target=self._heartbeat, name="litemultistep-heartbeat", daemon=True)
-        beat.start()
-        next_maintenance = 0.0
-        backoff = 0.0
-        try:
-            while not self.stopping:
-                try:
-                    now = time.monotonic()
-                    if now >= next_maintenance:  # every second, busy or not: dead workers' jobs come back
-                        engine.recover(self.db, self.worker_id)
-                        engine.promote_scheduled(self.db)
-                        next_maintenance = now + 1.0
-                    if self.run_once():
-                        backoff = 0.0
-                        continue
-                    if self._held or self._outcomes:
-                        continue  # handed a finalizer, or results to record
-                    if engine.has_claimable(self.db, self.queues):
-                        continue
-                    engine.tidy(self.db, idle=True)
-                    if self.options.burst and not engine.work_left(self.db, self.queues):
-                        log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
-                        break
-                    backoff = 0.0
-                    self._idle(next_maintenance)
-                except StorageError as e:
-                    # The results in hand stay in memory and are recorded once a write succeeds again.
-                    backoff = min(max(backoff * 2, 0.5), 10.0)
-                    log.error("worker %d: %s; trying again in %.1f s", self.worker_id, e, backoff)
-                    self._sleep(backoff)
-        except StopNow:
-            log.warning("worker %d: stopped at once; its unfinished jobs go back to their queues",
-                        self.worker_id)
-            self.finish()
-            return 1
-        self.finish()
-        return 0
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(0.1, seconds))
-
-    def _idle(self, until: float) -> None:
-        """Wait until another process commits something claimable, or ``until`` comes."""
-        if self._waiter is None:
-            self._waiter = WalWaiter(self.db.path + "-wal", self.options.poll)
-        while not self.stopping:
-            left = until - time.monotonic()
-            if left <= 0:
-                return
-            # at most a quarter second at a time, so a stop signal is seen promptly
-            if self._waiter.wait(min(left, 0.25)) and engine.has_claimable(self.db, self.queues):
-                return
-
-    def _heartbeat(self) -> None:
-        interval = max(self.options.lease / 4, 0.05)
-        next_beat = time.monotonic() + interval
-        parent = self.options.parent_pid
-        while True:
-            time.sleep(min(0.5, interval))
-            if parent is not None and os.getppid() != parent:
-                self.request_stop(f"its parent process {parent} is gone")
-            if time.monotonic() < next_beat:
-                continue
-            next_beat = time.monotonic() + interval
-            try:
-                if not self.lost.is_set() and not engine.heartbeat(self.db, self.worker_id, self.options.lease):
-                    self.lost.set()
-            except LiteMultiStepError as e:
-                log.warning("worker %d: heartbeat failed: %s", self.worker_id, e)
-
-
-def _install_signals(on_first: Callable[[str], None], supervised: bool) -> None:
-    count = 0
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal count
-        count += 1
-        if count == 1:
-            on_first(f"got {signal.Signals(signum).name}")
-        else:
-            raise StopNow()
-
-    signal.signal(signal.SIGTERM, handler)
-    if supervised:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGINT, handler)
-
-
-def prepare_imports(paths: Sequence[str]) -> None:
-    """Put ``paths`` and the current directory first on ``sys.path``, as users expect."""
-    for p in reversed([os.getcwd(), *paths]):
-        p = os.path.abspath(p)
-        if p not in sys.path:
-            sys.path.insert(0, p)
-
 
 def run_worker(options: WorkerOptions) -> int:
-    """Run ``litemultistep worker``: one worker here, or a supervisor of ``concurrency`` processes."""
-    if options.concurrency > 1:
-        return Supervisor(options).run()
-    prepare_imports(options.paths)
+    """Run ``litemultistep worker``: one worker process with ``concurrency`` job processes."""
+    options.validate()
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent and options.parent_pid is None:
+        options.parent_pid = int(parent)
     db = Database(options.db)
-    worker = WorkerProcess(db, options)
-    _install_signals(worker.request_stop, options.supervised)
-    return worker.run()
+    options.db = db.path
+    return Worker(db, options).run()
 
-
-class Supervisor:
-    """Keeps ``concurrency`` worker processes running; forwards stop signals; stops with its parent."""
-
-    def __init__(self, options: WorkerOptions) -> None:
-        self.options = options
-        self.children: dict[int, subprocess.Popen[bytes]] = {}
-        self.signals = 0
-        self.done: set[int] = set()
-
-    def _start(self, slot: int) -> None:
-        self.children[slot] = subprocess.Popen(self.options.argv(1, supervised=True))
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals += 1
-        if self.signals == 1:
-            log.info("supervisor: got %s; workers finish their current jobs, then exit",
-                     signal.Signals(signum).name)
-        self._forward()
-
-    def _forward(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                try:
-                    child.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-
-    def run(self) -> int:
-        Database(self.options.db)  # a bad path fails here, once, not in every child
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        for slot in range(self.options.concurrency):
-            self._start(slot)
-        log.info("supervisor (pid %d): %d worker processes", os.getpid(), self.options.concurrency)
-        parent = self.options.parent_pid
-        status = 0
-        last_restart = 0.0
-        while len(self.done) < len(self.children):
-            time.sleep(0.05)
-            if parent is not None and os.getppid() != parent and self.signals == 0:
-                log.info("supervisor: its parent process %d is gone; stopping the workers", parent)
-                self.signals = 1
-                self._forward()
-            for slot, child in self.children.items():
-                code = child.poll()
-                if code is None or slot in self.done:
-                    continue
-                if code == 0 or self.signals:
-                    self.done.add(slot)
-                elif code == 2:
-                    log.error("supervisor: worker pid %d cannot work (exit 2); stopping", child.pid)
-                    status = 2
-                    self.done.add(slot)
-                    self.signals = max(self.signals, 1)
-                    self._forward()
-                else:
-                    why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-                    log.warning("supervisor: worker pid %d died (%s); starting another", child.pid, why)
-                    time.sleep(max(0.0, last_restart + 0.5 - time.monotonic()))
-                    last_restart = time.monotonic()
-                    self._start(slot)
-        return status

@@ -17,9 +17,9 @@ from litemultistep import FinalizationAlreadyBegun, NoSuchMultiStepTask, NotRead
 from litemultistep import engine as E
 from litemultistep.db import Database, JobKind, open_database
 from litemultistep.engine import Outcome
-from litemultistep.views import progress
+from litemultistep.views import failures, progress
 
-NOOP = ("jobfuncs:noop", "[[],{}]")
+NOOP = ("jobfuncs:noop", "[[],{}]", None)
 
 
 def add(db: Database, task_id: str, kind: int = JobKind.NORMAL, n: int = 1) -> None:
@@ -29,6 +29,18 @@ def add(db: Database, task_id: str, kind: int = JobKind.NORMAL, n: int = 1) -> N
 @pytest.fixture
 def store(db):
     return open_database(db)
+
+
+def claim(store: Database, w: int, limit: int, queues: list[str] | None = None) -> list:
+    """One batch of up to ``limit`` jobs, as if every task's jobs were known to be short."""
+    store.connection().execute("UPDATE task SET avg_duration = 1e-6")
+    batches = E.claim(store, w, max_batch=limit, queues=queues)
+    return batches[0] if batches else []
+
+
+def die(lock: E.WorkerLock) -> None:
+    """What the kernel does when the lock's process dies: the flock goes, the file stays."""
+    lock._lock.release()
 
 
 def worker(store: Database, lease: float = 1000.0):
@@ -43,13 +55,13 @@ class TestClaims:
         add(store, a, n=5)
         add(store, b, n=5)
         w = worker(store)
-        served = [E.claim(store, w, 1)[0].task_id for _ in range(6)]
+        served = [claim(store, w, 1)[0].task_id for _ in range(6)]
         assert served == [a, b, a, b, a, b]
 
     def test_claim_takes_a_batch_from_one_queue(self, store):
         a = E.create_task(store, "a")
         add(store, a, n=10)
-        jobs = E.claim(store, worker(store), 4)
+        jobs = claim(store, worker(store), 4)
         assert len(jobs) == 4 and [j.id for j in jobs] == sorted(j.id for j in jobs)
         p = progress(store, a)
         assert (p.running_count, p.pending_count) == (4, 6)
@@ -58,9 +70,9 @@ class TestClaims:
         a = E.create_task(store, "a")
         E.begin_building(store, a)
         add(store, a, n=3)
-        assert E.claim(store, worker(store), 10) == []
+        assert claim(store, worker(store), 10) == []
         E.mark_finalizable(store, a)
-        assert len(E.claim(store, worker(store), 10)) == 3
+        assert len(claim(store, worker(store), 10)) == 3
 
     def test_queue_globs(self, store):
         a = E.create_task(store, "images")
@@ -68,35 +80,83 @@ class TestClaims:
         add(store, a)
         add(store, b)
         w = worker(store)
-        assert [j.task_id for j in E.claim(store, w, 5, ["mail~*"])] == [b]
-        assert E.claim(store, w, 5, ["mail~*"]) == []
+        assert [j.task_id for j in claim(store, w, 5, ["mail~*"])] == [b]
+        assert claim(store, w, 5, ["mail~*"]) == []
 
 
 class TestStaleWorkers:
+    def test_a_paused_worker_keeps_its_jobs_however_old_its_heartbeat(self, store):
+        t = E.create_task(store, "t")
+        add(store, t)
+        paused, lock = E.register_worker(store, "process", lease=1)
+        [job] = claim(store, paused, 1)
+        # as if stopped (SIGSTOP, a laptop's sleep, a clock jump) for a day: its lock is still held
+        store.connection().execute("UPDATE worker SET expires_at = 0, heartbeat_mono = heartbeat_mono - 86400, "
+                                   "heartbeat_at = 0 WHERE id = ?", (paused,))
+        assert E.recover(store, worker(store), lease=1) == 0
+        assert E.heartbeat(store, paused, 1, lock) is True
+        E.record(store, paused, [Outcome(job, True)])
+        assert progress(store, t).completed_count == 1
+
     def test_late_result_of_a_taken_over_worker_is_ignored(self, store):
         t = E.create_task(store, "t")
         add(store, t)
         E.mark_finalizable(store, t)
-        slow = worker(store)
-        [job] = E.claim(store, slow, 1)
-        store.connection().execute("UPDATE worker SET expires_at = 0 WHERE id = ?", (slow,))
+        slow, lock = E.register_worker(store, "process", lease=1)
+        [job] = claim(store, slow, 1)
+        # its lock file was removed and its monotonic heartbeat is older than the lease
+        os.unlink(lock.path)
+        store.connection().execute("UPDATE worker SET heartbeat_mono = heartbeat_mono - 5 WHERE id = ?", (slow,))
         rescuer = worker(store)
-        assert E.recover(store, rescuer) == 1
+        assert E.recover(store, rescuer, lease=1) == 1
         assert E.heartbeat(store, slow, 10) is False
         assert E.record(store, slow, [Outcome(job, True)]) == []
         p = progress(store, t)
         assert (p.completed_count, p.pending_count, p.running_count) == (0, 1, 0)
-        [again] = E.claim(store, rescuer, 1)
+        [again] = claim(store, rescuer, 1)
         assert again.id == job.id and again.attempt == 2
         E.record(store, rescuer, [Outcome(again, True)])
         assert progress(store, t).finished
+
+    def test_a_live_worker_whose_lock_file_vanished_makes_a_new_one(self, store):
+        w, lock = E.register_worker(store, "process", lease=1)
+        os.unlink(lock.path)
+        assert not lock.intact()
+        assert E.recover(store, worker(store), lease=1) == 0  # heartbeat still fresh: alive
+        assert E.heartbeat(store, w, 1, lock) is True and lock.intact()
+        path = store.connection().execute("SELECT lock_path FROM worker WHERE id = ?", (w,)).fetchone()[0]
+        assert path == lock.path and E.lock_state(path) is True
+
+    def test_jobs_held_under_an_unregistered_worker_id_come_back(self, store):
+        t = E.create_task(store, "t")
+        add(store, t, n=2)
+        w = worker(store)
+        claim(store, w, 2)
+        store.connection().execute("DELETE FROM worker WHERE id = ?", (w,))
+        assert E.recover(store, worker(store)) == 2
+        assert progress(store, t).pending_count == 2
+
+    def test_a_job_whose_worker_dies_three_times_fails_with_worker_crashed(self, store):
+        t = E.create_task(store, "t")
+        add(store, t)
+        for crash in range(3):
+            dead, lock = E.register_worker(store, "process")
+            [job] = claim(store, dead, 1)
+            die(lock)
+            assert E.recover(store, worker(store), max_crashes=3) == 1
+        p = progress(store, t)
+        assert (p.failed_count, p.pending_count) == (1, 0)
+        [failure] = failures(store, t)
+        assert failure.exc_type == "litemultistep.WorkerCrashed" and "3 time(s)" in failure.message
+        assert E.retry_task(store, t) == [job.id]
+        assert store.connection().execute("SELECT crashes FROM job WHERE id = ?", (job.id,)).fetchone() == (0,)
 
     def test_dead_worker_is_found_by_its_free_lock(self, store):
         t = E.create_task(store, "t")
         add(store, t, n=2)
         dead_id, lock = E.register_worker(store, "process", lease=1000)
-        E.claim(store, dead_id, 2)
-        lock.release()  # what the kernel does when the process dies
+        claim(store, dead_id, 2)
+        die(lock)
         assert E.recover(store, worker(store)) == 2
         assert progress(store, t).pending_count == 2
 
@@ -106,14 +166,14 @@ class TestRetries:
         t = E.create_task(store, "t", max_retries=1, retry_delay=3600)
         add(store, t)
         w = worker(store)
-        [job] = E.claim(store, w, 1)
+        [job] = claim(store, w, 1)
         E.record(store, w, [Outcome(job, False, "ValueError", "no", "tb")])
         p = progress(store, t)
         assert (p.failed_count, p.pending_count) == (0, 1)
-        assert E.promote_scheduled(store) == 0 and E.claim(store, w, 1) == []
+        assert E.promote_scheduled(store) == 0 and claim(store, w, 1) == []
         assert E.work_left(store)
         assert E.promote_scheduled(store, due_by=float("inf")) == 1
-        assert E.claim(store, w, 1)[0].attempt == 2
+        assert claim(store, w, 1)[0].attempt == 2
 
     def test_retry_errors(self, store):
         from litemultistep import JobNotFailed, NoSuchJob
@@ -255,7 +315,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule(w=st.integers(0, 2), limit=st.integers(1, 4))
     def claim(self, w, limit) -> None:
         worker_id = self.workers[w][0]
-        jobs = E.claim(self.db, worker_id, limit)
+        jobs = claim(self.db, worker_id, limit)
         claimable = [(t, jid) for t, m in self.tasks.items() if m["state"] in ("active", "finalizing")
                      for jid, j in m["jobs"].items() if j["state"] == "queued"]
         assert bool(jobs) == bool(claimable)
@@ -309,20 +369,38 @@ class EngineModel(RuleBasedStateMachine):
         failed = sorted(jid for jid, j in m["jobs"].items() if j["state"] == "failed")
         assert ids == failed
         for jid in failed:
-            m["jobs"][jid]["state"] = "queued"
+            m["jobs"][jid].update(state="queued", crashes=0)
 
     @rule(w=st.integers(0, 2))
     def crash(self, w) -> None:
         """A worker dies: its jobs go back to their queues; a new worker takes its place."""
         worker_id, lock = self.workers[w]
-        lock.release()
+        die(lock)
         other = self.workers[(w + 1) % 3][0]
-        assert E.recover(self.db, other) == len(self.claims[worker_id])
+        assert E.recover(self.db, other, max_crashes=3) == len(self.claims[worker_id])
         for job in self.claims.pop(worker_id):
-            self.tasks[job.task_id]["jobs"][job.id].update(state="queued", worker=None)
+            mj = self.tasks[job.task_id]["jobs"][job.id]
+            mj["crashes"] = mj.get("crashes", 0) + 1
+            # a job whose worker died with it three times fails (WorkerCrashed) instead of running again
+            mj.update(state="failed" if mj["crashes"] >= 3 else "queued", worker=None)
             self.orphans.append((worker_id, job))
         self.workers[w] = E.register_worker(self.db, "process", lease=1000)
         self.claims[self.workers[w][0]] = []
+
+    @rule(w=st.integers(0, 2))
+    def pause(self, w) -> None:
+        """A worker is stopped far past its lease (SIGSTOP, a laptop's sleep, a clock jump): its OS
+        lock is still held, so no job is taken from it."""
+        worker_id, _ = self.workers[w]
+        self.db.connection().execute("UPDATE worker SET heartbeat_mono = heartbeat_mono - 1e6, expires_at = 0, "
+                                     "heartbeat_at = 0 WHERE id = ?", (worker_id,))
+        assert E.recover(self.db, self.workers[(w + 1) % 3][0], lease=1) == 0
+
+    @rule(w=st.integers(0, 2))
+    def resume(self, w) -> None:
+        """The paused worker goes on: it is still registered, its claims are still its own."""
+        worker_id, lock = self.workers[w]
+        assert E.heartbeat(self.db, worker_id, 1000, lock) is True
 
     @precondition(lambda self: self.orphans)
     @rule(index=st.integers(0, 10), ok=st.booleans())
@@ -379,5 +457,5 @@ TestEngineModel.pytestmark = pytest.mark.timeout(600)
 
 def test_json_arguments_are_stored_as_text(store):
     t = E.create_task(store, "t")
-    E.add_jobs(store, t, [(JobKind.NORMAL, "jobfuncs:noop", json.dumps([[1, "two"], {"k": None}]))])
+    E.add_jobs(store, t, [(JobKind.NORMAL, "jobfuncs:noop", json.dumps([[1, "two"], {"k": None}]), None)])
     assert store.connection().execute("SELECT typeof(args) FROM job").fetchone() == ("text",)

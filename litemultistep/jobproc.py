@@ -1,0 +1,217 @@
+"""The job process: the one place user code runs for a worker.
+
+A worker (``worker.py``) keeps the database connection, its lock and its heartbeat to itself, and
+runs jobs in long-lived child processes, one job at a time each (a fresh process per job would make
+short jobs slow). A job can therefore hang, hold the GIL, close every file descriptor, crash the
+interpreter or change the process's directory, environment or signal handlers without touching
+the worker's own machinery: the worker kills the child at its deadline, sees it die, and starts
+another. After each job the child puts back its working directory, environment and signal
+handlers, so one job's changes never leak into the next.
+
+The protocol, over two pipes, is JSON framed by :mod:`multiprocessing.connection`:
+
+* worker to child: ``{"jobs": [[ClaimedJob fields...], ...], "window": seconds}``: a batch to run
+  in order. The child gives back the jobs it has not started once the batch has run longer than
+  ``window`` or a job of it turned out slow, so slow work never waits behind slow work.
+* child to worker: ``{"ok": [job_id, ...], "seconds": s, "results": [[job_id, ok, exc_type, message,
+  traceback, duration], ...], "gave_back": [job_id, ...]}``: the normal jobs that succeeded (and
+  the seconds they took in all), every other outcome, and the jobs not started.
+
+A 16-byte shared page tells the worker which job runs now and since when (``CLOCK_MONOTONIC``),
+without a message per job: the id is positive while the job runs and negated once it has ended.
+"""
+
+from __future__ import annotations
+
+import _signal
+import ctypes
+import ctypes.util
+import json
+import logging
+import mmap
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .db import Database, monotonic
+from .engine import ClaimedJob, Outcome
+from .jobs import allowed_or_why
+from .runner import Result, execute
+
+log = logging.getLogger("litemultistep")
+
+SLOT = struct.Struct("<dq")  # start (monotonic seconds), job id
+SLOT_SIZE = 4096
+#: a job that ran longer than this ends its batch: the jobs after it go back to the queue
+SLOW_JOB = 0.005
+#: the child's exit code when it can no longer talk to its worker (a job closed its pipes)
+BROKEN = 3
+
+#: test hook: a file whose first line is "POINT module:qualname [worker]" makes the first job process to
+#: reach POINT (after-claim, after-run) in a job of that callable die at once, as a crash would; with
+#: "worker", it kills its whole worker first. It fires once.
+CRASH_FILE_ENV = "LITEMULTISTEP_CRASH_FILE"
+
+_SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                        signal.SIGALRM, signal.SIGCHLD, signal.SIGPIPE)]
+
+
+def read_slot(page: mmap.mmap) -> tuple[int, float]:
+    """``(job id, start)`` from a child's shared page, read until two reads agree (no torn read)."""
+    while True:
+        first = SLOT.unpack_from(page, 0)
+        second = SLOT.unpack_from(page, 0)
+        if first == second:
+            return first[1], first[0]
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the worker dies
+        except (OSError, AttributeError):
+            pass
+        else:
+            if os.getppid() != parent:  # it died before prctl took effect
+                os._exit(BROKEN)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(BROKEN)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _environ_data() -> dict[Any, Any]:
+    # os.environ's own dict of bytes compares in well under a microsecond; comparing the mapping
+    # itself decodes every variable (tens of microseconds a job)
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environ)
+
+
+class _Baseline:
+    """What a job may change in its process and the child puts back after it."""
+
+    def __init__(self) -> None:
+        self.cwd = os.getcwd()
+        self.env = dict(os.environ)
+        self.env_data = _environ_data()
+        # _signal.getsignal: the signal module's wrapper converts to enums, 10x slower per job
+        self.handlers = {int(s): _signal.getsignal(s) for s in _SIGNALS}
+
+    def restore(self) -> None:
+        try:
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError:  # the job removed the directory it was in, or ours
+            os.chdir(self.cwd)
+        data = getattr(os.environ, "_data", None)
+        if (data if isinstance(data, dict) else dict(os.environ)) != self.env_data:
+            os.environ.clear()
+            os.environ.update(self.env)
+        for s, handler in self.handlers.items():
+            if _signal.getsignal(s) != handler:
+                signal.signal(s, handler)
+
+
+def _maybe_crash(path: str, point: str, job: ClaimedJob, parent: int) -> None:
+    try:
+        with open(path) as f:
+            want_point, want_func, *whom = f.readline().split()
+    except (FileNotFoundError, ValueError):
+        return
+    if want_point != point or want_func != job.func:
+        return
+    try:
+        os.rename(path, path + ".fired")  # exactly one process wins the rename: the crash fires once
+    except FileNotFoundError:
+        return
+    if whom == ["worker"]:
+        log.warning("crash hook: killing the worker at %s of job %d (%s)", point, job.id, job.func)
+        os.kill(parent, signal.SIGKILL)
+    else:
+        log.warning("crash hook: the job process dies at %s of job %d (%s)", point, job.id, job.func)
+    os._exit(BROKEN)
+
+
+def _clean(text: str) -> str:
+    """Text SQLite can store: a lone surrogate (from a hostile message) becomes an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def serve(setup: dict[str, Any]) -> int:
+    """Run batches from the worker until it closes the pipe; the child's whole life."""
+    parent = setup["parent"]
+    _die_with_parent(parent)
+    # Stop signals are the worker's business: it lets jobs finish, then ends this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=setup["log_level"], stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [pid %(process)d] %(message)s")
+    for p in reversed(setup["paths"]):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    inbox = Connection(setup["inbox"], writable=False)
+    outbox = Connection(setup["outbox"], readable=False)
+    page = mmap.mmap(setup["page"], SLOT_SIZE)
+    os.close(setup["page"])
+    db = Database(setup["db"])
+    crash_file = os.environ.get(CRASH_FILE_ENV)
+    baseline = _Baseline()
+    while True:
+        try:
+            message = json.loads(inbox.recv_bytes())
+        except (EOFError, OSError):
+            return 0
+        window = message["window"]
+        results: list[list[Any]] = []
+        ok: list[int] = []
+        gave_back: list[int] = []
+        began = time.monotonic()
+        slow = False
+        jobs = [ClaimedJob(*fields) for fields in message["jobs"]]
+        for i, job in enumerate(jobs):
+            if i and (slow or time.monotonic() - began > window):
+                gave_back = [j.id for j in jobs[i:]]
+                break
+            if crash_file:
+                _maybe_crash(crash_file, "after-claim", job, parent)
+            SLOT.pack_into(page, 0, monotonic(), job.id)
+            refusal = allowed_or_why(job.func, setup["allow_modules"]) if setup["allow_modules"] else None
+            if refusal is None:
+                result = execute(db, job, catch_all=True, timeout=job.timeout)
+            else:
+                result = Result(Outcome(job, False, "litemultistep.JobNotAllowed", refusal))
+            SLOT.pack_into(page, 0, 0.0, -job.id)
+            baseline.restore()
+            if crash_file:
+                _maybe_crash(crash_file, "after-run", job, parent)
+            o = result.outcome
+            if o.ok and not job.is_finalizer:
+                ok.append(job.id)
+            else:
+                results.append([job.id, o.ok, o.exc_type, _clean(o.message), _clean(o.traceback), o.duration])
+            slow = o.duration > SLOW_JOB
+        # the whole time per job, this process's own part included: it is what a claim must plan for
+        ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
+        try:
+            outbox.send_bytes(json.dumps({"ok": ok, "seconds": ok_seconds, "results": results,
+                                          "gave_back": gave_back}).encode())
+        except OSError:
+            return BROKEN  # a job closed our pipe: the worker sees us die and starts another
+
+
+def main() -> None:
+    """Entry point of a job process, started by a worker only, with its setup as JSON in argv."""
+    code = serve(json.loads(sys.argv[1]))
+    sys.stdout.flush()
+    os._exit(code)  # no interpreter teardown: a job's threads or atexit hooks cannot hold us
+
