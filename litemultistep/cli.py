@@ -3,6 +3,9 @@
 Every reading command takes ``--json``: standard output then holds the JSON alone (shapes in
 docs/cli.md); logs and progress go to standard error. A user's mistake gets a message and a
 non-zero exit, never a traceback.
+
+User text (slugs, ids, paths, callables, messages, tracebacks) is data: it is printed verbatim,
+never read as rich markup or emoji, and never wrapped when the output is not a terminal.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,16 +24,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from . import engine, views
 from .db import Database
-from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
+from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError, NoSuchMultiStepTask
 from .worker import WorkerOptions, run_worker
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
+# markup, emoji and highlighting off: a "[bold]" or ":ok:" in a slug or a message is shown as typed
+out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DB_ENV = "LITEMULTISTEP_DB"
 
 
 def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -43,17 +50,21 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def _error(message: str) -> None:
-    """An error for a person, on standard error: one unwrapped line, the message verbatim."""
+    """An error for a person, on standard error: the message verbatim, never wrapped."""
     click.echo(f"Error: {message}", err=True)
 
 
 def _open(path: str) -> Database:
-    """Open for a reading or steering command: a missing file is an error, never created."""
+    """Open for a reading or steering command: a missing or empty file is an error, never created."""
     return Database(path, create=False)
 
 
 def _emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def _age(seconds: float) -> str:
@@ -65,6 +76,48 @@ def _age(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60}s"
     return f"{s}s"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c not in (0x0A,)}
+
+
+def _safe(text: str) -> str:
+    """Text for a terminal: control characters (ESC, CR, BEL...) shown as escapes, so a message can
+    never drive the terminal. Piped output is never passed through this: it stays byte-exact."""
+    return text.translate(_CONTROL)
+
+
+def say(*parts: str | tuple[str, str], to: Console = out) -> None:
+    """Print a line of user text: exactly as stored when piped; in a terminal, styled parts
+    (``(text, style)``) with control characters escaped. Never markup, never wrapped."""
+    if not to.is_terminal:
+        print("".join(p if isinstance(p, str) else p[0] for p in parts), file=to.file, flush=True)
+        return
+    to.print(Text.assemble(*[_safe(p) if isinstance(p, str) else (_safe(p[0]), p[1]) for p in parts]))
+
+
+def _table(title: str, columns: Sequence[str], rows: list[list[Any]], right: Sequence[str] = ()) -> None:
+    """Rows as a table in a terminal; piped, as tab-separated lines (a header first), nothing cut."""
+    cells = [[c.plain if isinstance(c, Text) else str(c) for c in row if not isinstance(c, ProgressBar)]
+             for row in rows]
+    widest = sum(max((len(r[i]) for r in cells), default=0) + 3 for i in range(len(cells[0]))) if cells else 0
+    if not out.is_terminal or widest > out.width:  # a cut or folded id could not be copied: plain lines
+        print("\t".join(columns))
+        for row in rows:
+            line = "\t".join(str(cell.plain if isinstance(cell, Text) else cell) for cell in row
+                             if not isinstance(cell, ProgressBar))
+            print(line if not out.is_terminal else _safe(line))
+        return
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", no_wrap=col in ("task", "id", "job"))
+    for row in rows:
+        table.add_row(*[c if isinstance(c, (Text, ProgressBar)) else Text(_safe(str(c))) for c in row])
+    out.print(table)
 
 
 class PositiveSeconds(click.ParamType):
@@ -82,26 +135,58 @@ class PositiveSeconds(click.ParamType):
         return seconds
 
 
-db_argument = click.argument("db", envvar="LITEMULTISTEP_DB", type=click.Path(dir_okay=True))
+def _looks_like_db(arg: str) -> bool:
+    return os.path.exists(arg) or arg.endswith((".sqlite", ".sqlite3", ".db"))
+
+
+def split_db(args: Sequence[str], most: int, least: int = 0) -> tuple[str, list[str]]:
+    """``DB`` and the other positional arguments of a command taking ``[DB] ARG...``.
+
+    DB is the first argument when all ``most + 1`` are given, or when it names a database file;
+    otherwise it comes from ``LITEMULTISTEP_DB``, so ``LITEMULTISTEP_DB=app.sqlite litemultistep
+    status TASK_ID`` works as users expect.
+    """
+    args = list(args)
+    env = os.environ.get(DB_ENV) or None
+    if len(args) > most + 1:
+        raise click.UsageError(f"too many arguments: {' '.join(args[most + 1:])}")
+    if len(args) == most + 1 or (args and len(args) > least and (env is None or _looks_like_db(args[0]))):
+        return args[0], args[1:]
+    if env is None:
+        raise click.UsageError(f"name the database: give DB first, or set {DB_ENV}")
+    return env, args
+
+
+def _db_then(metavar: str) -> Any:
+    return click.argument("args", nargs=-1, metavar=f"[DB] {metavar}".strip())
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON alone on standard output.")
 
+DB_HELP = f"DB is the SQLite file your application creates tasks in; it may come from {DB_ENV} instead."
 
-@click.group(context_settings=CONTEXT)
+
+@click.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.version_option(package_name="litemultistep", prog_name="litemultistep")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Multi-step tasks on one SQLite file: run workers, see progress, retry failures.
 
-    DB is the SQLite file your application creates tasks in (or set LITEMULTISTEP_DB).
+    DB, the first argument of every command, is the SQLite file your application creates tasks in;
+    it may come from LITEMULTISTEP_DB instead.
     """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 # -- worker -----------------------------------------------------------------------------------------
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
+@_db_then("")
 @click.option("-c", "--concurrency", type=click.IntRange(1, 256), default=1, show_default=True,
-              envvar="LITEMULTISTEP_CONCURRENCY", show_envvar=True, help="Worker processes to run.")
+              envvar="LITEMULTISTEP_CONCURRENCY", show_envvar=True,
+              help="Job processes: how many jobs run at once.")
 @click.option("--queues", multiple=True, metavar="GLOB", envvar="LITEMULTISTEP_QUEUES", show_envvar=True,
               help="Serve only task queues whose name (the task id) matches; repeatable. Default: all.")
 @click.option("--burst", is_flag=True, envvar="LITEMULTISTEP_BURST", show_envvar=True,
@@ -138,7 +223,7 @@ def cli() -> None:
               help="Log debug details.")
 @click.option("-q", "--quiet", is_flag=True, envvar="LITEMULTISTEP_QUIET", show_envvar=True,
               help="Log warnings and errors only (no line per job).")
-def worker(db: str, concurrency: int, queues: Sequence[str], burst: bool, paths: Sequence[str],
+def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: bool, paths: Sequence[str],
            allow_modules: Sequence[str], timeout: float | None, shutdown_timeout: float, max_crashes: int,
            lease: float, batch: int, poll: float, verbose: bool, quiet: bool) -> None:
     """Run jobs from DB in N job processes, each running one job at a time.
@@ -148,9 +233,12 @@ def worker(db: str, concurrency: int, queues: Sequence[str], burst: bool, paths:
     as a failure; one that kills its process is retried up to --max-crashes times, then fails.
 
     SIGTERM or Ctrl-C lets running jobs finish (at most --shutdown-timeout seconds) and exits 0; a
-    second one stops them at once, puts them back in their queues and exits 1. Exit 2: the worker
-    cannot work (bad database, bad option).
+    second one stops them at once, puts them back in their queues and exits 1; so does a stop whose
+    jobs outlast --shutdown-timeout. Exit 2: the worker cannot work (bad database, bad option).
+
+    DB may come from LITEMULTISTEP_DB; each option from the variable shown beside it.
     """
+    db, _ = split_db(args, 0)
     _setup_logging(verbose, quiet)
     options = WorkerOptions(db=db, concurrency=concurrency, queues=list(queues), burst=burst, paths=list(paths),
                             lease=lease, batch=batch, poll=poll, allow_modules=list(allow_modules),
@@ -168,19 +256,24 @@ def worker(db: str, concurrency: int, queues: Sequence[str], burst: bool, paths:
 
 
 def _counts(p: views.Progress) -> str:
-    return (f"{p.completed_count} done / {p.failed_count} failed / {p.pending_count} pending / "
+    text = (f"{p.completed_count} done / {p.failed_count} failed / {p.pending_count} pending / "
             f"{p.running_count} running of {p.total_job_count}")
+    return text + (f" ({p.scheduled_count} retry scheduled)" if p.scheduled_count else "")
+
+
+def _call(func: str, args: str) -> str:
+    return f"{func}{args}"
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
-@click.argument("task_id", required=False)
+@_db_then("[TASK_ID]")
 @json_option
-def status(db: str, task_id: str | None, as_json: bool) -> None:
-    """Show active and recently finished tasks, or one task in detail."""
+def status(args: Sequence[str], as_json: bool) -> None:
+    """Show active and recently finished tasks, or one task in detail (with TASK_ID)."""
+    db, rest = split_db(args, 1)
     database = _open(db)
-    if task_id is not None:
-        _status_one(database, task_id, as_json)
+    if rest:
+        _status_one(database, rest[0], as_json)
         return
     active, finished = views.active_tasks(database), views.finished_tasks(database)
     if as_json:
@@ -188,98 +281,105 @@ def status(db: str, task_id: str | None, as_json: bool) -> None:
                     "finished": [p.as_dict() for p in finished]})
         return
     now = time.time()
-    if not out.is_terminal:  # piped: plain lines, one per task, nothing cut
-        for p in active:
-            print(f"{p.task_id}\t{p.state}\t{p.percent:.0f}%\t{_counts(p)}\tage {_age(now - p.created_at)}")
-        for p in finished:
-            print(f"{p.task_id}\tfinished\t100%\t{p.total_job_count} jobs\t"
-                  f"{_age(now - (p.finished_at or now))} ago")
-        if not active and not finished:
-            print("No active tasks.")
+    if not active and not finished:
+        say("No active tasks.")
         return
-    if not active:
-        out.print("No active tasks.")
-    else:
-        table = Table(title=f"Active tasks in {database.path}", title_justify="left")
-        for col in ("task", "progress", "done", "failed", "pending", "running", "total", "state", "age"):
-            table.add_column(col, justify="right" if col not in ("task", "progress", "state") else "left",
-                             no_wrap=col == "task")
-        for p in active:
-            table.add_row(p.task_id, ProgressBar(total=max(p.total_job_count, 1), completed=p.completed_count,
-                                                 width=20),
-                          str(p.completed_count), str(p.failed_count), str(p.pending_count), str(p.running_count),
-                          str(p.total_job_count), p.state, _age(now - p.created_at))
-        out.print(table)
-    if finished:
-        table = Table(title="Recently finished", title_justify="left")
-        for col in ("task", "jobs", "took", "finished"):
-            table.add_column(col, no_wrap=col == "task")
-        for p in finished:
-            table.add_row(p.task_id, str(p.total_job_count), _age((p.finished_at or now) - p.created_at),
-                          f"{_age(now - (p.finished_at or now))} ago")
-        out.print(table)
+    _table(f"Tasks in {database.path}", ["task", "state", "progress", "done", "failed", "pending", "running",
+                                           "total", "age"],
+           [[p.task_id, p.state,
+             ProgressBar(total=max(p.total_job_count, 1), completed=p.completed_count, width=20)
+             if out.is_terminal else f"{p.percent:.0f}%",
+             p.completed_count, p.failed_count, p.pending_count, p.running_count, p.total_job_count,
+             _age(now - p.created_at)] for p in active]
+           + [[p.task_id, "finished", "100%" if not out.is_terminal else
+               ProgressBar(total=1, completed=1, width=20), p.total_job_count, 0, 0, 0, p.total_job_count,
+               f"finished {_age(now - (p.finished_at or now))} ago"] for p in finished],
+           right=("done", "failed", "pending", "running", "total"))
 
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:
     p = views.progress(database, task_id)
     chain = views.finalizers(database, task_id)
     fails = views.failures(database, task_id)
+    running = views.running_jobs(database, task_id)
+    scheduled = views.scheduled_retries(database, task_id)
     if as_json:
-        _emit_json({"task": p.as_dict(), "finalizers": chain, "failures": [f.as_dict() for f in fails]})
+        _emit_json({"task": p.as_dict(), "finalizers": chain, "failures": [f.as_dict() for f in fails],
+                    "running": [r.as_dict() for r in running], "scheduled": [s.as_dict() for s in scheduled]})
         return
-    out.print(f"[bold]{p.task_id}[/]  {p.state}  {p.percent:.0f}%", highlight=False)
-    out.print(f"  {_counts(p)}", highlight=False)
-    out.print(f"  normal jobs {p.normal_job_count}, finalization jobs {p.finalize_job_count}, "
-              f"finalizable: {'yes' if p.finalizable else 'no'}", highlight=False)
+    now = time.time()
+    say((p.task_id, "bold"), f"  {p.state}  {p.percent:.0f}%")
+    say(f"  {_counts(p)}")
+    say(f"  normal jobs {p.normal_job_count}, finalization jobs {p.finalize_job_count}, "
+        f"finalizable: {'yes' if p.finalizable else 'no'}")
     if chain:
-        out.print("  finalizers:")
+        say("  finalizers:")
         for link in chain:
-            out.print(f"    {link['position'] + 1}. {link['func']} {link['state']}", highlight=False)
+            say(f"    {link['position'] + 1}. {_call(link['func'], link['args'])} {link['state']}")
+    for r in running:
+        since = f"for {_age(now - r.claimed_at)}" if r.claimed_at else ""
+        say(f"  running {'finalizer' if r.finalizer else 'job'} {r.job_id} {_call(r.func, r.args)} "
+            f"{since} (worker {r.worker_id}, attempt {r.attempt})")
+    for sch in scheduled:
+        say(f"  retry of job {sch.job_id} {_call(sch.func, sch.args)} scheduled at {_when(sch.run_at)} "
+            f"(after {sch.exc_type}: {sch.message})")
     for failure in fails:
-        out.print(f"  [red]failed[/] job {failure.job_id} {failure.func}: {failure.exc_type}: {failure.message}",
-                  highlight=False, markup=False)
+        say(("  failed", "red"), f" job {failure.job_id} {_call(failure.func, failure.args)}: "
+                                 f"{failure.exc_type}: {failure.message}")
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
-@click.argument("task_id")
-@click.option("--timeout", type=float, default=None, help="Give up (exit 2) after this many seconds.")
+@_db_then("TASK_ID")
+@click.option("--timeout", type=PositiveSeconds(), default=None, help="Give up (exit 2) after this many seconds.")
 @click.option("--interval", type=click.FloatRange(0.01), default=0.2, show_default=True,
               help="Seconds between updates.")
-def watch(db: str, task_id: str, timeout: float | None, interval: float) -> None:
-    """Follow a task with a progress bar until it finishes (exit 0) or is blocked by failures (exit 1)."""
+def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
+    """Follow a task with a progress bar until it finishes (exit 0) or is blocked by failures (exit 1).
+
+    Failures show as they come; "blocked" means nothing else is queued, running or scheduled, so
+    nothing more happens without a retry. Ctrl-C exits 130.
+    """
+    db, rest = split_db(args, 1, least=1)
+    if not rest:
+        raise click.UsageError("name the task to watch: TASK_ID")
+    task_id = rest[0]
     database = _open(db)
     views.progress(database, task_id)  # an unknown id fails before any bar is drawn
     deadline = None if timeout is None else time.monotonic() + timeout
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=False,
-                   disable=not err.is_terminal)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}", markup=False), TimeRemainingColumn(), console=err,
+                   transient=False, disable=not err.is_terminal)
     last_line = ""
+    seen: set[int] = set()
     with bar:
         handle = bar.add_task(task_id, total=None, rate="")
         while True:
             p = views.progress(database, task_id)
             speed = bar.tasks[0].speed
             bar.update(handle, total=p.total_job_count, completed=p.completed_count,
-                       rate=f"{speed:,.0f} jobs/s" if speed else "")
+                       rate=f"{speed:,.1f} jobs/s" if speed else "")
+            for f in views.failures(database, task_id) if p.failed_count else []:
+                if f.job_id not in seen:
+                    seen.add(f.job_id)
+                    say(("failed:", "red"), f" job {f.job_id} {f.func}: {f.exc_type}: {f.message}", to=err)
             if not err.is_terminal:
                 line = f"{task_id}: {_counts(p)} ({p.state})"
                 if line != last_line:
-                    err.print(line, highlight=False)
+                    say(line, to=err)
                     last_line = line
             if p.settled:
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                err.print(f"{task_id} did not finish within {timeout} s: {_counts(p)}", highlight=False)
+                say(f"{task_id} did not finish within {timeout:g} s: {_counts(p)}", to=err)
                 sys.exit(2)
             time.sleep(interval)
     if p.finished:
-        out.print(f"{task_id} finished: {p.total_job_count} jobs done", highlight=False)
+        say(f"{task_id} finished: {_plural(p.total_job_count, 'job')} done")
         return
-    out.print(f"{task_id} is blocked by {p.failed_count} failed job(s):", highlight=False)
+    say(f"{task_id} is blocked by {_plural(p.failed_count, 'failed job')}:")
     for f in views.failures(database, task_id):
-        out.print(f"  job {f.job_id} {f.func}: {f.exc_type}: {f.message}", highlight=False)
-    out.print(f"Retry them with: litemultistep retry {database.path} --task {task_id}", highlight=False)
+        say(f"  job {f.job_id} {f.func}: {f.exc_type}: {f.message}")
+    say(f"Retry them with: litemultistep retry {database.path} --task {task_id}")
     sys.exit(1)
 
 
@@ -287,39 +387,56 @@ def watch(db: str, task_id: str, timeout: float | None, interval: float) -> None
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
+@_db_then("")
 @click.option("--task", "task_id", metavar="TASK_ID", help="Only this task's failures.")
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show each failure's traceback.")
 @json_option
-def failed(db: str, task_id: str | None, show_traceback: bool, as_json: bool) -> None:
-    """List failed jobs: job id, task, callable, exception and message, attempt, time."""
+def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_json: bool) -> None:
+    """List failed jobs (job id, task, call, exception and message, attempt, time), and the failed
+    jobs whose automatic retry is scheduled (`retry` runs them now)."""
+    db, _ = split_db(args, 0)
     database = _open(db)
     if task_id is not None:
         views.progress(database, task_id)  # unknown id: a clear error
     fails = views.failures(database, task_id)
+    scheduled = views.scheduled_retries(database, task_id)
     if as_json:
-        _emit_json({"failures": [f.as_dict() for f in fails]})
+        _emit_json({"failures": [f.as_dict() for f in fails], "scheduled": [s.as_dict() for s in scheduled]})
         return
-    if not fails:
-        out.print("No failed jobs.")
+    if not fails and not scheduled:
+        say("No failed jobs.")
         return
     for f in fails:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.failed_at))
         kind = "finalizer" if f.finalizer else "job"
-        out.print(f"{kind} {f.job_id} of {f.task_id}: {f.func}  attempt {f.attempt}, {when}", highlight=False)
-        out.print(f"  {f.exc_type}: {f.message}", highlight=False, markup=False)
-        if show_traceback:
-            out.print("  " + f.traceback.rstrip().replace("\n", "\n  "), highlight=False, markup=False)
+        say(f"{kind} {f.job_id} of {f.task_id}: {_call(f.func, f.args)}  attempt {f.attempt}, "
+            f"{_when(f.failed_at)}")
+        say(f"  {f.exc_type}: {f.message}")
+        if show_traceback and f.traceback:
+            say("  " + f.traceback.rstrip().replace("\n", "\n  "))
+    for sch in scheduled:
+        say(f"job {sch.job_id} of {sch.task_id}: {_call(sch.func, sch.args)}  attempt {sch.attempt} failed, "
+            f"retry scheduled at {_when(sch.run_at)}")
+        say(f"  {sch.exc_type}: {sch.message}")
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
-@click.argument("job_ids", nargs=-1, type=int)
+@_db_then("[JOB_ID]...")
 @click.option("--task", "task_id", metavar="TASK_ID", help="Retry every failed job of this task.")
 @click.option("--all", "retry_all", is_flag=True, help="Retry every failed job.")
 @json_option
-def retry(db: str, job_ids: tuple[int, ...], task_id: str | None, retry_all: bool, as_json: bool) -> None:
-    """Requeue failed jobs (JOB_ID ..., --task ID or --all); a retried finalizer resumes its chain."""
+def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bool) -> None:
+    """Requeue failed jobs (JOB_ID ..., --task ID or --all), and run scheduled automatic retries now.
+
+    A retried finalizer resumes its chain; a job that hit the crash limit starts afresh.
+    """
+    args = list(args)
+    db, rest = (args[0], args[1:]) if args and not args[0].isdigit() else (os.environ.get(DB_ENV) or "", args)
+    if not db:
+        raise click.UsageError(f"name the database: give DB first, or set {DB_ENV}")
+    bad = [a for a in rest if not a.isdigit()]
+    if bad:
+        raise click.UsageError(f"a job id is a whole number, not {bad[0]!r}")
+    job_ids = [int(a) for a in rest]
     if sum(bool(x) for x in (job_ids, task_id, retry_all)) != 1:
         raise click.UsageError("name what to retry: JOB_ID ..., --task TASK_ID, or --all (one of them)")
     database = _open(db)
@@ -332,74 +449,96 @@ def retry(db: str, job_ids: tuple[int, ...], task_id: str | None, retry_all: boo
     if as_json:
         _emit_json({"retried": ids})
     elif ids:
-        out.print(f"Requeued {len(ids)} job(s): {', '.join(map(str, ids))}", highlight=False)
+        say(f"Requeued {_plural(len(ids), 'job')}: {', '.join(map(str, ids))}")
     else:
-        out.print("No failed jobs to retry.")
+        say("No failed jobs to retry.")
 
 
 # -- workers, nuke, check ---------------------------------------------------------------------------
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
+@_db_then("")
 @json_option
-def workers(db: str, as_json: bool) -> None:
-    """List registered workers: pid, since when, the jobs each holds now."""
+def workers(args: Sequence[str], as_json: bool) -> None:
+    """List registered workers: pid, since when, alive or not, the jobs each runs and for how long.
+
+    Only looks: a dead worker stays listed (alive: no) until a worker or `check --repair` removes it.
+    """
+    db, _ = split_db(args, 0)
     database = _open(db)
     rows = views.workers(database)
     if as_json:
         _emit_json({"workers": [w.as_dict() for w in rows]})
         return
     if not rows:
-        out.print("No workers.")
+        say("No workers.")
         return
-    table = Table(title=f"Workers on {database.path}", title_justify="left")
-    for col in ("id", "pid", "host", "kind", "since", "alive", "running jobs", "queues"):
-        table.add_column(col)
+    held = {r.job_id: r for r in views.running_jobs(database)}
     now = time.time()
-    for w in rows:
-        table.add_row(str(w.id), str(w.pid), w.hostname, w.kind, _age(now - w.started_at) + " ago",
-                      "yes" if w.alive else "[red]no[/]", ", ".join(map(str, w.running_job_ids)) or "-",
-                      w.queues or "all")
-    out.print(table)
+
+    def running(w: views.WorkerInfo) -> str:
+        parts = []
+        for job_id in w.running_job_ids:
+            r = held.get(job_id)
+            parts.append(f"{job_id} ({_age(now - r.claimed_at)})" if r and r.claimed_at else str(job_id))
+        return ", ".join(parts) or "-"
+
+    _table(f"Workers on {database.path}", ["id", "pid", "host", "kind", "processes", "since", "alive",
+                                            "running jobs", "queues"],
+           [[w.id, w.pid, w.hostname, w.kind, w.concurrency, _age(now - w.started_at) + " ago",
+             "yes" if w.alive else Text("no", "red") if out.is_terminal else "no", running(w), w.queues or "all"]
+            for w in rows])
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
-@click.argument("task_id")
+@_db_then("TASK_ID")
 @click.option("--yes", is_flag=True, help="Do not ask first.")
-def nuke(db: str, task_id: str, yes: bool) -> None:
-    """Remove a task, its queue and its failures, finished or not."""
+def nuke(args: Sequence[str], yes: bool) -> None:
+    """Remove a task, its queue and its failures; for a finished task, its kept summary."""
+    db, rest = split_db(args, 1, least=1)
+    if not rest:
+        raise click.UsageError("name the task to remove: TASK_ID")
+    task_id = rest[0]
     database = _open(db)
     p = views.progress(database, task_id)
-    if p.finished:
-        raise LiteMultiStepError(f"task {task_id} has already finished: there is nothing to nuke")
+    what = f"the summary of finished task {task_id}" if p.finished else f"task {task_id} ({_counts(p)})"
     if not yes:
-        click.confirm(f"Remove task {task_id} ({_counts(p)})?", abort=True, err=True)
-    engine.delete_task(database, task_id)
-    out.print(f"Removed task {task_id}.", highlight=False)
+        click.confirm(f"Remove {what}?", abort=True, err=True)
+    if p.finished:
+        if not engine.delete_finished(database, task_id):
+            raise NoSuchMultiStepTask(f"no task {task_id!r} in {database.path}")
+    else:
+        engine.delete_task(database, task_id)
+    say(f"Removed {what.split(' (')[0]}.")
 
 
 @cli.command(context_settings=CONTEXT)
-@db_argument
+@_db_then("")
 @click.option("--repair", is_flag=True, help="Fix what is found.")
 @json_option
-def check(db: str, repair: bool, as_json: bool) -> None:
-    """Recount counters from the job rows, find dead workers' claims and stalled finalizations.
+def check(args: Sequence[str], repair: bool, as_json: bool) -> None:
+    """Recount counters from the job rows; find jobs held by dead workers, dead workers still listed,
+    stalled finalizations and abandoned `with` blocks; run SQLite's integrity check.
 
-    Runs SQLite's integrity check too. Exits 1 when problems remain (not repaired).
+    Exits 0 when nothing is wrong (or everything found was repaired), 1 when problems remain.
     """
+    db, _ = split_db(args, 0)
     database = _open(db)
     problems = engine.check(database, repair=repair)
+    remaining = [p for p in problems if not p.repaired]
     if as_json:
-        _emit_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
+        _emit_json({"ok": not remaining, "found": len(problems), "repaired": len(problems) - len(remaining),
+                    "problems": [p.__dict__ for p in problems]})
     elif not problems:
-        out.print(f"{database.path}: ok")
+        say(f"{database.path}: ok")
     else:
         for p in problems:
             what = "repaired" if p.repaired else "found"
-            out.print(f"{what}: {p.kind} {p.task_id or ''}: {p.detail}", highlight=False)
-    if any(not p.repaired for p in problems):
+            say(f"{what}: {p.kind}{' ' + p.task_id if p.task_id else ''}: {p.detail}")
+        if not remaining:
+            say(f"{database.path}: ok after repair")
+    if remaining:
         sys.exit(1)
 
 
@@ -408,8 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="litemultistep",
                  standalone_mode=False)
-    except click.exceptions.Abort:
-        err.print("Aborted.")
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            return 130  # Ctrl-C
+        click.echo("Aborted.", err=True)
         return 1
     except click.ClickException as e:
         e.show()
@@ -422,4 +563,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-

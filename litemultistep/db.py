@@ -240,6 +240,9 @@ def _check_path(path: str, create: bool) -> str:
             raise DatabaseUnusable(f"cannot read {path}: {e.strerror}") from None
         if header and header != SQLITE_HEADER:
             raise DatabaseUnusable(f"{path} is not a SQLite database (its first bytes say otherwise)")
+        if not header and not create:
+            raise DatabaseUnusable(f"{path} is empty: not a litemultistep database yet (a reading command "
+                                   "never turns a file into one); check the path, or create tasks first")
         if not os.access(path, os.W_OK):
             raise DatabaseUnusable(f"{path} is read-only: litemultistep writes to its database; "
                                    "make the file writable by this user")

@@ -39,8 +39,8 @@ from . import config
 from .db import Database, JobKind, JobState, TaskState, monotonic, now
 from .errors import (
     FinalizationAlreadyBegun,
-    LiteMultiStepError,
     JobNotFailed,
+    LiteMultiStepError,
     NoSuchJob,
     NoSuchMultiStepTask,
     NotReadyForFinalization,
@@ -300,6 +300,12 @@ def delete_task(db: Database, task_id: str) -> None:
             break
     with db.write() as c:
         c.execute("DELETE FROM task WHERE id = ?", (pk,))
+
+
+def delete_finished(db: Database, task_id: str) -> bool:
+    """Remove a finished task's kept summary; returns whether there was one."""
+    with db.write() as c:
+        return c.execute("DELETE FROM finished_task WHERE task_id = ?", (task_id,)).rowcount == 1
 
 
 # -- claiming and recording -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ SLOT_SIZE = 4096
 SLOW_JOB = 0.005
 #: the child's exit code when it can no longer talk to its worker (a job closed its pipes)
 BROKEN = 3
+NOT_IMPORTABLE = "litemultistep.errors.JobNotImportable"
 
 #: test hook: a file whose first line is "POINT module:qualname [worker]" makes the first job process to
 #: reach POINT (after-claim, after-run) in a job of that callable die at once, as a crash would; with
@@ -142,11 +143,6 @@ def _maybe_crash(path: str, point: str, job: ClaimedJob, parent: int) -> None:
     os._exit(BROKEN)
 
 
-def _clean(text: str) -> str:
-    """Text SQLite can store: a lone surrogate (from a hostile message) becomes an escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def serve(setup: dict[str, Any]) -> int:
     """Run batches from the worker until it closes the pipe; the child's whole life."""
     parent = setup["parent"]
@@ -164,6 +160,14 @@ def serve(setup: dict[str, Any]) -> int:
     page = mmap.mmap(setup["page"], SLOT_SIZE)
     os.close(setup["page"])
     db = Database(setup["db"])
+    pipes = [(fd, os.fstat(fd)) for fd in (setup["inbox"], setup["outbox"])]
+
+    def pipes_intact() -> bool:
+        try:
+            return all(os.path.samestat(os.fstat(fd), st) for fd, st in pipes)
+        except OSError:
+            return False
+
     crash_file = os.environ.get(CRASH_FILE_ENV)
     baseline = _Baseline()
     while True:
@@ -191,6 +195,8 @@ def serve(setup: dict[str, Any]) -> int:
             else:
                 result = Result(Outcome(job, False, "litemultistep.JobNotAllowed", refusal))
             SLOT.pack_into(page, 0, 0.0, -job.id)
+            if not pipes_intact():
+                os._exit(BROKEN)  # this job closed our pipes: the worker blames it, as the page says
             baseline.restore()
             if crash_file:
                 _maybe_crash(crash_file, "after-run", job, parent)
@@ -198,7 +204,11 @@ def serve(setup: dict[str, Any]) -> int:
             if o.ok and not job.is_finalizer:
                 ok.append(job.id)
             else:
-                results.append([job.id, o.ok, o.exc_type, _clean(o.message), _clean(o.traceback), o.duration])
+                message = o.message
+                if o.exc_type == NOT_IMPORTABLE:
+                    message += (f" (the worker imports jobs from {os.getcwd()}, where it was started, and "
+                                f"from --path: {', '.join(setup['paths'][1:]) or 'none given'})")
+                results.append([job.id, o.ok, o.exc_type, message, o.traceback, o.duration])
             slow = o.duration > SLOW_JOB
         # the whole time per job, this process's own part included: it is what a claim must plan for
         ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
@@ -206,7 +216,7 @@ def serve(setup: dict[str, Any]) -> int:
             outbox.send_bytes(json.dumps({"ok": ok, "seconds": ok_seconds, "results": results,
                                           "gave_back": gave_back}).encode())
         except OSError:
-            return BROKEN  # a job closed our pipe: the worker sees us die and starts another
+            os._exit(BROKEN)  # our pipe is gone: the worker sees us die and starts another
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import pytest
 from . import config
 from .config import resolve_db
 from .embedding import Workers
+from .jobproc import CRASH_FILE_ENV
 from .jobs import callable_path
 from .runner import DrainSummary, drain
 from .task import MultiStepTask
 from .views import Progress
-from .jobproc import CRASH_FILE_ENV
 
 
 @pytest.fixture

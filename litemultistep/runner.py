@@ -65,6 +65,11 @@ def _text(exc: BaseException) -> str:
         return f"<str() of this {type(exc).__name__} raised {type(e).__name__}>"
 
 
+def clean_text(text: str) -> str:
+    """Text SQLite can store: a lone surrogate (from a hostile message) becomes an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _traceback() -> str:
     try:
         return traceback.format_exc()
@@ -93,10 +98,10 @@ def execute(db: Database, job: ClaimedJob, catch_all: bool = False, timeout: flo
             result = asyncio.run(_await(result))
     except catch as e:
         duration = time.perf_counter() - start
-        message = _text(e)
+        message = clean_text(_text(e))
         log.info("failed job %d of %s after %.3fs: %s: %s", job.id, job.task_id, duration, _type_name(e),
                  message.encode("unicode_escape").decode("ascii")[:300])
-        outcome = Outcome(job, False, _type_name(e), message, _traceback(), duration)
+        outcome = Outcome(job, False, _type_name(e), message, clean_text(_traceback()), duration)
         return Result(outcome, e, duration)
     finally:
         current_job.reset(token)

@@ -92,7 +92,7 @@ class MultiStepTask:
     def __init__(self, task_id: str, db: Database) -> None:
         self._task_id = task_id
         self._db = db
-        self._buffer: list[tuple[int, str, str]] | None = None  # jobs of an open ``with`` block
+        self._buffer: list[tuple[int, str, str, float | None]] | None = None  # jobs of an open ``with`` block
 
     def __repr__(self) -> str:
         return f"<MultiStepTask {self._task_id} in {self._db.path}>"
@@ -173,10 +173,9 @@ class MultiStepTask:
 
     def _add(self, kind: int, fn: Callable[..., Any] | JobSpec, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> None:
-        timeout = None
-        if isinstance(fn, JobSpec):
-            fn, timeout = fn.fn, fn.timeout
-        job = (kind, callable_path(fn), encode_args(args, kwargs), timeout)
+        timeout = fn.timeout if isinstance(fn, JobSpec) else None
+        target = fn.fn if isinstance(fn, JobSpec) else fn
+        job = (kind, callable_path(target), encode_args(args, kwargs), timeout)
         if self._buffer is not None:
             self._buffer.append(job)
             if len(self._buffer) >= engine.CHUNK:

@@ -15,15 +15,17 @@ from .engine import worker_alive
 from .errors import NoSuchMultiStepTask
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
-                 "failed_count, pending_count, running_count, created_at")
+                 "failed_count, pending_count, running_count, created_at, "
+                 f"(SELECT count(*) FROM job WHERE job.task = task.id AND job.state = {int(JobState.SCHEDULED)})")
 
 
 @dataclass(frozen=True)
 class Progress:
     """One consistent snapshot of a task's counters, read in one query.
 
-    ``state`` is ``"building"`` (inside its ``with`` block), ``"running"``, ``"blocked"`` (a failed
-    job stops it until retried), ``"finalizing"`` or ``"finished"``.
+    ``state`` is ``"building"`` (inside its ``with`` block), ``"running"`` (jobs are queued, running
+    or waiting for an automatic retry; some may have failed already), ``"blocked"`` (failed jobs stop
+    it and nothing else will happen until they are retried), ``"finalizing"`` or ``"finished"``.
     """
 
     task_id: str
@@ -39,6 +41,8 @@ class Progress:
     running_count: int
     created_at: float
     finished_at: float | None = None
+    #: failed jobs whose automatic retry is scheduled (they count in ``pending_count`` too)
+    scheduled_count: int = 0
 
     @property
     def total_job_count(self) -> int:
@@ -50,7 +54,7 @@ class Progress:
 
     @property
     def blocked(self) -> bool:
-        """A failed job stops the task until it is retried."""
+        """Failed jobs stop the task, and nothing else is queued, running or scheduled."""
         return self.state == "blocked"
 
     @property
@@ -60,7 +64,10 @@ class Progress:
 
     @property
     def percent(self) -> float:
-        return 100.0 * self.completed_count / self.total_job_count if self.total_job_count else 100.0
+        """Completed jobs as a share of all (a task with no jobs is at 0% until it finishes)."""
+        if not self.total_job_count:
+            return 100.0 if self.finished else 0.0
+        return 100.0 * self.completed_count / self.total_job_count
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status --json``: every field plus ``total_job_count``."""
@@ -70,11 +77,11 @@ class Progress:
 
 
 def _progress_from_row(row: tuple[Any, ...]) -> Progress:
-    (task_id, slug, state, finalizable, normal, finalize, completed, failed, _pending, running,
-     created_at) = row
+    (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
+     created_at, scheduled) = row
     if state == TaskState.BUILDING:
         label = "building"
-    elif failed:
+    elif failed and not queued and not running and not scheduled:
         label = "blocked"
     elif state == TaskState.FINALIZING:
         label = "finalizing"
@@ -82,7 +89,7 @@ def _progress_from_row(row: tuple[Any, ...]) -> Progress:
         label = "running"
     pending = normal + finalize - completed - failed - running
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
-                    running, created_at)
+                    running, created_at, None, scheduled)
 
 
 def progress(db: Database, task_id: str) -> Progress:

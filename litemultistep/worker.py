@@ -40,7 +40,7 @@ from ._wakeup import WalWaiter
 from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import DatabaseUnusable, InvalidSetting, StorageError
-from .jobproc import SLOT_SIZE, read_slot
+from .jobproc import BROKEN, SLOT_SIZE, read_slot
 
 log = logging.getLogger("litemultistep")
 
@@ -204,6 +204,8 @@ def _how_it_died(code: int | None) -> str:
             return f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if code == BROKEN:
+        return "its pipes to the worker were closed (by a job that closed file descriptors?)"
     return f"exit code {code}"
 
 
@@ -496,9 +498,7 @@ class Worker:
                     pass
             except BlockingIOError:
                 pass
-        if wal is not None and wal in ready:
-            self._waiter.changed()
-        elif wal is None and idle:
+        if wal is not None and wal in ready or wal is None and idle:
             self._waiter.changed()
 
     def _storage_trouble(self, e: StorageError) -> None:

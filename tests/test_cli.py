@@ -124,7 +124,7 @@ class TestFailedAndRetry:
     def test_retry_by_job_id_and_task(self, db, tasks):
         _, beta, _ = tasks
         [failure] = json_out("failed", db, "--json")["failures"]
-        assert cli("retry", db, str(failure["job_id"])).stdout.startswith("Requeued 1 job(s)")
+        assert cli("retry", db, str(failure["job_id"])).stdout.startswith("Requeued 1 job: ")
         result = cli("retry", db, "--task", beta.task_id)
         assert result.returncode == 0 and "No failed jobs to retry" in result.stdout
 
@@ -195,10 +195,13 @@ class TestWorkersNukeCheck:
     def test_nuke_unknown_and_finished(self, db, tasks):
         _, _, done = tasks
         assert "no task" in cli("nuke", db, "x~y", "--yes").stderr
-        assert "already finished" in cli("nuke", db, done.task_id, "--yes").stderr
+        result = cli("nuke", db, done.task_id, "--yes")
+        assert result.returncode == 0 and "Removed the summary of finished task" in result.stdout
+        assert done.task_id not in json.dumps(json_out("status", db, "--json"))
+        assert "no task" in cli("nuke", db, done.task_id, "--yes").stderr
 
     def test_check_clean_database(self, db, tasks):
-        assert json_out("check", db, "--json") == {"ok": True, "problems": []}
+        assert json_out("check", db, "--json") == {"ok": True, "found": 0, "repaired": 0, "problems": []}
         assert cli("check", db).stdout.strip().endswith(": ok")
 
     def test_check_finds_and_repairs_drifted_counters_and_dead_claims(self, db, tasks):

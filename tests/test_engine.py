@@ -139,7 +139,7 @@ class TestStaleWorkers:
     def test_a_job_whose_worker_dies_three_times_fails_with_worker_crashed(self, store):
         t = E.create_task(store, "t")
         add(store, t)
-        for crash in range(3):
+        for _ in range(3):
             dead, lock = E.register_worker(store, "process")
             [job] = claim(store, dead, 1)
             die(lock)
