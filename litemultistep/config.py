@@ -5,11 +5,12 @@ Precedence, highest first: an explicit argument (``db=``), :func:`configure`, th
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import NoDatabaseConfigured
+from .errors import InvalidSetting, NoDatabaseConfigured
 
 if TYPE_CHECKING:
     from .db import Database
@@ -51,13 +52,25 @@ def configure(
         (default 3600). Else ``LITEMULTISTEP_KEEP_FINISHED``.
     """
     if mode is not _UNSET and mode not in (None, "async", "sync"):
-        raise ValueError(f"mode must be 'async' or 'sync', not {mode!r}")
+        raise InvalidSetting(f"mode must be 'async' or 'sync', not {mode!r}")
     if synchronous is not _UNSET and synchronous not in (None, "normal", "full"):
-        raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+        raise InvalidSetting(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
+    if keep_finished is not _UNSET and keep_finished is not None:
+        keep_finished = _seconds("keep_finished", keep_finished)
     for name, value in (("db", db), ("mode", mode), ("synchronous", synchronous),
                         ("keep_finished", keep_finished)):
         if value is not _UNSET:
             setattr(_settings, name, value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidSetting(f"{name}={value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidSetting(f"{name}={value!r} is not a finite number of seconds >= 0")
+    return seconds
 
 
 def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
@@ -65,7 +78,7 @@ def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     if not value:
         return default
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        raise InvalidSetting(f"{name}={value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -88,10 +101,14 @@ def keep_finished() -> float:
     if _settings.keep_finished is not None:
         return float(_settings.keep_finished)
     value = os.environ.get("LITEMULTISTEP_KEEP_FINISHED", "").strip()
-    try:
-        return float(value) if value else 3600.0
-    except ValueError:
-        raise ValueError(f"LITEMULTISTEP_KEEP_FINISHED={value!r} is not a number of seconds") from None
+    return _seconds("LITEMULTISTEP_KEEP_FINISHED", value) if value else 3600.0
+
+
+def validate() -> None:
+    """Check every setting now, so a bad one is refused where it is given, before anything runs."""
+    mode()
+    synchronous()
+    keep_finished()
 
 
 def resolve_db(db: Any = None) -> Database:

@@ -192,8 +192,8 @@ def _check_value(value: Any, where: str, depth: int) -> None:
         bytes: "pass base64 text or a list of numbers",
     }
     hint = hints.get(kind, "pass JSON types only: str, int, float, bool, None, list, dict with string keys")
-    raise ArgumentNotSerializable(f"{where} is a {kind.__name__} ({value!r:.60}), which JSON cannot carry "
-                                  f"exactly; {hint}")
+    raise ArgumentNotSerializable(f"{where} is of type {kind.__name__} ({value!r:.60}), which JSON cannot "
+                                  f"carry exactly; {hint}")
 
 
 #: the largest JSON a job's arguments may take: big data belongs in a file whose path the job gets

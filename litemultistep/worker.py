@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from types import FrameType
 
-from . import engine
+from . import config, engine
 from ._wakeup import WalWaiter
 from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
@@ -557,6 +557,7 @@ class Worker:
 def run_worker(options: WorkerOptions) -> int:
     """Run ``litemultistep worker``: one worker process with ``concurrency`` job processes."""
     options.validate()
+    config.validate()
     parent = os.environ.get(PARENT_PID_ENV)
     if parent and options.parent_pid is None:
         options.parent_pid = int(parent)

@@ -128,12 +128,12 @@ class TestArguments:
     @pytest.mark.parametrize("value, message", [
         (float("nan"), "argument 1 is nan: JSON has no NaN"),
         (float("inf"), "argument 1 is inf"),
-        ({1, 2}, "argument 1 is a set"),
+        ({1, 2}, "argument 1 is of type set"),
         ((1, 2), "a tuple would come back as a list"),
-        (datetime.datetime(2026, 1, 1), "argument 1 is a datetime"),
-        (b"raw", "argument 1 is a bytes"),
+        (datetime.datetime(2026, 1, 1), "argument 1 is of type datetime"),
+        (b"raw", "argument 1 is of type bytes"),
         ({1: "a"}, "argument 1 has the key 1 \\(int\\)"),
-        ({"a": [1, {"b": object()}]}, "argument 1\\['a'\\]\\[1\\]\\['b'\\] is a object"),
+        ({"a": [1, {"b": object()}]}, "argument 1\\['a'\\]\\[1\\]\\['b'\\] is of type object"),
         ("lone \udc80 surrogate", "lone surrogate"),
     ])
     def test_refused_with_the_argument_named(self, task, value, message):
@@ -142,7 +142,7 @@ class TestArguments:
         assert task.normal_job_count == 0
 
     def test_keyword_argument_named(self, task):
-        with pytest.raises(ArgumentNotSerializable, match="keyword argument 'when' is a date"):
+        with pytest.raises(ArgumentNotSerializable, match="keyword argument 'when' is of type date"):
             task.add_job(jobfuncs.noop, when=datetime.date.today())
 
     def test_deep_nesting_refused(self, task):
