@@ -318,10 +318,11 @@ def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[str]]:
 
 
 def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), done: Sequence[Done] = (),
-          give_back: Sequence[int] = (), wants: int = 1, max_batch: int = 32, queues: Sequence[str] | None = None,
-          max_crashes: int = DEFAULT_MAX_CRASHES) -> list[list[ClaimedJob]]:
-    """Record ``outcomes`` and ``done``, put back the jobs ``give_back`` (held but not started), and
-    claim up to ``wants`` batches, all in one transaction (group commit).
+          give_back: Sequence[int] = (), put_back: Sequence[int] = (), wants: int = 1, max_batch: int = 32,
+          queues: Sequence[str] | None = None, max_crashes: int = DEFAULT_MAX_CRASHES) -> list[list[ClaimedJob]]:
+    """Record ``outcomes`` and ``done``, return jobs to their queues (``give_back``: held but never
+    started, so their claim does not count as an attempt; ``put_back``: started, but their result is
+    lost), and claim up to ``wants`` batches, all in one transaction (group commit).
 
     Each batch comes from one task, the least recently served first, and holds as many of its jobs as
     the task's mean job duration says will run within :data:`CLAIM_WINDOW` (one job while that is
@@ -331,7 +332,10 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
     with db.write() as c:
         handed = _record(c, worker_id, outcomes, done, max_crashes) if outcomes or done else []
         if give_back:
-            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(give_back))})", [worker_id, *give_back])
+            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(give_back))})", [worker_id, *give_back],
+                     unstarted=True)
+        if put_back:
+            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(put_back))})", [worker_id, *put_back])
         batches = [[job] for job in handed]
         while len(batches) < wants:
             batch = _claim(c, worker_id, max_batch, queues)
@@ -515,11 +519,13 @@ def _shift_counters(c: sqlite3.Connection, task_pks: Iterable[int], **per_job: i
 
 
 def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object],
-             crashed: tuple[str, int] | None = None) -> int:
-    """Put RUNNING jobs matching ``where`` back in their queues. With ``crashed`` (why, limit) their
-    process died holding them: each crash is counted, and a job at the limit fails with WorkerCrashed."""
+             crashed: tuple[str, int] | None = None, unstarted: bool = False) -> int:
+    """Put RUNNING jobs matching ``where`` back in their queues (``unstarted``: their claim does not
+    count as an attempt). With ``crashed`` (why, limit) their process died holding them: each crash is
+    counted, and a job at the limit fails with WorkerCrashed."""
     if crashed is None:
-        rows = c.execute(f"UPDATE job SET state = ?, worker = NULL WHERE state = ? AND {where} RETURNING task",
+        undo = ", attempts = attempts - 1" if unstarted else ""
+        rows = c.execute(f"UPDATE job SET state = ?, worker = NULL{undo} WHERE state = ? AND {where} RETURNING task",
                          (QUEUED, RUNNING, *params)).fetchall()
         _shift_counters(c, (pk for (pk,) in rows), running_count=-1, pending_count=1)
         return len(rows)

@@ -209,7 +209,9 @@ def serve(setup: dict[str, Any]) -> int:
                     message += (f" (the worker imports jobs from {os.getcwd()}, where it was started, and "
                                 f"from --path: {', '.join(setup['paths'][1:]) or 'none given'})")
                 results.append([job.id, o.ok, o.exc_type, message, o.traceback, o.duration])
-            slow = o.duration > SLOW_JOB
+            # a slow job ends the batch (the rest go to idle processes); so does a failure, so that
+            # its record is sent at once and cannot be lost with a later job that crashes this process
+            slow = o.duration > SLOW_JOB or not o.ok
         # the whole time per job, this process's own part included: it is what a claim must plan for
         ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
         try:

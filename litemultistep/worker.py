@@ -225,7 +225,9 @@ class Worker:
         self._stop_deadline = float("inf")
         self.outcomes: list[Outcome] = []
         self.done: list[Done] = []
+        #: held jobs never started (their claim is undone), and started ones whose result is lost
         self.give_back: list[int] = []
+        self.put_back: list[int] = []
         self.handed: deque[ClaimedJob] = deque()
         self.procs: list[JobProcess] = []
         self._waiter = WalWaiter(db.path + "-wal", options.poll)
@@ -260,7 +262,7 @@ class Worker:
             if proc.busy:
                 proc.kill()
                 proc.batch = []
-        self.outcomes, self.done, self.give_back = [], [], []
+        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
         self.handed.clear()
         self._lock.release()
         self.worker_id, self._lock = self._register()
@@ -329,7 +331,7 @@ class Worker:
                 self._backoff = 0.0
             except StorageError as e:
                 self._storage_trouble(e)
-        if self.stopping and not self._busy() and not (self.outcomes or self.done or self.give_back):
+        if self.stopping and not self._busy() and not self._unwritten:
             return False
         if self._burst_done():
             log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
@@ -339,6 +341,11 @@ class Worker:
 
     def _busy(self) -> bool:
         return any(p.busy for p in self.procs)
+
+    @property
+    def _unwritten(self) -> bool:
+        """Results or returned jobs in hand, not yet written to the database."""
+        return bool(self.outcomes or self.done or self.give_back or self.put_back)
 
     def _write(self, now: float) -> None:
         if now >= self._next_heartbeat:
@@ -353,18 +360,18 @@ class Worker:
         while idle and self.handed:
             self._hand(idle.pop(), [self.handed.popleft()])
         wants = len(idle)
-        if not (self.outcomes or self.done or self.give_back):
+        if not self._unwritten:
             if not wants:
                 return
             if not engine.has_claimable(self.db, self.queues):
                 if not self._busy():
                     engine.tidy(self.db, idle=True)  # nothing to do: give back space, cut the -wal back
                 return
-        outcomes, done, give_back = self.outcomes, self.done, self.give_back
-        batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=give_back,
-                               wants=wants, max_batch=self.options.batch, queues=self.queues,
+        outcomes, done = self.outcomes, self.done
+        batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=self.give_back,
+                               put_back=self.put_back, wants=wants, max_batch=self.options.batch, queues=self.queues,
                                max_crashes=self.options.max_crashes)
-        self.outcomes, self.done, self.give_back = [], [], []
+        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
         for batch in batches:
             if idle:
                 self._hand(idle.pop(), batch)
@@ -405,16 +412,21 @@ class Worker:
             self.give_back += message["gave_back"]
             proc.batch = []
 
+    def _return_rest(self, proc: JobProcess, job: ClaimedJob | None) -> None:
+        """Return the batch's jobs other than ``job`` (the one that ran last): those before it ran but
+        their results are lost; those after it never started."""
+        batch, proc.batch = proc.batch, []
+        at = batch.index(job) if job is not None else -1
+        self.put_back += [j.id for j in batch[:max(at, 0)]]
+        self.give_back += [j.id for j in batch[at + 1:]]
+
     def _crashed(self, proc: JobProcess, how: str) -> None:
         job, _ = proc.running()
-        for other in proc.batch:
-            if other is not job:
-                self.give_back.append(other.id)  # not started, or finished but unreported: they run again
+        self._return_rest(proc, job)
         if job is not None:
             log.error("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
                       job.task_id, how)
             self.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
-        proc.batch = []
         self._replace(proc, how)
 
     def _enforce_time_limits(self, now: float) -> None:
@@ -430,8 +442,7 @@ class Worker:
             self.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
                                          f"ran longer than its {job.timeout:g} s limit; its process was killed",
                                          "", now - start))
-            self.give_back += [j.id for j in proc.batch if j is not job]
-            proc.batch = []
+            self._return_rest(proc, job)
             self._replace(proc, "killed at its job's time limit")
 
     def _replace(self, old: JobProcess, why: str) -> None:
@@ -450,7 +461,7 @@ class Worker:
         self.procs[self.procs.index(old)] = JobProcess(self.options, old.slot)
 
     def _burst_done(self) -> bool:
-        if not self.options.burst or self._busy() or self.outcomes or self.done or self.give_back or self.handed:
+        if not self.options.burst or self._busy() or self._unwritten or self.handed:
             return False
         if engine.has_claimable(self.db, self.queues):
             return False
@@ -485,7 +496,7 @@ class Worker:
             fds.append(wal)
         elif idle:
             until = min(until, now + self.options.poll)
-        if self.outcomes or self.done or self.give_back:
+        if self._unwritten:
             until = now if now >= self._retry_at else self._retry_at
         timeout = max(0.0, until - now)
         try:
@@ -516,8 +527,9 @@ class Worker:
             if proc.busy:
                 job, _ = proc.running()
                 proc.kill()
-                self.give_back += [j.id for j in proc.batch]
-                proc.batch = []
+                self._return_rest(proc, job)
+                if job is not None:
+                    self.put_back.append(job.id)
                 log.warning("worker %d: stopped job %s%s; it goes back to its queue", self.worker_id,
                             job.id if job else "?", f" of {job.task_id}" if job else "")
         self.forced = True
@@ -526,9 +538,11 @@ class Worker:
         """Record what is done, put back what is not, end the job processes, leave the worker table."""
         for proc in self.procs:
             if proc.busy:
+                job, _ = proc.running()
                 proc.kill()
-                self.give_back += [j.id for j in proc.batch]
-                proc.batch = []
+                self._return_rest(proc, job)
+                if job is not None:
+                    self.put_back.append(job.id)
                 self.forced = True
             proc.to_child.close()  # the child sees the end of its input and exits
         for proc in self.procs:
@@ -541,10 +555,11 @@ class Worker:
         try:
             for attempt in range(20):
                 try:
-                    if self.outcomes or self.done:
-                        engine.claim(self.db, self.worker_id, outcomes=self.outcomes, done=self.done, wants=0,
+                    if self._unwritten:
+                        engine.claim(self.db, self.worker_id, outcomes=self.outcomes, done=self.done,
+                                     give_back=self.give_back, put_back=self.put_back, wants=0,
                                      max_crashes=self.options.max_crashes)
-                        self.outcomes, self.done = [], []
+                        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
                     engine.unregister_worker(self.db, self.worker_id)
                     break
                 except StorageError as e:

@@ -117,3 +117,103 @@ def work(path: str, tag: str, seconds: float = 0.0) -> None:
 def victim(path: str, tag: str) -> None:
     """Like work, under another name: the crash hook picks its jobs out."""
     work(path, tag)
+
+
+# -- misbehaving jobs: each tries to harm the worker that runs it ------------------------------------
+
+from os.path import join as path_join  # noqa: E402, F401 - imported by name: --allow-module must not take it for ours
+
+
+
+def sleep_forever(path: str, tag: str) -> None:
+    _append(path, f"start {tag} {os.getpid()} {time.time()}")
+    time.sleep(10**6)
+
+
+def spin_forever(path: str, tag: str) -> None:
+    _append(path, f"start {tag} {os.getpid()} {time.time()}")
+    while True:
+        pass
+
+
+def regex_forever(path: str, tag: str) -> None:
+    """Holds the GIL in C for far longer than any limit (catastrophic backtracking)."""
+    import re
+
+    _append(path, f"start {tag} {os.getpid()} {time.time()}")
+    re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def deaf_sleeper(path: str, tag: str) -> None:
+    """Ignores every stop signal it can, then sleeps."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    _append(path, f"start {tag} {os.getpid()} {time.time()}")
+    time.sleep(10**6)
+
+
+def exit_hard() -> None:
+    os._exit(1)
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def keyboard_interrupt() -> None:
+    raise KeyboardInterrupt("raised by the job")
+
+
+class NotAnException(BaseException):
+    pass
+
+
+def base_exception() -> None:
+    raise NotAnException("a BaseException subclass")
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def broken_str() -> None:
+    raise BrokenStr()
+
+
+def close_all_fds() -> None:
+    os.closerange(3, 4096)
+
+
+def crash_once(marker: str, path: str, tag: str) -> None:
+    """Kills its process the first time (a marker file remembers), then records."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    record(path, tag)
+
+
+def meddle() -> None:
+    """Changes what the next jobs of the process would inherit."""
+    import signal
+
+    os.chdir("/")
+    os.environ["LITEMULTISTEP_TEST_LEAK"] = "leaked"
+    signal.signal(signal.SIGTERM, lambda *a: None)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def surroundings(path: str, tag: str) -> None:
+    """Records what a job sees of its process: directory, a variable, signal handlers."""
+    import signal
+
+    _append(path, f"{tag}\t{os.getcwd()}\t{os.environ.get('LITEMULTISTEP_TEST_LEAK', '-')}\t"
+                  f"{signal.getsignal(signal.SIGTERM)}\t{signal.getsignal(signal.SIGUSR1)}")
+
+
+def report_time_left(path: str) -> None:
+    _append(path, f"left {litemultistep.time_left()}")
