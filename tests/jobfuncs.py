@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from os.path import join as path_join  # noqa: F401 - imported by name: --allow-module must refuse it
 
 import litemultistep
 
@@ -121,7 +122,6 @@ def victim(path: str, tag: str) -> None:
 
 # -- misbehaving jobs: each tries to harm the worker that runs it ------------------------------------
 
-from os.path import join as path_join  # noqa: E402, F401 - imported by name: --allow-module must not take it for ours
 
 
 
