@@ -123,8 +123,6 @@ def victim(path: str, tag: str) -> None:
 # -- misbehaving jobs: each tries to harm the worker that runs it ------------------------------------
 
 
-
-
 def sleep_forever(path: str, tag: str) -> None:
     _append(path, f"start {tag} {os.getpid()} {time.time()}")
     time.sleep(10**6)
@@ -217,3 +215,13 @@ def surroundings(path: str, tag: str) -> None:
 
 def report_time_left(path: str) -> None:
     _append(path, f"left {litemultistep.time_left()}")
+
+
+def burn(path: str, tag: str, seconds: float) -> None:
+    """Busy CPU work for about ``seconds`` of process time, then a line: tag, pid, start, end."""
+    start = time.time()
+    cpu = time.process_time()
+    x = 0
+    while time.process_time() - cpu < seconds:
+        x += 1
+    _append(path, f"{tag} {os.getpid()} {start} {time.time()}")
