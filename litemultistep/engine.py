@@ -36,8 +36,9 @@ from typing import Any, NamedTuple
 from filelock import FileLock
 
 from . import config
-from .db import Database, JobKind, JobState, TaskState, monotonic, now
+from .db import Database, JobKind, JobState, TaskState, monotonic, now, translate_error
 from .errors import (
+    DatabaseBusy,
     FinalizationAlreadyBegun,
     JobNotFailed,
     LiteMultiStepError,
@@ -411,9 +412,7 @@ def _claim(c: sqlite3.Connection, worker_id: int, max_batch: int,
 
 def retry_wait(delay: float, attempt: int) -> float:
     """Seconds before automatic retry number ``attempt``: ``delay`` doubling each time, capped."""
-    if attempt > 64:
-        return MAX_RETRY_DELAY
-    return min(delay * 2.0 ** (attempt - 1), MAX_RETRY_DELAY)
+    return min(delay * 2.0 ** min(attempt - 1, 64), MAX_RETRY_DELAY)  # 2**64: far past the cap, no overflow
 
 
 def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
@@ -721,12 +720,16 @@ def register_worker(db: Database, kind: str, queues: Sequence[str] | None = None
     """Take a worker lock, then add the worker's row (in that order, so a live row's lock is held)."""
     lock = WorkerLock(db)
     t = now()
-    with db.write() as c:
-        worker_id = c.execute(
-            "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
-            "heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
-             t + lease if lease else None, lock.path, monotonic(), concurrency)).lastrowid
+    try:
+        with db.write() as c:
+            worker_id = c.execute(
+                "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
+                "heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
+                 t + lease if lease else None, lock.path, monotonic(), concurrency)).lastrowid
+    except BaseException:
+        lock.release()
+        raise
     return int(worker_id), lock  # type: ignore[arg-type]
 
 
@@ -817,8 +820,11 @@ def checkpoint(db: Database) -> bool:
     conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
     try:
         blocked = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    except sqlite3.OperationalError:
-        return False
+    except sqlite3.OperationalError as e:
+        error = translate_error(e, db.path)
+        if isinstance(error, DatabaseBusy):
+            return False
+        raise error from None  # a full disk: the caller waits for space before writing anything
     finally:
         conn.execute(f"PRAGMA busy_timeout = {busy}")
     return not blocked

@@ -26,6 +26,7 @@ import mmap
 import os
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from . import config, engine
 from ._wakeup import WalWaiter
 from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
-from .errors import DatabaseUnusable, InvalidSetting, StorageError
+from .errors import InvalidSetting, StorageError
 from .jobproc import BROKEN, SLOT_SIZE, read_slot
 
 log = logging.getLogger("litemultistep")
@@ -49,6 +50,9 @@ PARENT_PID_ENV = "LITEMULTISTEP_PARENT_PID"
 #: seconds between heartbeats and between rounds of recovery
 HEARTBEAT_EVERY = 2.0
 MAINTENANCE_EVERY = 1.0
+TIDY_EVERY = 1.0
+#: -wal pages between automatic checkpoints once the disk has been full (256 otherwise, see db.py)
+TIGHT_AUTOCHECKPOINT = 64
 #: a job process gives back the rest of a batch once it has run this long (a claim plans for
 #: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
 GIVE_BACK_AFTER = 0.01
@@ -196,6 +200,15 @@ class JobProcess:
         self.page.close()
 
 
+def _tighten(db: Database) -> None:
+    """After a full disk: copy the -wal back every 64 pages from now on. On a nearly full disk, a
+    -wal left to grow takes the space its own checkpoint needs, and everything stops again."""
+    try:
+        db.connection().execute(f"PRAGMA wal_autocheckpoint = {TIGHT_AUTOCHECKPOINT}")
+    except sqlite3.Error:
+        pass
+
+
 def _how_it_died(code: int | None) -> str:
     if code is None:
         return "it stopped answering"
@@ -233,6 +246,9 @@ class Worker:
         self._waiter = WalWaiter(db.path + "-wal", options.poll)
         self._next_maintenance = 0.0
         self._next_heartbeat = 0.0
+        self._next_tidy = 0.0
+        #: when the next automatic retry is due (monotonic): it is queued then, not a second later
+        self._next_promote = float("inf")
         self._backoff = 0.0
         self._retry_at = 0.0
         self._restarts: dict[int, float] = {}
@@ -251,7 +267,12 @@ class Worker:
             except StorageError as e:  # a full disk or a long lock is transient: wait, do not exit
                 log.error("worker (pid %d) cannot register: %s; trying again in %.1f s", os.getpid(), e, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
+                _tighten(self.db)
+                try:
+                    engine.checkpoint(self.db)  # see step(): no write may grow the -wal before this
+                except StorageError:
+                    pass
 
     def _rejoin(self) -> None:
         """Our row is gone: we were taken for dead and our jobs were given to others. Stop running
@@ -327,6 +348,10 @@ class Worker:
         self._enforce_time_limits(now)
         if now >= self._retry_at:
             try:
+                if self._backoff:
+                    # After a full disk, copy the -wal into the database and cut it back before any
+                    # new write: otherwise the -wal grows into the space just freed, and stays stuck.
+                    engine.checkpoint(self.db)
                 self._write(now)
                 self._backoff = 0.0
             except StorageError as e:
@@ -355,7 +380,10 @@ class Worker:
         if now >= self._next_maintenance:  # busy or not: dead workers' jobs come back within a second
             self._next_maintenance = now + MAINTENANCE_EVERY
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
+            self._next_promote = 0.0
+        if now >= self._next_promote:
             engine.promote_scheduled(self.db)
+            self._watch_retries()
         idle = [] if self.stopping else [p for p in self.procs if not p.busy]
         while idle and self.handed:
             self._hand(idle.pop(), [self.handed.popleft()])
@@ -364,19 +392,28 @@ class Worker:
             if not wants:
                 return
             if not engine.has_claimable(self.db, self.queues):
-                if not self._busy():
-                    engine.tidy(self.db, idle=True)  # nothing to do: give back space, cut the -wal back
+                if not self._busy() and now >= self._next_tidy:
+                    # nothing to do: give back space and cut the -wal back, at most once a second (a
+                    # checkpoint that meets a long reader holds the write lock for a moment each time)
+                    self._next_tidy = now + TIDY_EVERY
+                    engine.tidy(self.db, idle=True)
                 return
         outcomes, done = self.outcomes, self.done
         batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=self.give_back,
                                put_back=self.put_back, wants=wants, max_batch=self.options.batch, queues=self.queues,
                                max_crashes=self.options.max_crashes)
         self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
+        if any(not o.ok for o in outcomes):
+            self._watch_retries()
         for batch in batches:
             if idle:
                 self._hand(idle.pop(), batch)
             else:
                 self.handed.extend(batch)  # a finalizer handed to us while every process is busy
+
+    def _watch_retries(self) -> None:
+        due = engine.next_scheduled(self.db)
+        self._next_promote = float("inf") if due is None else monotonic() + max(0.0, due - time.time())
 
     def _hand(self, proc: JobProcess, batch: list[ClaimedJob]) -> None:
         default = self.options.timeout
@@ -480,7 +517,7 @@ class Worker:
         """Sleep until a job process answers, the file changes (when we could use work), a signal
         comes, or the next timed duty."""
         now = monotonic()
-        until = min(self._next_maintenance, self._next_heartbeat, self._stop_deadline)
+        until = min(self._next_maintenance, self._next_heartbeat, self._stop_deadline, self._next_promote)
         for proc in self.procs:
             if proc.busy and proc.limited:
                 job, start = proc.running()
@@ -514,13 +551,10 @@ class Worker:
 
     def _storage_trouble(self, e: StorageError) -> None:
         # The results in hand stay in memory and are recorded once a write succeeds again.
+        _tighten(self.db)
         self._backoff = min(max(self._backoff * 2, 0.25), 2.0)
         self._retry_at = monotonic() + self._backoff
         log.error("worker %d: %s; trying again in %.2f s", self.worker_id, e, self._backoff)
-        try:
-            engine.checkpoint(self.db)  # after a full disk, a -wal cut back frees the space it took
-        except DatabaseUnusable:
-            pass
 
     def _force_stop(self) -> None:
         for proc in self.procs:

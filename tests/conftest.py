@@ -110,3 +110,18 @@ def _clean_settings() -> Iterator[None]:
 def sync_mode() -> Iterator[None]:
     litemultistep.configure(mode="sync")
     yield
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB filesystem (tmpfs), so a full disk is a real ENOSPC. Mounting needs root, as CI runs."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -180,21 +180,6 @@ def test_file_shrinks_back_after_work(db, spawn):
     assert_clean(db)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MB filesystem (tmpfs), so a full disk is a real ENOSPC. Mounting needs root, as CI runs."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_mid_run_then_work_goes_on(small_disk, log_path, spawn):
     """A worker whose writes fail for lack of space logs a clear error, keeps its results, and goes
     on once there is space again."""
