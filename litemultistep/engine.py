@@ -789,7 +789,7 @@ CHECKPOINT_WAIT_MS = 50
 
 def tidy(db: Database, idle: bool = False) -> None:
     """Give free pages back to the filesystem once they are over a quarter of the file, and, when
-    ``idle``, cut a large ``-wal`` file back to nothing, so the file shrinks when work is done.
+    ``idle``, cut the ``-wal`` file back to nothing, so the files shrink when work is done.
 
     The checkpoint that cuts the ``-wal`` holds the write lock while it waits for readers, so it
     waits at most :data:`CHECKPOINT_WAIT_MS` and simply tries again at the next idle moment.
@@ -808,7 +808,7 @@ def tidy(db: Database, idle: bool = False) -> None:
             wal = os.path.getsize(db.path + "-wal")
         except OSError:
             return
-        if wal > 4 * 1024 * 1024:
+        if wal:
             checkpoint(db)
 
 
