@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,14 +37,21 @@ def main() -> int:
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="pirate-")
-    blog_dir = os.path.join(work, "blog")
-    db = args.db or os.path.join(work, "pirate.sqlite")
-    make_blog(blog_dir, args.posts)
-    print(f"blog of {args.posts} posts in {blog_dir}, tasks in {db}")
+    try:
+        return run(work, args.posts, args.db or os.path.join(work, "pirate.sqlite"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the blog and (unless --db) the database
 
+
+def run(work: str, posts: int, db: str) -> int:
+    blog_dir = os.path.join(work, "blog")
+    make_blog(blog_dir, posts)
+    print(f"blog of {posts} posts in {blog_dir}, tasks in {db}")
+
+    # quiet: the workers log warnings only (quiet is one of the worker options Workers takes)
     with litemultistep.Workers(db, concurrency=2, quiet=True):
         with MultiStepTask.create("pirate-take-over", db=db) as task:
-            for post_id in range(args.posts):
+            for post_id in range(posts):
                 task.add_job(pirate_jobs.convert_post_to_pirate_talk, blog_dir, post_id)
             task.add_finalization_job(pirate_jobs.commit_solr, blog_dir)
             task.add_finalization_job(pirate_jobs.unlock_blog, blog_dir)
@@ -54,15 +62,15 @@ def main() -> int:
         while True:
             try:
                 found = MultiStepTask.find(task_id, db=db)
-                percent = round(100 * found.completed_count / found.total_job_count)
+                percent = round(found.progress().percent)
             except NoSuchMultiStepTask:
                 print("100% complete: the task has finished and is gone")
                 break
             if percent != last:
                 print(f"{percent}% complete")
                 last = percent
-            if found.failed_count:
-                print(f"{found.failed_count} job(s) failed: see `litemultistep failed {db}`")
+            if found.progress().blocked:
+                print(f"{found.failed_count} failed: see `litemultistep failed {db}`")
                 return 1
             time.sleep(0.1)
 

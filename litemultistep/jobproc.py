@@ -123,6 +123,21 @@ class _Baseline:
                 signal.signal(s, handler)
 
 
+def _fast_logging(level: int) -> None:
+    """The worker's log format, at a fraction of the cost per line: a job process logs two lines a
+    job, so the caller's file and line, thread and process names are not looked up for each."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(message)s"))
+    root = logging.getLogger("litemultistep")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
 def _maybe_crash(path: str, point: str, job: ClaimedJob, parent: int) -> None:
     try:
         with open(path) as f:
@@ -150,8 +165,7 @@ def serve(setup: dict[str, Any]) -> int:
     # Stop signals are the worker's business: it lets jobs finish, then ends this process itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=setup["log_level"], stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [pid %(process)d] %(message)s")
+    _fast_logging(setup["log_level"])
     for p in reversed(setup["paths"]):
         if p not in sys.path:
             sys.path.insert(0, p)

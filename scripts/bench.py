@@ -134,9 +134,12 @@ def completed(db: str) -> int:
         conn.close()
 
 
-def drain(db: str, n: int, synchronous: str = "normal", memory: list[float] | None = None) -> float:
-    """Run ``litemultistep worker DB -c 2 --burst`` on ``n`` queued jobs; steady-state jobs/s."""
-    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", "2", "--burst"],
+def drain(db: str, n: int, synchronous: str = "normal", memory: list[float] | None = None,
+          concurrency: int = 2) -> float:
+    """Run ``litemultistep worker DB -c 2 --burst -q`` on ``n`` queued jobs; steady-state jobs/s.
+    (-q: no log line per job, which costs about 20 µs of CPU each, start and end.)"""
+    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", str(concurrency), "--burst",
+                             "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=child_env(LITEMULTISTEP_SYNCHRONOUS=synchronous))
     samples = [(time.monotonic(), 0)]
@@ -147,8 +150,8 @@ def drain(db: str, n: int, synchronous: str = "normal", memory: list[float] | No
         if memory is not None:
             for label, frac in (("10%", 0.1), ("90%", 0.9)):
                 if label not in rss_at and done >= frac * n:
-                    kids = children(proc.pid)
-                    rss_at[label] = max((rss_kb(k) for k in kids), default=0) / 1024
+                    procs = [proc.pid, *children(proc.pid)]  # the worker and its job processes
+                    rss_at[label] = max((rss_kb(k) for k in procs), default=0) / 1024
         time.sleep(0.02)
     samples.append((time.monotonic(), completed(db)))
     if proc.returncode != 0:
@@ -236,6 +239,88 @@ def file_kb(db: str) -> float:
     return sum(os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p)) / 1024
 
 
+# -- real jobs --------------------------------------------------------------------------------------
+
+
+def enqueue(db: str, calls: list[tuple[str, list[object]]], timeout: float | None = None) -> float:
+    """One task of ``calls`` (bench_jobs function name, arguments), in a fresh process; returns the
+    wall time of the commit."""
+    code = textwrap.dedent(f"""
+        import time, bench_jobs
+        from litemultistep import MultiStepTask
+        with MultiStepTask.create("real", db={db!r}, timeout={timeout!r}) as task:
+            for name, args in {calls!r}:
+                task.add_job(getattr(bench_jobs, name), *args)
+        print(time.time())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
+    return float(out.stdout)
+
+
+def wait_done(db: str, total: int) -> float:
+    while completed(db) < total:
+        time.sleep(0.005)
+    return time.time()
+
+
+def into_idle_pool(db: str, concurrency: int, calls: list[tuple[str, list[object]]]) -> float:
+    """Seconds from the commit of a task to its last job, run by an idle ``-c N`` pool."""
+    from litemultistep import Database
+
+    Database(db)
+    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", str(concurrency), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    try:
+        time.sleep(2.0)  # idle for a while first: the pool must not have grown greedy meanwhile
+        committed = enqueue(db, calls)
+        return wait_done(db, len(calls)) - committed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def burst_seconds(db: str, concurrency: int, calls: list[tuple[str, list[object]]],
+                  timeout: float | None = None) -> float:
+    """Wall seconds of ``worker -c N --burst`` over a task of ``calls``, start-up included."""
+    enqueue(db, calls, timeout)
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-m", "litemultistep", "worker", db, "-c", str(concurrency), "--burst", "-q"],
+                   check=True, env=child_env())
+    return time.monotonic() - t
+
+
+def burst_exit_ms(tmp: str) -> float:
+    """Milliseconds from the last job's run to the exit of ``worker -c 2 --burst``."""
+    db, log = f"{tmp}/exit-{time.monotonic_ns()}.sqlite", f"{tmp}/exit.log"
+    enqueue(db, [("stamp", [log, "n"])] * 200)
+    subprocess.run([sys.executable, "-m", "litemultistep", "worker", db, "-c", "2", "--burst", "-q"], check=True,
+                   env=child_env())
+    exited = time.time()
+    with open(log) as f:
+        last = max(float(line.split()[1]) for line in f)
+    os.remove(log)
+    return (exited - last) * 1000
+
+
+def isolation_us(tmp: str, n: int) -> tuple[float, float]:
+    """CPU µs per no-op job spent by the worker process (claims, results, handing jobs over) and by
+    its job process (running them), with ``worker -c 1``, start-up excluded."""
+    db = f"{tmp}/iso-{time.monotonic_ns()}.sqlite"
+    enqueue(db, [("noop", [i]) for i in range(n)])
+    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    while completed(db) < n // 10:
+        time.sleep(0.002)
+    kids = children(proc.pid)
+    w0, k0, d0 = cpu_seconds(proc.pid), sum(cpu_seconds(k) for k in kids), completed(db)
+    while completed(db) < n * 9 // 10:
+        time.sleep(0.002)
+    w1, k1, d1 = cpu_seconds(proc.pid), sum(cpu_seconds(k) for k in kids), completed(db)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    return (w1 - w0) / (d1 - d0) * 1e6, (k1 - k0) / (d1 - d0) * 1e6
+
+
 # -- huey -------------------------------------------------------------------------------------------
 
 
@@ -278,6 +363,11 @@ def huey_run(tmp: str, n: int, fsync: str) -> tuple[float, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
     return enqueue, steady_rate(samples, n)
+
+
+def _limited_drain(db: str, n: int) -> float:
+    enqueue(db, [("noop", [i]) for i in range(n)], timeout=60.0)
+    return drain(db, n)
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -363,6 +453,38 @@ def main(argv: list[str] | None = None) -> int:
         share, pickups = idle(tmp, 2.0 if quick else 10.0, 5 if quick else 20)
         add("idle worker CPU", "% of a core", [share * 100], "all threads, from /proc schedstat")
         add("idle system: commit -> job start", "ms", pickups, f"max {max(pickups):.1f} ms")
+
+        sleepy = [("sleep", [0.5])] * 20
+        for c in (2, 4):
+            ideal = 20 * 0.5 / c
+            took = add(f"20 jobs of 0.5 s into an idle -c {c} pool: commit -> last job done", "s",
+                       repeat(lambda c=c: into_idle_pool(fresh("sleep"), c, sleepy)), f"ideal {ideal:g} s")
+            ratios.append(f"sleeping jobs, -c {c}: {statistics.median(took.values) / ideal:.2f} x the ideal "
+                          f"{ideal:g} s")
+        cpu_n = 100 if quick else 300
+        burns = [("burn", [0.01])] * cpu_n
+        one = add(f"{cpu_n} CPU-bound jobs of 10 ms, worker -c 1 --burst (start-up included)", "s",
+                  repeat(lambda: burst_seconds(fresh("cpu1"), 1, burns)))
+        two = add(f"{cpu_n} CPU-bound jobs of 10 ms, worker -c 2 --burst (start-up included)", "s",
+                  repeat(lambda: burst_seconds(fresh("cpu2"), 2, burns)))
+        ratios.append(f"CPU-bound jobs: -c 2 is {statistics.median(one.values) / statistics.median(two.values):.2f}x "
+                      "faster than -c 1 on this machine")
+        mixed = [("noop", [i]) for i in range(1000)]
+        for k in range(20):
+            mixed.insert(50 * k + 25, ("sleep", [0.2]))
+        took = add("1,000 no-op jobs and 20 jobs of 0.2 s in one task, worker -c 2 --burst (start-up included)", "s",
+                   repeat(lambda: burst_seconds(fresh("mixed"), 2, mixed)), "ideal: 2 s of sleeping shared by 2")
+        ratios.append(f"mixed task: {statistics.median(took.values) / 2.0:.2f} x the ideal 2 s (start-up included)")
+        add("worker -c 2 --burst: last job run -> process exit", "ms",
+            [burst_exit_ms(tmp) for _ in range(3 if quick else 10)])
+        limited = add(f"drain, {drain_n:,} no-op jobs with a 60 s time limit each, worker -c 2", "jobs/s",
+                      repeat(lambda: _limited_drain(fresh("limit"), drain_n)))
+        ratios.append(f"drain with a time limit on every job / without: "
+                      f"{statistics.median(limited.values) / statistics.median(normal.values):.2f}")
+        worker_us, job_us = isolation_us(tmp, 20_000 if quick else 200_000)
+        add("CPU per no-op job in the worker process (claim, record, hand over)", "µs", [worker_us])
+        add("CPU per no-op job in the job process (receive, run, report)", "µs", [job_us],
+            "the job process is what isolation adds; a no-op job's call itself is about 1 µs")
 
         if "huey" in args.compare:
             h_full, h_off, h_enq = [], [], []

@@ -17,3 +17,14 @@ def stamp(path: str, tag: str) -> None:
         os.write(fd, f"{tag} {time.time():.6f}\n".encode())
     finally:
         os.close(fd)
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def burn(seconds: float) -> None:
+    """About ``seconds`` of CPU work, in Python."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
