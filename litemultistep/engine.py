@@ -16,6 +16,13 @@ The rules a reader can check in this file:
   and resumed by whichever worker claims it.
 * When the last finalizer succeeds the task row (and with it its queue) is deleted; a short summary
   stays in ``finished_task`` for the status view.
+* A claim takes, from the least recently served task, only what will run within a few milliseconds
+  (:data:`CLAIM_WINDOW`, from the task's mean job duration; one job while it is unknown), so no
+  worker sits on jobs another could start.
+* A worker is alive while its OS lock (``flock``) is held; only when its lock file has vanished does
+  its heartbeat on the host's monotonic clock decide. A dead worker's jobs go back to their queues,
+  and so do jobs held under worker ids no longer registered; each such return counts as a crash of
+  the job, and a job at the crash limit fails with ``WorkerCrashed`` instead of running again.
 """
 
 from __future__ import annotations
@@ -97,7 +104,6 @@ class _TaskChange:
     failed: int = 0
     finished_running: int = 0
     finalizer_completed: bool = False
-    requeued: int = 0
     ran: int = 0
     seconds: float = 0.0
 

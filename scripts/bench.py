@@ -30,9 +30,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
+#: a checkout whose litemultistep the --baseline drains use instead of this one
+BASELINE: list[str] = []
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*BASELINE, HERE, env.get("PYTHONPATH", "")) if p)
     env.pop("LITEMULTISTEP_DB", None)
     env.update(extra)
     return env
@@ -379,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", choices=["huey"], action="append", default=[],
                         help="also run huey's SqliteHuey on the same workloads")
     parser.add_argument("--runs", type=int, help="runs of each drain (default 3, 1 with --quick)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also drain with the litemultistep of DIR (a checkout of another commit, e.g. made "
+                             "with `git worktree add DIR COMMIT`), same workload, same run, and report the ratio")
     args = parser.parse_args(argv)
     if "huey" in args.compare:
         try:
@@ -420,6 +427,15 @@ def main(argv: list[str] | None = None) -> int:
 
         normal = add(f"drain, {drain_n:,} no-op jobs, worker -c 2 --burst (synchronous NORMAL)", "jobs/s",
                      repeat(lambda: fill_and_drain(drain_n)))
+        if args.baseline:
+            BASELINE.append(os.path.abspath(args.baseline))
+            try:
+                base = add(f"drain, {drain_n:,} no-op jobs, worker -c 2 --burst, the baseline ({args.baseline})",
+                           "jobs/s", repeat(lambda: fill_and_drain(drain_n)))
+            finally:
+                BASELINE.clear()
+            ratios.append(f"no-op drain, this checkout / the baseline: "
+                          f"{statistics.median(normal.values) / statistics.median(base.values):.2f}")
         full = add(f"drain, {drain_n:,} no-op jobs, worker -c 2 --burst (synchronous FULL)", "jobs/s",
                    repeat(lambda: fill_and_drain(drain_n, "full")))
 
