@@ -249,6 +249,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
     except (DatabaseUnusable, InvalidSetting) as e:
         _error(str(e))
         sys.exit(2)
+    _quick_exit.append(code)
     sys.exit(code)
 
 
@@ -542,8 +543,23 @@ def check(args: Sequence[str], repair: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+#: set by a worker that has finished all its work: the process may end without tearing down the
+#: interpreter (tens of milliseconds, which a --burst worker's caller would wait for)
+_quick_exit: list[int] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    code = _main(argv)
+    if _quick_exit and argv is None:  # the `litemultistep` process itself, not a call from Python
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="litemultistep",
                  standalone_mode=False)

@@ -612,5 +612,8 @@ def run_worker(options: WorkerOptions) -> int:
         options.parent_pid = int(parent)
     db = Database(options.db)
     options.db = db.path
-    return Worker(db, options).run()
+    try:
+        return Worker(db, options).run()
+    finally:
+        db.close()
 

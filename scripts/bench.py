@@ -13,6 +13,7 @@ any queue) does not count.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import signal
@@ -250,14 +251,16 @@ def enqueue(db: str, calls: list[tuple[str, list[object]]], timeout: float | Non
     """One task of ``calls`` (bench_jobs function name, arguments), in a fresh process; returns the
     wall time of the commit."""
     code = textwrap.dedent(f"""
-        import time, bench_jobs
+        import json, sys, time, bench_jobs
         from litemultistep import MultiStepTask
+        calls = json.load(sys.stdin)
         with MultiStepTask.create("real", db={db!r}, timeout={timeout!r}) as task:
-            for name, args in {calls!r}:
+            for name, args in calls:
                 task.add_job(getattr(bench_jobs, name), *args)
         print(time.time())
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(calls), capture_output=True, text=True,
+                         check=True, env=child_env())
     return float(out.stdout)
 
 
@@ -267,7 +270,7 @@ def wait_done(db: str, total: int) -> float:
     return time.time()
 
 
-def into_idle_pool(db: str, concurrency: int, calls: list[tuple[str, list[object]]]) -> float:
+def into_idle_pool(db: str, concurrency: int, calls: list[tuple[str, list[object]]], idle_first: float) -> float:
     """Seconds from the commit of a task to its last job, run by an idle ``-c N`` pool."""
     from litemultistep import Database
 
@@ -275,7 +278,7 @@ def into_idle_pool(db: str, concurrency: int, calls: list[tuple[str, list[object
     proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", str(concurrency), "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
     try:
-        time.sleep(2.0)  # idle for a while first: the pool must not have grown greedy meanwhile
+        time.sleep(idle_first)  # idle for a while first: the pool must not have grown greedy meanwhile
         committed = enqueue(db, calls)
         return wait_done(db, len(calls)) - committed
     finally:
@@ -470,14 +473,16 @@ def main(argv: list[str] | None = None) -> int:
         add("idle worker CPU", "% of a core", [share * 100], "all threads, from /proc schedstat")
         add("idle system: commit -> job start", "ms", pickups, f"max {max(pickups):.1f} ms")
 
-        sleepy = [("sleep", [0.5])] * 20
+        n_sleep, each = (8, 0.25) if quick else (20, 0.5)
+        sleepy = [("sleep", [each])] * n_sleep
         for c in (2, 4):
-            ideal = 20 * 0.5 / c
-            took = add(f"20 jobs of 0.5 s into an idle -c {c} pool: commit -> last job done", "s",
-                       repeat(lambda c=c: into_idle_pool(fresh("sleep"), c, sleepy)), f"ideal {ideal:g} s")
+            ideal = n_sleep * each / c
+            took = add(f"{n_sleep} jobs of {each:g} s into an idle -c {c} pool: commit -> last job done", "s",
+                       repeat(lambda c=c: into_idle_pool(fresh("sleep"), c, sleepy, 1.0 if quick else 2.0)),
+                       f"ideal {ideal:g} s")
             ratios.append(f"sleeping jobs, -c {c}: {statistics.median(took.values) / ideal:.2f} x the ideal "
                           f"{ideal:g} s")
-        cpu_n = 100 if quick else 300
+        cpu_n = 60 if quick else 300
         burns = [("burn", [0.01])] * cpu_n
         one = add(f"{cpu_n} CPU-bound jobs of 10 ms, worker -c 1 --burst (start-up included)", "s",
                   repeat(lambda: burst_seconds(fresh("cpu1"), 1, burns)))
@@ -485,19 +490,23 @@ def main(argv: list[str] | None = None) -> int:
                   repeat(lambda: burst_seconds(fresh("cpu2"), 2, burns)))
         ratios.append(f"CPU-bound jobs: -c 2 is {statistics.median(one.values) / statistics.median(two.values):.2f}x "
                       "faster than -c 1 on this machine")
-        mixed = [("noop", [i]) for i in range(1000)]
-        for k in range(20):
-            mixed.insert(50 * k + 25, ("sleep", [0.2]))
-        took = add("1,000 no-op jobs and 20 jobs of 0.2 s in one task, worker -c 2 --burst (start-up included)", "s",
-                   repeat(lambda: burst_seconds(fresh("mixed"), 2, mixed)), "ideal: 2 s of sleeping shared by 2")
-        ratios.append(f"mixed task: {statistics.median(took.values) / 2.0:.2f} x the ideal 2 s (start-up included)")
+        n_noop, n_slow = (200, 4) if quick else (1000, 20)
+        mixed: list[tuple[str, list[object]]] = [("noop", [i]) for i in range(n_noop)]
+        for k in range(n_slow):
+            mixed.insert(k * (n_noop // n_slow) + n_noop // n_slow // 2, ("sleep", [0.2]))
+        ideal = n_slow * 0.2 / 2
+        took = add(f"{n_noop:,} no-op jobs and {n_slow} jobs of 0.2 s in one task, worker -c 2 --burst "
+                   "(start-up included)", "s", repeat(lambda: burst_seconds(fresh("mixed"), 2, mixed)),
+                   f"ideal: {ideal:g} s, the sleeping shared by 2")
+        ratios.append(f"mixed task: {statistics.median(took.values) / ideal:.2f} x the ideal {ideal:g} s "
+                      "(start-up included)")
         add("worker -c 2 --burst: last job run -> process exit", "ms",
             [burst_exit_ms(tmp) for _ in range(3 if quick else 10)])
         limited = add(f"drain, {drain_n:,} no-op jobs with a 60 s time limit each, worker -c 2", "jobs/s",
                       repeat(lambda: _limited_drain(fresh("limit"), drain_n)))
         ratios.append(f"drain with a time limit on every job / without: "
                       f"{statistics.median(limited.values) / statistics.median(normal.values):.2f}")
-        worker_us, job_us = isolation_us(tmp, 20_000 if quick else 200_000)
+        worker_us, job_us = isolation_us(tmp, 5_000 if quick else 200_000)
         add("CPU per no-op job in the worker process (claim, record, hand over)", "µs", [worker_us])
         add("CPU per no-op job in the job process (receive, run, report)", "µs", [job_us],
             "the job process is what isolation adds; a no-op job's call itself is about 1 µs")
