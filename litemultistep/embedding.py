@@ -57,7 +57,7 @@ class Workers:
 
     @property
     def pid(self) -> int | None:
-        """Pid of the supervising process (the only worker when ``concurrency`` is 1)."""
+        """Pid of the worker process (its job processes are its children)."""
         return self.process.pid if self.process else None
 
     def wait(self, timeout: float | None = None) -> int:
@@ -84,7 +84,7 @@ class Workers:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("workers did not stop within %.1f s; killing them", timeout)
-        # the whole group: the supervisor's children too, should any outlive it
+        # the whole group, should any process of it outlive the worker (its job processes die with it)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -119,7 +119,7 @@ class InlineRunner:
     """This process's worker identity on one database, for sync mode and ``drain``.
 
     It holds a worker lock like a worker process, so if this process dies, the jobs it held are
-    recovered by any worker; it has no lease (no heartbeat thread runs in a user's process).
+    recovered by any worker; it has no heartbeat (liveness is its lock alone).
     """
 
     _runners: dict[tuple[str, int], InlineRunner] = {}

@@ -40,8 +40,8 @@ def test_workers_run_jobs_in_other_processes_and_stop_cleanly(db, log_path):
                 task.add_job(jobfuncs.paced_record, log_path, f"n{i}")
             task.add_finalization_job(jobfuncs.record, log_path, "F")
         snapshots = list(task.watch(interval=0.05))
-        supervisor = workers.pid
-    assert not workers.alive and not pid_alive(supervisor)
+        worker = workers.pid
+    assert not workers.alive and not pid_alive(worker)
     assert snapshots[-1].finished and snapshots[-1].completed_count == snapshots[-1].total_job_count == 41
     assert len(snapshots) >= 2
     pids = {line.split()[1] for line in lines(log_path)}
@@ -81,13 +81,13 @@ def test_workers_exit_when_the_application_is_killed(db, log_path, tmp_path):
     """))
     proc = subprocess.Popen([sys.executable, str(app)], stdout=subprocess.PIPE, text=True, env=env_for_workers())
     try:
-        supervisor = int(proc.stdout.readline())
+        worker = int(proc.stdout.readline())
         wait_for(lambda: any(line.startswith("start") for line in lines(log_path)), what="a job to start")
         conn = litemultistep.config.resolve_db(db).connection()
         worker_pids = [r[0] for r in conn.execute("SELECT pid FROM worker WHERE kind = 'process'")]
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        wait_for(lambda: not any(pid_alive(p) for p in [supervisor, *worker_pids]), timeout=15,
+        wait_for(lambda: not any(pid_alive(p) for p in [worker, *worker_pids]), timeout=15,
                  what="the workers to exit")
     finally:
         proc.kill()
