@@ -556,28 +556,28 @@ class Worker:
         self._retry_at = monotonic() + self._backoff
         log.error("worker %d: %s; trying again in %.2f s", self.worker_id, e, self._backoff)
 
+    def _stop_running(self, proc: JobProcess) -> None:
+        """Kill a busy job process and put every job it held back in its queue."""
+        job, _ = proc.running()
+        proc.kill()
+        self._return_rest(proc, job)
+        if job is not None:
+            self.put_back.append(job.id)
+        log.warning("worker %d: stopped job %s%s; it goes back to its queue", self.worker_id,
+                    job.id if job else "?", f" of {job.task_id}" if job else "")
+        self.forced = True
+
     def _force_stop(self) -> None:
         for proc in self.procs:
             if proc.busy:
-                job, _ = proc.running()
-                proc.kill()
-                self._return_rest(proc, job)
-                if job is not None:
-                    self.put_back.append(job.id)
-                log.warning("worker %d: stopped job %s%s; it goes back to its queue", self.worker_id,
-                            job.id if job else "?", f" of {job.task_id}" if job else "")
+                self._stop_running(proc)
         self.forced = True
 
     def _shutdown(self) -> None:
         """Record what is done, put back what is not, end the job processes, leave the worker table."""
         for proc in self.procs:
             if proc.busy:
-                job, _ = proc.running()
-                proc.kill()
-                self._return_rest(proc, job)
-                if job is not None:
-                    self.put_back.append(job.id)
-                self.forced = True
+                self._stop_running(proc)
             proc.to_child.close()  # the child sees the end of its input and exits
         for proc in self.procs:
             try:

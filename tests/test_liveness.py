@@ -15,7 +15,7 @@ import time
 
 import jobfuncs
 import pytest
-from conftest import cli, env_for_workers, lines, wait_for
+from conftest import cli, env_for_workers, fill_disk, lines, wait_for
 
 import litemultistep
 from litemultistep import MultiStepTask
@@ -199,15 +199,7 @@ def test_work_resumes_once_space_is_back_on_a_nearly_full_disk(small_disk, log_p
     with MultiStepTask.create("tight", db=db) as task:
         for i in range(3000):
             task.add_job(jobfuncs.record, log_path, f"n{i}")
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    filler = fill_disk(small_disk)
     proc = spawn(db, "-c", "2", "-q")
     wait_for(lambda: "the disk is full" in spawn.log(proc), timeout=30, what="the worker to hit the full disk")
     # some space back, not all: enough to copy the -wal into the database once, if nothing grows the

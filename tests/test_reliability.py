@@ -18,7 +18,7 @@ import time
 
 import jobfuncs
 import pytest
-from conftest import env_for_workers, lines, wait_for
+from conftest import env_for_workers, fill_disk, lines, wait_for
 
 from litemultistep import InvalidSlug, MultiStepTask
 from litemultistep.config import resolve_db
@@ -189,15 +189,7 @@ def test_disk_full_mid_run_then_work_goes_on(small_disk, log_path, spawn):
     with MultiStepTask.create("full", db=db) as task:
         for i in range(200):
             task.add_job(jobfuncs.record, log_path, f"n{i}")
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:  # take every free byte
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    filler = fill_disk(small_disk)
     proc = spawn(db, "-q")
     wait_for(lambda: "the disk is full" in spawn.log(proc), timeout=30, what="the worker to report the full disk")
     assert task.progress().completed_count < 200
