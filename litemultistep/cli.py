@@ -82,12 +82,13 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c not in (0x0A,)}
+# C0 and C1 control characters but the newline: a C1 (e.g. U+009B, CSI) drives terminals too
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x0A}
 
 
 def _safe(text: str) -> str:
-    """Text for a terminal: control characters (ESC, CR, BEL...) shown as escapes, so a message can
-    never drive the terminal. Piped output is never passed through this: it stays byte-exact."""
+    """Text for a terminal: control characters (ESC, CR, BEL, CSI...) shown as escapes, so a message
+    can never drive the terminal. Piped output is never passed through this: it stays byte-exact."""
     return text.translate(_CONTROL)
 
 

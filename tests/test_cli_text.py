@@ -62,12 +62,13 @@ def test_any_slug_and_message_come_back_verbatim_when_piped(tmp_path_factory, sl
     db = str(tmp_path_factory.mktemp("text") / "t.sqlite")
     task = failing_task(db, slug, message)
     tid = task.task_id
-    for argv in (["status", db], ["status", db, tid], ["failed", db], ["failed", db, "--traceback"],
-                 ["watch", db, tid], ["nuke", db, tid, "--yes"]):
+    # "--" before a task id: a slug may start with "-", as any command-line argument may
+    for argv in (["status", db], ["status", db, "--", tid], ["failed", db], ["failed", db, "--traceback"],
+                 ["watch", db, "--", tid], ["nuke", db, "--yes", "--", tid]):
         code, out, err = run(*argv)
         assert code == (1 if argv[0] == "watch" else 0), (argv, err)
         assert tid in out, argv
-        if argv[0] in ("failed", "watch") or argv == ["status", db, tid]:
+        if argv[0] in ("failed", "watch") or argv == ["status", db, "--", tid]:
             assert message in out, argv
 
 
@@ -123,6 +124,22 @@ def test_text_in_a_terminal_is_shown_as_typed_and_escapes_are_defused(db):
         assert "\x1b[31mescape" not in text
     code, text = in_terminal("status", db)
     assert code == 0 and tid in text  # too wide for a table: plain lines, the id whole
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(slug=slugs, message=messages)
+def test_any_slug_and_message_come_back_in_a_terminal(tmp_path_factory, slug, message):
+    """The same in a real pseudo-terminal: printable text exactly, control characters as escapes."""
+    db = str(tmp_path_factory.mktemp("pty") / "t.sqlite")
+    task = failing_task(db, slug, message)
+    shown = "".join(f"\\x{ord(c):02x}" if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 else c
+                    for c in message)
+    for argv in (["status", db, "--", task.task_id], ["failed", db]):
+        code, text = in_terminal(*argv, columns=120)
+        assert code == 0, text
+        assert task.task_id in text.replace("\n", ""), argv
+        lines_shown = [line for line in shown.split("\n") if line.strip()]
+        assert all(line.rstrip() in text for line in lines_shown), argv
 
 
 def test_errors_on_stderr_are_never_wrapped(tmp_path):
