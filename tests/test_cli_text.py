@@ -199,10 +199,15 @@ def test_watch_interrupted_exits_130(db, log_path):
     with MultiStepTask.create("forever", db=db) as task:
         task.add_job(jobfuncs.noop)
     proc = subprocess.Popen([LMS, "watch", db, task.task_id], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env_for_workers())
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(10) == 130
+                            stderr=subprocess.PIPE, text=True, env=env_for_workers())
+    try:
+        assert task.task_id in proc.stderr.readline()  # watching now (a first progress line)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 130
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
 
 
 def test_database_from_the_environment_with_a_task_id(db, tasks_env):
