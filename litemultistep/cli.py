@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import engine, views
+from . import config, engine, views
 from .db import Database
 from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError, NoSuchMultiStepTask
 from .worker import WorkerOptions, run_worker
@@ -128,12 +127,9 @@ class PositiveSeconds(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not math.isfinite(seconds) or seconds <= 0:
-            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
-        return seconds
+            return config.seconds(value, text_ok=True)
+        except InvalidSetting as e:
+            self.fail(str(e), param, ctx)
 
 
 def _looks_like_db(arg: str) -> bool:

@@ -56,21 +56,29 @@ def configure(
     if synchronous is not _UNSET and synchronous not in (None, "normal", "full"):
         raise InvalidSetting(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
     if keep_finished is not _UNSET and keep_finished is not None:
-        keep_finished = _seconds("keep_finished", keep_finished)
+        keep_finished = seconds(keep_finished, "keep_finished", zero_ok=True, text_ok=True)
     for name, value in (("db", db), ("mode", mode), ("synchronous", synchronous),
                         ("keep_finished", keep_finished)):
         if value is not _UNSET:
             setattr(_settings, name, value)
 
 
-def _seconds(name: str, value: Any) -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise InvalidSetting(f"{name}={value!r} is not a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidSetting(f"{name}={value!r} is not a finite number of seconds >= 0")
-    return seconds
+def seconds(value: Any, name: str | None = None, *, zero_ok: bool = False, text_ok: bool = False) -> float:
+    """``value`` as a number of seconds, or :class:`InvalidSetting` naming the setting: finite, above 0
+    (or at least 0 with ``zero_ok``); text, as from a variable or an option, only with ``text_ok``.
+    The one check of every duration litemultistep takes (limits, delays, leases)."""
+    shown = f"{name}={value!r}" if name else repr(value)
+    if text_ok and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidSetting(f"{shown} is not a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSetting(f"{shown} is not a number of seconds")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        kind = "finite number of seconds >= 0" if zero_ok else "positive, finite number of seconds"
+        raise InvalidSetting(f"{shown} is not a {kind}")
+    return float(value)
 
 
 def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
@@ -101,7 +109,7 @@ def keep_finished() -> float:
     if _settings.keep_finished is not None:
         return float(_settings.keep_finished)
     value = os.environ.get("LITEMULTISTEP_KEEP_FINISHED", "").strip()
-    return _seconds("LITEMULTISTEP_KEEP_FINISHED", value) if value else 3600.0
+    return seconds(value, "LITEMULTISTEP_KEEP_FINISHED", zero_ok=True, text_ok=True) if value else 3600.0
 
 
 def validate() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
@@ -51,13 +50,6 @@ def _check_slug(slug: Any) -> str:
 MAX_RETRIES = 1000
 
 
-def _check_seconds(name: str, value: Any, zero_ok: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not zero_ok):
-        raise InvalidSetting(f"{name} must be a finite number of seconds {'>= 0' if zero_ok else '> 0'}, "
-                             f"not {value!r}")
-
-
 class JobSpec:
     """A callable with per-job options, from :func:`job`; pass it to ``add_job`` in place of the callable."""
 
@@ -77,8 +69,8 @@ def job(fn: Callable[..., Any], *, timeout: float | None = None) -> JobSpec:
     :param timeout: this job's time limit in seconds, over the task's and the worker's.
     """
     if timeout is not None:
-        _check_seconds("timeout", timeout)
-    return JobSpec(fn, None if timeout is None else float(timeout))
+        timeout = config.seconds(timeout, "timeout")
+    return JobSpec(fn, timeout)
 
 
 class MultiStepTask:
@@ -118,12 +110,12 @@ class MultiStepTask:
         slug = _check_slug(slug)
         if type(max_retries) is not int or not 0 <= max_retries <= MAX_RETRIES:
             raise InvalidSetting(f"max_retries must be a whole number from 0 to {MAX_RETRIES}, not {max_retries!r}")
-        _check_seconds("retry_delay", retry_delay, zero_ok=True)
+        retry_delay = config.seconds(retry_delay, "retry_delay", zero_ok=True)
         if timeout is not None:
-            _check_seconds("timeout", timeout)
+            timeout = config.seconds(timeout, "timeout")
         database = config.resolve_db(db)
-        return cls(engine.create_task(database, slug, max_retries=max_retries, retry_delay=float(retry_delay),
-                                      timeout=None if timeout is None else float(timeout)), database)
+        return cls(engine.create_task(database, slug, max_retries=max_retries, retry_delay=retry_delay,
+                                      timeout=timeout), database)
 
     @classmethod
     def find(cls, task_id: str, db: Any = None) -> MultiStepTask:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import mmap
 import os
 import select
@@ -58,13 +57,6 @@ TIGHT_AUTOCHECKPOINT = 64
 GIVE_BACK_AFTER = 0.01
 #: a worker with --burst waits for automatic retries due within this many seconds, not later ones
 BURST_RETRY_HORIZON = 60.0
-
-
-def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise InvalidSetting(f"{name} must be a positive number of seconds, not {value!r}")
 
 
 @dataclass
@@ -104,10 +96,10 @@ class WorkerOptions:
             raise InvalidSetting(f"batch must be a whole number from 1 to 1000, not {self.batch!r}")
         if not isinstance(self.max_crashes, int) or not 1 <= self.max_crashes <= 1000:
             raise InvalidSetting(f"max_crashes must be a whole number from 1 to 1000, not {self.max_crashes!r}")
-        _positive("lease", self.lease)
-        _positive("poll", self.poll)
-        _positive("timeout", self.timeout, allow_none=True)
-        _positive("shutdown_timeout", self.shutdown_timeout)
+        for name, value in (("lease", self.lease), ("poll", self.poll), ("shutdown_timeout", self.shutdown_timeout)):
+            config.seconds(value, name)
+        if self.timeout is not None:
+            config.seconds(self.timeout, "timeout")
         for p in self.paths:
             if not os.path.isdir(p):
                 raise InvalidSetting(f"--path {p}: no such directory")
@@ -143,7 +135,6 @@ class JobProcess:
         self.batch: list[ClaimedJob] = []
         #: some job of the batch has a time limit: the loop watches which one runs
         self.limited = False
-        self.sent_at = 0.0
         inbox_r, inbox_w = os.pipe()
         outbox_r, outbox_w = os.pipe()
         with tempfile.TemporaryFile() as f:
@@ -174,7 +165,6 @@ class JobProcess:
     def send(self, batch: list[ClaimedJob], window: float) -> bool:
         self.batch = batch
         self.limited = any(j.timeout is not None for j in batch)
-        self.sent_at = monotonic()
         try:
             self.to_child.send_bytes(json.dumps({"jobs": batch, "window": window}).encode())
         except OSError:
