@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import config, engine, views
-from .db import Database
+from .db import Database, is_url
 from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError, NoSuchMultiStepTask
 from .worker import WorkerOptions, run_worker
 
@@ -133,7 +133,7 @@ class PositiveSeconds(click.ParamType):
 
 
 def _looks_like_db(arg: str) -> bool:
-    return os.path.exists(arg) or arg.endswith((".sqlite", ".sqlite3", ".db"))
+    return is_url(arg) or os.path.exists(arg) or arg.endswith((".sqlite", ".sqlite3", ".db"))
 
 
 def split_db(args: Sequence[str], most: int, least: int = 0) -> tuple[str, list[str]]:

@@ -1,8 +1,10 @@
-"""The one SQLite file: peewee models, opening a path safely, pragmas, schema creation and versioning.
+"""The database: the SQLite file (the embedded default) and what both backends share.
 
-The models describe the schema; the engine talks to the file with plain SQL on the connection that
+The models describe the schema; the engine talks to the database with plain SQL on the connection that
 :meth:`Database.connection` returns, so the hot paths stay lean and every decision is reviewable in
-``engine.py``.
+``engine.py``. ``Database(target)`` opens a SQLite file for a path and a PostgreSQL database for a
+``postgresql://`` URL (:mod:`litemultistep.pg`); both speak the same SQL, but for the few differences a
+:class:`Dialect` names.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 import peewee as pw
 from filelock import FileLock
@@ -24,6 +27,7 @@ from filelock import Timeout as LockTimeout
 from playhouse.sqlite_ext import AutoIncrementField
 
 from . import config
+from ._wakeup import WalWaiter
 from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
 
 log = logging.getLogger("litemultistep")
@@ -268,18 +272,80 @@ def _check_path(path: str, create: bool) -> str:
     return path
 
 
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the engine needs of a connection: ``sqlite3.Connection`` has it, and so does
+    :class:`litemultistep.pg.PgConnection` (same SQL, ``?`` placeholders)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What the engine's SQL says differently on each backend (everything else is the same text)."""
+
+    name: str
+    #: ends the sub-select that picks the jobs a claim takes: concurrent claims skip each other's rows
+    skip_locked: str = ""
+    #: ends a SELECT of a task row that a transaction decides from (and then changes)
+    lock_row: str = ""
+    #: the largest job id ever given out, even if that job is gone
+    max_job_id: str = "SELECT seq FROM sqlite_sequence WHERE name = 'job'"
+
+    def glob(self, pattern: str) -> tuple[str, str]:
+        """A condition on ``task_id`` matching a queue glob (``*``, ``?``, ``[...]``), and its parameter."""
+        return "task_id GLOB ?", pattern
+
+
+SQLITE = Dialect("sqlite")
+
+POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
+
+
+def is_url(target: object) -> bool:
+    """Whether ``target`` names a PostgreSQL database (a URL) rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(POSTGRES_URL_PREFIXES)
+
+
 class Database:
-    """One litemultistep database file, opened in this process.
+    """One litemultistep database, opened in this process: a SQLite file, or, for a
+    ``postgresql://user@host/dbname`` URL, a PostgreSQL database (``pip install 'litemultistep[postgres]'``).
 
-    Each thread gets its own SQLite connection; a connection is never used across ``fork``: a child
-    opens fresh ones (the parent's are left untouched, never closed, as SQLite requires).
+    Each thread gets its own connection; a connection is never used across ``fork``: a child opens
+    fresh ones (the parent's are left untouched, never closed, as SQLite requires).
 
-    :param path: the SQLite file; created (owner-only permissions) if missing and ``create`` is true.
-    :param create: when false, a missing file is an error (reading commands never create a file).
+    :param path: the SQLite file (created, owner-only, if missing and ``create`` is true), or a URL.
+    :param create: when false, a missing file (or a PostgreSQL database without litemultistep's
+        tables) is an error: reading commands never create one.
     """
 
+    #: the backend's SQL differences
+    dialect: Dialect = SQLITE
+    is_postgres = False
+    #: what another process opens to reach the same database (the path, or the full URL)
+    target: str
+    #: how messages name the database (the path, or the URL without its password)
+    path: str
+
+    def __new__(cls, path: str | os.PathLike[str], *, create: bool = True) -> Database:
+        if cls is Database and is_url(path):
+            from .pg import PostgresDatabase
+
+            return object.__new__(PostgresDatabase)
+        return object.__new__(cls)
+
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = _check_path(os.fspath(path), create)
+        self.path = self.target = _check_path(os.fspath(path), create)
         self.lock_path = self.path + ".lock"
         self.workers_dir = self.path + ".workers"
         sync = 2 if config.synchronous() == "full" else 1
@@ -306,6 +372,10 @@ class Database:
 
     def __repr__(self) -> str:
         return f"<litemultistep.Database {self.path}>"
+
+    def waiter(self, poll: float) -> WalWaiter:
+        """What an idle worker waits on to learn that another process committed."""
+        return WalWaiter(self.path + "-wal", poll)
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use (and reopened after a fork)."""
@@ -456,10 +526,10 @@ _open_lock = threading.Lock()
 
 
 def open_database(path: str | os.PathLike[str]) -> Database:
-    """The :class:`Database` for ``path``, opened once per process and shared."""
-    key = os.path.abspath(os.fspath(path))
+    """The :class:`Database` for ``path`` (or URL), opened once per process and shared."""
+    key = os.fspath(path) if is_url(path) else os.path.abspath(os.fspath(path))
     db = _open.get(key)
-    if db is not None and os.path.exists(key):
+    if db is not None and (db.is_postgres or os.path.exists(key)):
         return db
     with _open_lock:
         db = Database(path)

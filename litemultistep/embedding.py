@@ -37,7 +37,7 @@ class Workers:
         main_dir = sys.path[0] if sys.path and sys.path[0] else ""
         if main_dir and os.path.isdir(main_dir):
             paths.append(main_dir)  # the application's own directory, so its job modules import
-        self.options = WorkerOptions(db=resolve_db(db).path, concurrency=concurrency, queues=list(queues or []),
+        self.options = WorkerOptions(db=resolve_db(db).target, concurrency=concurrency, queues=list(queues or []),
                                      burst=burst, paths=paths, **options)
         self.options.validate()
         self.process: subprocess.Popen[bytes] | None = None

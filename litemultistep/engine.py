@@ -35,15 +35,14 @@ import socket
 import sqlite3
 import string
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from filelock import FileLock
 
 from . import config
-from .db import Database, JobKind, JobState, TaskState, monotonic, now, translate_error
+from .db import SQLITE, Connection, Database, Dialect, JobKind, JobState, TaskState, monotonic, now, translate_error
 from .errors import (
     DatabaseBusy,
     FinalizationAlreadyBegun,
@@ -95,19 +94,6 @@ class ClaimedJob(NamedTuple):
         return self.kind == FINALIZE
 
 
-@dataclass
-class _TaskChange:
-    """What one transaction's recorded outcomes change in one task."""
-
-    task_id: str
-    completed: int = 0
-    failed: int = 0
-    finished_running: int = 0
-    finalizer_completed: bool = False
-    ran: int = 0
-    seconds: float = 0.0
-
-
 @dataclass(frozen=True)
 class Done:
     """Normal jobs of one task that all succeeded: the hot path records them in one statement."""
@@ -142,18 +128,15 @@ def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: f
     """Insert a new ACTIVE task and return its id: the slug, ``~``, a random nonce."""
     for _ in range(10):
         task_id = f"{slug}~{''.join(secrets.choice(_NONCE_ALPHABET) for _ in range(8))}"
-        try:
-            with db.write() as c:
-                c.execute(
-                    "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout),
-                )
+        with db.write() as c:
+            row = c.execute(
+                "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING id",
+                (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout),
+            ).fetchone()
+        if row is not None:
             return task_id
-        except sqlite3.IntegrityError as e:
-            if "UNIQUE" not in str(e):
-                raise
-            continue  # the nonce collided with a live task: draw another
+        # else the nonce collided with a live task: draw another
     raise LiteMultiStepError("could not draw a unique task id in 10 tries")
 
 
@@ -167,10 +150,23 @@ def begin_building(db: Database, task_id: str) -> None:
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization; it cannot be refilled")
 
 
-def _task_row(c: sqlite3.Connection, task_id: str) -> tuple[int, int, int, int, int, int, int]:
+def _dialect(c: Connection) -> Dialect:
+    return getattr(c, "dialect", SQLITE)
+
+
+def _wake(c: Connection) -> None:
+    """Tell idle workers that this transaction, once committed, matters to them: jobs became claimable,
+    or work ran out. On SQLite every commit wakes them through the ``-wal`` file already."""
+    notify = getattr(c, "notify", None)
+    if notify is not None:
+        notify()
+
+
+def _task_row(c: Connection, task_id: str) -> tuple[int, int, int, int, int, int, int]:
+    """The task's row, locked for the rest of the transaction (a decision is made from it)."""
     row = c.execute(
         "SELECT id, state, finalizable, normal_count, completed_count, failed_count, finalize_count "
-        "FROM task WHERE task_id = ?", (task_id,)).fetchone()
+        "FROM task WHERE task_id = ?" + _dialect(c).lock_row, (task_id,)).fetchone()
     if row is None:
         raise NoSuchMultiStepTask(f"no task {task_id!r}: it never existed, finished, or was nuked")
     return row  # type: ignore[no-any-return]
@@ -208,14 +204,16 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
             for row in rows:
                 if row[1] == NORMAL:
                     row = (*row[:5], RUNNING, 1, claim_for, t, row[9])
-                job_id = c.execute(insert, row).lastrowid
-                if row[1] == NORMAL and job_id is not None:
+                (job_id,) = c.execute(insert + " RETURNING id", row).fetchone()
+                if row[1] == NORMAL:
                     claimed.append(ClaimedJob(job_id, pk, task_id, NORMAL, None, row[3], row[4], 1, row[9]))
         running = len(claimed)
         c.execute(
             "UPDATE task SET normal_count = normal_count + ?, finalize_count = ?, "
             "pending_count = pending_count + ?, running_count = running_count + ? WHERE id = ?",
             (n_normal, finalize_count, n_normal - running, running, pk))
+        if n_normal > running and state != BUILDING:
+            _wake(c)
         return claimed
 
 
@@ -253,14 +251,14 @@ def finalize(db: Database, task_id: str, claim_for: int | None = None) -> Claime
         return _begin_finalization(c, pk, task_id, claim_for)
 
 
-def _begin_finalization(c: sqlite3.Connection, pk: int, task_id: str,
+def _begin_finalization(c: Connection, pk: int, task_id: str,
                         claim_for: int | None) -> ClaimedJob | None:
     c.execute("UPDATE task SET state = ? WHERE id = ?", (FINALIZING, pk))
     log.debug("task %s: all jobs done, finalization begins", task_id)
     return _advance_chain(c, pk, task_id, claim_for)
 
 
-def _advance_chain(c: sqlite3.Connection, pk: int, task_id: str,
+def _advance_chain(c: Connection, pk: int, task_id: str,
                    claim_for: int | None) -> ClaimedJob | None:
     """Move the finalization chain to its next WAITING job, or finish the task if none is left."""
     row = c.execute(
@@ -274,6 +272,7 @@ def _advance_chain(c: sqlite3.Connection, pk: int, task_id: str,
     if claim_for is None:
         c.execute("UPDATE job SET state = ? WHERE id = ?", (QUEUED, job_id))
         c.execute("UPDATE task SET pending_count = pending_count + 1 WHERE id = ?", (pk,))
+        _wake(c)
         return None
     c.execute("UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id = ?",
               (RUNNING, claim_for, now(), job_id))
@@ -281,12 +280,14 @@ def _advance_chain(c: sqlite3.Connection, pk: int, task_id: str,
     return ClaimedJob(job_id, pk, task_id, FINALIZE, position, func, args, attempts + 1, timeout)
 
 
-def _finish_task(c: sqlite3.Connection, pk: int, task_id: str) -> None:
+def _finish_task(c: Connection, pk: int, task_id: str) -> None:
     t = now()
     c.execute(
-        "INSERT OR REPLACE INTO finished_task (task_id, slug, normal_count, finalize_count, created_at, "
-        "finished_at) SELECT task_id, slug, normal_count, finalize_count, created_at, ? FROM task "
-        "WHERE id = ?", (t, pk))
+        "INSERT INTO finished_task (task_id, slug, normal_count, finalize_count, created_at, finished_at) "
+        "SELECT task_id, slug, normal_count, finalize_count, created_at, ? FROM task WHERE id = ? "
+        "ON CONFLICT (task_id) DO UPDATE SET slug = excluded.slug, normal_count = excluded.normal_count, "
+        "finalize_count = excluded.finalize_count, created_at = excluded.created_at, "
+        "finished_at = excluded.finished_at", (t, pk))
     # Only finalizer rows and their failure records are left: normal jobs were deleted as they succeeded.
     c.execute("DELETE FROM task WHERE id = ?", (pk,))
     c.execute("DELETE FROM finished_task WHERE finished_at < ?", (t - config.keep_finished(),))
@@ -301,7 +302,7 @@ def delete_task(db: Database, task_id: str) -> None:
         c.execute("UPDATE task SET state = ?, pending_count = 0 WHERE id = ?", (BUILDING, pk))
     while True:
         with db.write() as c:
-            n = c.execute("DELETE FROM job WHERE id IN (SELECT id FROM job WHERE task = ? LIMIT ?)",
+            n = c.execute("DELETE FROM job WHERE id IN (SELECT id FROM job WHERE task = ? ORDER BY id LIMIT ?)",
                           (pk, CHUNK)).rowcount
         if n < CHUNK:
             break
@@ -318,10 +319,42 @@ def delete_finished(db: Database, task_id: str) -> bool:
 # -- claiming and recording -------------------------------------------------------------------------
 
 
-def _queue_filter(queues: Sequence[str] | None) -> tuple[str, list[str]]:
+def _queue_filter(c: Connection, queues: Sequence[str] | None) -> tuple[str, list[str]]:
     if not queues:
         return "", []
-    return " AND (" + " OR ".join("task_id GLOB ?" for _ in queues) + ")", list(queues)
+    terms = [_dialect(c).glob(q) for q in queues]
+    return " AND (" + " OR ".join(sql for sql, _ in terms) + ")", [p for _, p in terms]
+
+
+@dataclass
+class _Delta:
+    """What one transaction changes in one task's row: applied once, at the end of the transaction,
+    to every task in key order (:func:`_apply`), so concurrent transactions never wait on each other
+    in a cycle, and a task's row (hot when many workers finish its jobs) is held only briefly."""
+
+    task_id: str = ""
+    completed: int = 0
+    failed: int = 0
+    pending: int = 0
+    running: int = 0
+    #: when a claim served the task (ns), 0 if none did
+    served: int = 0
+    #: normal jobs that ran, and their seconds in all (for the mean duration)
+    ran: int = 0
+    seconds: float = 0.0
+    #: a job of the task completed here: its finalization may be due
+    decide: bool = False
+    finalizer_completed: bool = False
+
+
+class _Tally(dict[int, _Delta]):
+    def of(self, pk: int, task_id: str = "") -> _Delta:
+        d = self.get(pk)
+        if d is None:
+            d = self[pk] = _Delta(task_id)
+        elif task_id and not d.task_id:
+            d.task_id = task_id
+        return d
 
 
 def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), done: Sequence[Done] = (),
@@ -337,19 +370,20 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
     a batch of its own and comes first, so the chain is not held up behind other work.
     """
     with db.write() as c:
-        handed = _record(c, worker_id, outcomes, done, max_crashes) if outcomes or done else []
+        tally = _Tally()
+        if outcomes or done:
+            _record(c, worker_id, outcomes, done, max_crashes, tally)
         if give_back:
             _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(give_back))})", [worker_id, *give_back],
-                     unstarted=True)
+                     unstarted=True, tally=tally)
         if put_back:
-            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(put_back))})", [worker_id, *put_back])
-        batches = [[job] for job in handed]
-        while len(batches) < wants:
-            batch = _claim(c, worker_id, max_batch, queues)
-            if not batch:
-                break
-            batches.append(batch)
-        return batches
+            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(put_back))})", [worker_id, *put_back],
+                     tally=tally)
+        batches = _claim(c, worker_id, wants, max_batch, queues, tally)
+        handed = _apply(c, tally, worker_id)
+        if (outcomes or done) and len(batches) < wants:
+            _wake(c)  # work is running out: an idle --burst worker may be done now
+        return [[job] for job in handed] + batches
 
 
 def record(db: Database, worker_id: int, outcomes: Sequence[Outcome],
@@ -360,8 +394,9 @@ def record(db: Database, worker_id: int, outcomes: Sequence[Outcome],
 
 def has_claimable(db: Database, queues: Sequence[str] | None = None) -> bool:
     """Whether a claim could find a job now: a read, so idle workers do not take the write lock."""
-    where, params = _queue_filter(queues)
-    row = db.connection().execute(
+    conn = db.connection()
+    where, params = _queue_filter(conn, queues)
+    row = conn.execute(
         f"SELECT 1 FROM task WHERE pending_count > 0 AND state IN (1, 2){where} LIMIT 1", params).fetchone()
     return row is not None
 
@@ -369,8 +404,8 @@ def has_claimable(db: Database, queues: Sequence[str] | None = None) -> bool:
 def work_left(db: Database, queues: Sequence[str] | None = None, retry_horizon: float | None = None) -> bool:
     """Whether any job (in ``queues``) is queued or running, or waits for an automatic retry due
     within ``retry_horizon`` seconds (any retry at all when it is None)."""
-    where, params = _queue_filter(queues)
     conn = db.connection()
+    where, params = _queue_filter(conn, queues)
     busy = conn.execute(
         f"SELECT 1 FROM task WHERE (pending_count > 0 OR running_count > 0) AND state IN (1, 2){where} LIMIT 1",
         params).fetchone()
@@ -378,7 +413,8 @@ def work_left(db: Database, queues: Sequence[str] | None = None, retry_horizon: 
         return True
     due = float("inf") if retry_horizon is None else now() + retry_horizon
     return conn.execute(f"SELECT 1 FROM job WHERE state = {SCHEDULED} AND run_at <= ? AND task IN "
-                        f"(SELECT id FROM task WHERE 1{where}) LIMIT 1", (due, *params)).fetchone() is not None
+                        f"(SELECT id FROM task WHERE state >= 0{where}) LIMIT 1",
+                        (due, *params)).fetchone() is not None
 
 
 def next_scheduled(db: Database) -> float | None:
@@ -394,26 +430,40 @@ def batch_size(avg_duration: float | None, max_batch: int) -> int:
     return max(1, min(max_batch, int(CLAIM_WINDOW / max(avg_duration, 1e-7))))
 
 
-def _claim(c: sqlite3.Connection, worker_id: int, max_batch: int,
-           queues: Sequence[str] | None) -> list[ClaimedJob]:
-    where, params = _queue_filter(queues)
-    task = c.execute(
-        f"SELECT id, task_id, avg_duration, timeout FROM task WHERE pending_count > 0 AND state IN (1, 2){where} "
-        "ORDER BY last_served LIMIT 1", params).fetchone()
-    if task is None:
+def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Sequence[str] | None,
+           tally: _Tally) -> list[list[ClaimedJob]]:
+    """Up to ``wants`` batches, taken in turn from the least recently served tasks with queued jobs."""
+    if wants <= 0:
         return []
-    pk, task_id, avg_duration, task_timeout = task
-    rows = c.execute(
-        "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id IN "
-        "(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?) "
-        "RETURNING id, kind, position, func, args, attempts, timeout",
-        (RUNNING, worker_id, now(), pk, QUEUED, batch_size(avg_duration, max_batch))).fetchall()
-    c.execute(
-        "UPDATE task SET pending_count = pending_count - ?, running_count = running_count + ?, "
-        "last_served = ? WHERE id = ?", (len(rows), len(rows), time.time_ns(), pk))
-    rows.sort()
-    return [ClaimedJob(r[0], pk, task_id, r[1], r[2], r[3], r[4], r[5], r[6] if r[6] is not None else task_timeout)
-            for r in rows]
+    where, params = _queue_filter(c, queues)
+    # A few more candidates than batches: on PostgreSQL another worker may be emptying one right now.
+    tasks = c.execute(
+        f"SELECT id, task_id, avg_duration, timeout FROM task WHERE pending_count > 0 AND state IN (1, 2){where} "
+        "ORDER BY last_served LIMIT ?", (*params, wants + 2)).fetchall()
+    batches: list[list[ClaimedJob]] = []
+    empty: set[int] = set()
+    turn = 0
+    while len(batches) < wants and len(empty) < len(tasks):
+        pk, task_id, avg_duration, task_timeout = tasks[turn % len(tasks)]
+        turn += 1
+        if pk in empty:
+            continue
+        rows = c.execute(
+            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id IN "
+            f"(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?{_dialect(c).skip_locked}) "
+            "RETURNING id, kind, position, func, args, attempts, timeout",
+            (RUNNING, worker_id, now(), pk, QUEUED, batch_size(avg_duration, max_batch))).fetchall()
+        if not rows:
+            empty.add(pk)
+            continue
+        d = tally.of(pk, task_id)
+        d.pending -= len(rows)
+        d.running += len(rows)
+        d.served = time.time_ns()
+        rows.sort()
+        batches.append([ClaimedJob(r[0], pk, task_id, r[1], r[2], r[3], r[4], r[5],
+                                   r[6] if r[6] is not None else task_timeout) for r in rows])
+    return batches
 
 
 def retry_wait(delay: float, attempt: int) -> float:
@@ -421,10 +471,10 @@ def retry_wait(delay: float, attempt: int) -> float:
     return min(delay * 2.0 ** min(attempt - 1, 64), MAX_RETRY_DELAY)  # 2**64: far past the cap, no overflow
 
 
-def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
-            max_crashes: int) -> list[ClaimedJob]:
+def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
+            max_crashes: int, tally: _Tally) -> None:
+    """Write the outcomes to the job rows; what they change in the tasks goes to ``tally``."""
     t = now()
-    changes: dict[int, _TaskChange] = {}
     retry_rules: dict[int, tuple[int, float] | None] = {}
     for d in done:
         # The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was
@@ -434,15 +484,17 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome], 
         if n != len(d.job_ids):
             log.warning("%d result(s) of task %s from worker %d ignored: those jobs were taken back from it "
                         "(it was thought dead); they run again elsewhere", len(d.job_ids) - n, d.task_id, worker_id)
-        change = changes.setdefault(d.task_pk, _TaskChange(d.task_id))
+        change = tally.of(d.task_pk, d.task_id)
         change.completed += n
-        change.finished_running += n
+        change.running -= n
+        change.decide = change.decide or n > 0
         change.ran += len(d.job_ids)
         change.seconds += d.seconds
     for o in outcomes:
         job = o.job
         if o.crashed:
-            n = _requeue(c, "id = ? AND worker = ?", [job.id, worker_id], crashed=(o.message, max_crashes))
+            n = _requeue(c, "id = ? AND worker = ?", [job.id, worker_id], crashed=(o.message, max_crashes),
+                         tally=tally)
             if not n:
                 _stale(job, worker_id)
             continue
@@ -456,8 +508,9 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome], 
             if cur.rowcount != 1:
                 _stale(job, worker_id)
                 continue
-            change = changes.setdefault(job.task_pk, _TaskChange(job.task_id))
+            change = tally.of(job.task_pk, job.task_id)
             change.completed += 1
+            change.decide = True
             change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
         else:
             if job.task_pk not in retry_rules:
@@ -477,33 +530,43 @@ def _record(c: sqlite3.Connection, worker_id: int, outcomes: Iterable[Outcome], 
                 _stale(job, worker_id)
                 continue
             _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
-            change = changes.setdefault(job.task_pk, _TaskChange(job.task_id))
+            change = tally.of(job.task_pk, job.task_id)
             change.failed += 0 if retry else 1
-        change.finished_running += 1
+        change.running -= 1
         if job.kind == NORMAL:
             change.ran += 1
             change.seconds += o.duration
+
+
+def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[ClaimedJob]:
+    """Apply each task's changes in one UPDATE, in key order (the same order in every transaction),
+    then start or advance finalization where a completion made it due; returns the finalizers handed
+    to ``worker_id``."""
     handed: list[ClaimedJob] = []
-    for pk in sorted(changes):  # key order: the same order in every transaction
-        change = changes[pk]
-        mean = change.seconds / change.ran if change.ran else None
-        state, finalizable, normal, completed_now, failed_now = c.execute(
+    for pk in sorted(tally):
+        d = tally[pk]
+        mean = d.seconds / d.ran if d.ran else None
+        row = c.execute(
             "UPDATE task SET completed_count = completed_count + ?, failed_count = failed_count + ?, "
-            "running_count = running_count - ?, avg_duration = CASE WHEN ? IS NULL THEN avg_duration "
-            "WHEN avg_duration IS NULL THEN ? ELSE (avg_duration + ?) / 2 END WHERE id = ? "
-            "RETURNING state, finalizable, normal_count, completed_count, failed_count",
-            (change.completed, change.failed, change.finished_running, mean, mean, mean, pk)).fetchone()
+            "pending_count = pending_count + ?, running_count = running_count + ?, "
+            "last_served = CASE WHEN ? > last_served THEN ? ELSE last_served END, "
+            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration) WHERE id = ? "
+            "RETURNING task_id, state, finalizable, normal_count, completed_count, failed_count",
+            (d.completed, d.failed, d.pending, d.running, d.served, d.served, mean, mean, pk)).fetchone()
+        if row is None or not d.decide:
+            continue
+        task_id, state, finalizable, normal, completed_now, failed_now = row
         nxt = None
         if state == ACTIVE and finalizable and completed_now >= normal and not failed_now:
-            nxt = _begin_finalization(c, pk, change.task_id, worker_id)
-        elif state == FINALIZING and change.finalizer_completed:
-            nxt = _advance_chain(c, pk, change.task_id, worker_id)
+            nxt = _begin_finalization(c, pk, task_id, worker_id)
+        elif state == FINALIZING and d.finalizer_completed:
+            nxt = _advance_chain(c, pk, task_id, worker_id)
         if nxt is not None:
             handed.append(nxt)
     return handed
 
 
-def _insert_failure(c: sqlite3.Connection, job_id: int, task_pk: int, exc_type: str, message: str,
+def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, message: str,
                     tb: str, attempt: int, t: float) -> None:
     c.execute(
         "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, worker_pid) "
@@ -515,16 +578,21 @@ def _stale(job: ClaimedJob, worker_id: int) -> None:
                 "(it was thought dead); it runs again elsewhere", job.id, job.task_id, worker_id)
 
 
-def _shift_counters(c: sqlite3.Connection, task_pks: Iterable[int], **per_job: int) -> None:
-    """Apply counter changes made by each of some jobs to their tasks, one UPDATE per task, in key
-    order. ``per_job`` maps a counter column (a name in this file, never user input) to its change."""
-    assignments = ", ".join(f"{column} = {column} + ?" for column in per_job)
-    for pk, n in sorted(Counter(task_pks).items()):
-        c.execute(f"UPDATE task SET {assignments} WHERE id = ?", (*(d * n for d in per_job.values()), pk))
+def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running: int = 0, failed: int = 0,
+           tally: _Tally | None = None) -> None:
+    """Count, for each of some jobs, a change of its task's counters: into ``tally``, or applied at once."""
+    own = _Tally() if tally is None else tally
+    for pk in task_pks:
+        d = own.of(pk)
+        d.pending += pending
+        d.running += running
+        d.failed += failed
+    if tally is None:
+        _apply(c, own)
 
 
-def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object],
-             crashed: tuple[str, int] | None = None, unstarted: bool = False) -> int:
+def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple[str, int] | None = None,
+             unstarted: bool = False, tally: _Tally | None = None) -> int:
     """Put RUNNING jobs matching ``where`` back in their queues (``unstarted``: their claim does not
     count as an attempt). With ``crashed`` (why, limit) their process died holding them: each crash is
     counted, and a job at the limit fails with WorkerCrashed."""
@@ -532,7 +600,9 @@ def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object],
         undo = ", attempts = attempts - 1" if unstarted else ""
         rows = c.execute(f"UPDATE job SET state = ?, worker = NULL{undo} WHERE state = ? AND {where} RETURNING task",
                          (QUEUED, RUNNING, *params)).fetchall()
-        _shift_counters(c, (pk for (pk,) in rows), running_count=-1, pending_count=1)
+        _shift(c, (pk for (pk,) in rows), running=-1, pending=1, tally=tally)
+        if rows:
+            _wake(c)
         return len(rows)
     why, limit = crashed
     rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
@@ -540,8 +610,13 @@ def _requeue(c: sqlite3.Connection, where: str, params: Sequence[object],
                      "RETURNING id, task, state, crashes, attempts", (limit, RUNNING, *params)).fetchall()
     back = [r[1] for r in rows if r[2] == QUEUED]
     failed = [r for r in rows if r[2] == FAILED]
-    _shift_counters(c, back, running_count=-1, pending_count=1)
-    _shift_counters(c, (r[1] for r in failed), running_count=-1, failed_count=1)
+    own = _Tally() if tally is None else tally
+    _shift(c, back, running=-1, pending=1, tally=own)
+    _shift(c, (r[1] for r in failed), running=-1, failed=1, tally=own)
+    if tally is None:
+        _apply(c, own)
+    if back:
+        _wake(c)
     t = now()
     for job_id, pk, _, crashes, attempt in failed:
         _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed",
@@ -575,7 +650,9 @@ def promote_scheduled(db: Database, due_by: float | None = None) -> int:
     with db.write() as c:
         rows = c.execute("UPDATE job SET state = ?, run_at = NULL WHERE state = 5 AND run_at <= ? "
                          "RETURNING task", (QUEUED, t)).fetchall()
-        _shift_counters(c, (pk for (pk,) in rows), pending_count=1)
+        _shift(c, (pk for (pk,) in rows), pending=1)
+        if rows:
+            _wake(c)
     return len(rows)
 
 
@@ -601,7 +678,7 @@ def retry_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
         for job_id in job_ids:
             row = c.execute("SELECT state FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                top = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'job'").fetchone()
+                top = c.execute(_dialect(c).max_job_id).fetchone()
                 if top is not None and 0 < job_id <= top[0]:
                     raise NoSuchJob(f"job {job_id} is no longer stored: it completed (or its task finished or "
                                     "was nuked), so there is nothing to retry")
@@ -626,14 +703,18 @@ def retry_all(db: Database) -> list[int]:
         return _retry_where(c, "1", [])
 
 
-def _retry_where(c: sqlite3.Connection, where: str, params: list[object]) -> list[int]:
+def _retry_where(c: Connection, where: str, params: list[object]) -> list[int]:
     # a retry starts afresh: the crash count of a job that hit the crash limit goes back to zero
     rows = c.execute(f"UPDATE job SET state = ?, run_at = NULL, crashes = 0 WHERE state = ? AND {where} "
                      "RETURNING id, task", (QUEUED, FAILED, *params)).fetchall()
-    _shift_counters(c, (pk for _, pk in rows), failed_count=-1, pending_count=1)
+    tally = _Tally()
+    _shift(c, (pk for _, pk in rows), failed=-1, pending=1, tally=tally)
     due = c.execute(f"UPDATE job SET state = ?, run_at = NULL WHERE state = ? AND {where} RETURNING id, task",
                     (QUEUED, SCHEDULED, *params)).fetchall()
-    _shift_counters(c, (pk for _, pk in due), pending_count=1)
+    _shift(c, (pk for _, pk in due), pending=1, tally=tally)
+    _apply(c, tally)
+    if rows or due:
+        _wake(c)
     return sorted(r[0] for r in rows + due)
 
 
@@ -721,9 +802,27 @@ def worker_alive(lock_path: str, heartbeat_mono: float | None, lease: float) -> 
     return heartbeat_mono is not None and monotonic() - heartbeat_mono < lease
 
 
+class LivenessLock(Protocol):
+    """What a worker holds while it lives: a :class:`WorkerLock` on SQLite, an advisory lock of its
+    connection on PostgreSQL (:class:`litemultistep.pg.AdvisoryLock`)."""
+
+    @property
+    def path(self) -> str: ...
+
+    def intact(self) -> bool: ...
+
+    def renew(self) -> str: ...
+
+    def release(self) -> None: ...
+
+
 def register_worker(db: Database, kind: str, queues: Sequence[str] | None = None,
-                    lease: float | None = None, concurrency: int = 1) -> tuple[int, WorkerLock]:
+                    lease: float | None = None, concurrency: int = 1) -> tuple[int, LivenessLock]:
     """Take a worker lock, then add the worker's row (in that order, so a live row's lock is held)."""
+    if db.is_postgres:
+        from . import pg
+
+        return pg.register_worker(db, kind, queues, lease, concurrency)
     lock = WorkerLock(db)
     t = now()
     try:
@@ -739,9 +838,13 @@ def register_worker(db: Database, kind: str, queues: Sequence[str] | None = None
     return int(worker_id), lock  # type: ignore[arg-type]
 
 
-def heartbeat(db: Database, worker_id: int, lease: float, lock: WorkerLock | None = None) -> bool:
-    """Renew the worker's heartbeat (and its lock file, if it vanished); False when the worker's row
+def heartbeat(db: Database, worker_id: int, lease: float, lock: LivenessLock | None = None) -> bool:
+    """Renew the worker's heartbeat (and its lock, if it was lost); False when the worker's row
     is gone: it was taken for dead, and the jobs it held are no longer its own."""
+    if db.is_postgres:
+        from . import pg
+
+        return pg.heartbeat(db, worker_id, lease, lock)
     t = now()
     path = lock.renew() if lock is not None and not lock.intact() else None
     with db.write() as c:
@@ -760,6 +863,10 @@ def unregister_worker(db: Database, worker_id: int) -> None:
 
 def dead_workers(db: Database, lease: float) -> list[tuple[int, int, str]]:
     """``(id, pid, lock_path)`` of every registered worker that is dead."""
+    if db.is_postgres:
+        from . import pg
+
+        return [(w, pid, path) for w, pid, path, _ in pg.dead_workers(db, lease)]
     rows = db.connection().execute("SELECT id, pid, lock_path, heartbeat_mono FROM worker").fetchall()
     return [(w, pid, path) for w, pid, path, mono in rows if not worker_alive(path, mono, lease)]
 
@@ -772,10 +879,15 @@ def recover(db: Database, me: int | None = None, lease: float = 30.0,
     for worker_id, pid, lock_path in dead_workers(db, lease):
         if worker_id == me:
             continue
+        if db.is_postgres:
+            from . import pg
+
+            pg.end_session(db, worker_id)  # its heartbeat is too old but its connection lives: cut it
         with db.write() as c:
             n = _requeue(c, "worker = ?", [worker_id], crashed=(f"worker pid {pid} died", max_crashes))
             c.execute("DELETE FROM worker WHERE id = ?", (worker_id,))
-        _unlink(lock_path)
+        if not db.is_postgres:
+            _unlink(lock_path)
         total += n
         log.warning("worker %d (pid %d) is dead; %d job(s) it held went back to their queues", worker_id, pid, n)
     conn = db.connection()
@@ -800,6 +912,8 @@ def tidy(db: Database, idle: bool = False) -> None:
     The checkpoint that cuts the ``-wal`` holds the write lock while it waits for readers, so it
     waits at most :data:`CHECKPOINT_WAIT_MS` and simply tries again at the next idle moment.
     """
+    if db.is_postgres:
+        return  # the server's autovacuum does this
     conn = db.connection()
     while True:
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -820,7 +934,9 @@ def tidy(db: Database, idle: bool = False) -> None:
 
 def checkpoint(db: Database) -> bool:
     """Copy the ``-wal`` into the database and cut it back to nothing, waiting for readers at most
-    :data:`CHECKPOINT_WAIT_MS`; returns whether it got through."""
+    :data:`CHECKPOINT_WAIT_MS`; returns whether it got through. (Nothing to do on PostgreSQL.)"""
+    if db.is_postgres:
+        return True
     conn = db.connection()
     busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
     conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
@@ -856,9 +972,10 @@ def check(db: Database, repair: bool = False, lease: float = 30.0,
     """
     conn = db.connection()
     problems: list[Problem] = []
-    for (line,) in conn.execute("PRAGMA integrity_check").fetchall():
-        if line != "ok":
-            problems.append(Problem("integrity", None, line))
+    if not db.is_postgres:
+        for (line,) in conn.execute("PRAGMA integrity_check").fetchall():
+            if line != "ok":
+                problems.append(Problem("integrity", None, line))
     dead = dead_workers(db, lease)
     dead_ids = {w for w, _, _ in dead}
     held = conn.execute(f"SELECT worker, count(*) FROM job WHERE state = {RUNNING} GROUP BY worker").fetchall()
@@ -880,7 +997,8 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
     problems = []
     with db.write() as c:  # one snapshot to compare, and to fix in
         row = c.execute("SELECT state, finalizable, normal_count, finalize_count, completed_count, failed_count, "
-                        "pending_count, running_count, builder_pid FROM task WHERE id = ?", (pk,)).fetchone()
+                        "pending_count, running_count, builder_pid FROM task WHERE id = ?" + _dialect(c).lock_row,
+                        (pk,)).fetchone()
         if row is None:
             return []
         state, finalizable, normal, finalize, completed, failed, pending, running, builder = row
@@ -907,7 +1025,8 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
             if repair:
                 c.execute("UPDATE task SET " + ", ".join(f"{k} = ?" for k in wrong) + " WHERE id = ?",
                           (*[b for _, b in wrong.values()], pk))
-        if state == BUILDING and builder is not None and not _pid_alive(builder):
+        # (a builder on PostgreSQL may be on another host, where its pid says nothing)
+        if state == BUILDING and builder is not None and not db.is_postgres and not _pid_alive(builder):
             problems.append(Problem("abandoned", task_id, f"its with block never ended (process {builder} is "
                                     "gone); repair removes it", repair))
             if repair:

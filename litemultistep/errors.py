@@ -37,6 +37,11 @@ class StorageError(DatabaseUnusable):
     lost; the same write can succeed once there is space again."""
 
 
+class DatabaseUnavailable(StorageError):
+    """The database server cannot be reached (it restarted, the network dropped); a worker keeps
+    what it holds and tries again."""
+
+
 class DatabaseBusy(StorageError):
     """Another connection held the write lock longer than the busy timeout. Nothing was lost; the same
     write can succeed a moment later (workers wait and try again)."""

@@ -131,7 +131,7 @@ class InlineRunner:
 
     @classmethod
     def for_db(cls, db: Database) -> InlineRunner:
-        key = (db.path, os.getpid())
+        key = (db.target, os.getpid())
         with cls._guard:
             runner = cls._runners.get(key)
             if runner is None:

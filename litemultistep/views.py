@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
-from .engine import worker_alive
+from .engine import dead_workers
 from .errors import NoSuchMultiStepTask
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
@@ -244,12 +244,13 @@ def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:
     """Registered workers, with whether each is alive now (its OS lock held). Only looks."""
     db = resolve_db(db)
     conn = db.connection()
+    dead = {w for w, _, _ in dead_workers(db, lease)}
     out = []
-    for wid, pid, host, kind, queues, started, beat, expires, lock_path, mono, concurrency in conn.execute(
-            "SELECT id, pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
-            "heartbeat_mono, concurrency FROM worker ORDER BY id").fetchall():
+    for wid, pid, host, kind, queues, started, beat, expires, concurrency in conn.execute(
+            "SELECT id, pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, concurrency "
+            "FROM worker ORDER BY id").fetchall():
         jobs = [r[0] for r in conn.execute("SELECT id FROM job WHERE state = ? AND worker = ? ORDER BY id",
                                            (JobState.RUNNING, wid))]
-        alive = worker_alive(lock_path, mono, lease)
+        alive = wid not in dead
         out.append(WorkerInfo(wid, pid, host, kind, queues, started, beat, expires, alive, jobs, concurrency))
     return out

@@ -36,7 +36,6 @@ from multiprocessing.connection import Connection
 from types import FrameType
 
 from . import config, engine
-from ._wakeup import WalWaiter
 from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import InvalidSetting, StorageError
@@ -193,6 +192,8 @@ class JobProcess:
 def _tighten(db: Database) -> None:
     """After a full disk: copy the -wal back every 64 pages from now on. On a nearly full disk, a
     -wal left to grow takes the space its own checkpoint needs, and everything stops again."""
+    if db.is_postgres:
+        return
     try:
         db.connection().execute(f"PRAGMA wal_autocheckpoint = {TIGHT_AUTOCHECKPOINT}")
     except sqlite3.Error:
@@ -233,7 +234,7 @@ class Worker:
         self.put_back: list[int] = []
         self.handed: deque[ClaimedJob] = deque()
         self.procs: list[JobProcess] = []
-        self._waiter = WalWaiter(db.path + "-wal", options.poll)
+        self._waiter = db.waiter(options.poll)
         self._next_maintenance = 0.0
         self._next_heartbeat = 0.0
         self._next_tidy = 0.0
@@ -248,7 +249,7 @@ class Worker:
 
     # -- membership ---------------------------------------------------------------------------------
 
-    def _register(self) -> tuple[int, engine.WorkerLock]:
+    def _register(self) -> tuple[int, engine.LivenessLock]:
         backoff = 0.5
         while True:
             try:
@@ -348,7 +349,12 @@ class Worker:
                 self._storage_trouble(e)
         if self.stopping and not self._busy() and not self._unwritten:
             return False
-        if self._burst_done():
+        try:
+            burst_done = self._burst_done()
+        except StorageError as e:
+            burst_done = False
+            self._storage_trouble(e)
+        if burst_done:
             log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
             return False
         self._wait()
@@ -601,7 +607,7 @@ def run_worker(options: WorkerOptions) -> int:
     if parent and options.parent_pid is None:
         options.parent_pid = int(parent)
     db = Database(options.db)
-    options.db = db.path
+    options.db = db.target
     try:
         return Worker(db, options).run()
     finally:

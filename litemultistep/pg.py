@@ -1,0 +1,465 @@
+"""PostgreSQL: the same tasks on a server, for workers on many hosts.
+
+``Database("postgresql://user@host/dbname")`` opens a :class:`PostgresDatabase`. The engine's SQL is the
+same text on both backends (``?`` placeholders become psycopg's ``%s`` here); what differs is named by
+:data:`POSTGRES` and lives in this module:
+
+* Claims lock the job rows they take with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait
+  on each other's jobs; a transaction changes each task's row once, at its end, in key order.
+* A worker is alive while it holds its session-level advisory lock (the server drops it the instant
+  the connection dies, whichever host the worker was on) *and* its heartbeat, stamped with the
+  server's clock, is younger than the worker's lease: a host that vanished without closing its
+  connection, or a partition, gives its jobs back within the lease. A worker found too old while its
+  connection lingers has that connection ended (``pg_terminate_backend``), so it cannot go on as if
+  it still held its jobs.
+* Idle workers wait on ``LISTEN``; the engine sends ``NOTIFY`` only when jobs become claimable or work
+  runs out, not on every commit.
+* The schema is created and upgraded under a transaction-level advisory lock, so twenty workers
+  starting at once create it once. Tables live in the connection's ``search_path`` schema
+  (``?options=-csearch_path%3Dmyschema`` in the URL picks another).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import socket
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from .db import SCHEMA_VERSION, Database, Dialect, now
+from .errors import DatabaseBusy, DatabaseUnavailable, DatabaseUnusable, SchemaTooNew, StorageError
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger("litemultistep")
+
+INSTALL_HINT = "install the PostgreSQL driver: pip install 'litemultistep[postgres]'"
+
+
+def _glob_regex(pattern: str) -> str:
+    """A PostgreSQL regular expression matching what SQLite's GLOB matches for ``pattern``."""
+    out = ["^"]
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            start = i + 1
+            if start < len(pattern) and pattern[start] == "^":
+                start += 1
+            end = pattern.find("]", start + 1)  # a ']' first in the set is a member, as in GLOB
+            if end < 0:
+                out.append(r"\[")
+            else:
+                body = pattern[i + 1:end].replace("\\", "\\\\")
+                out.append(f"[{body}]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out) + "$"
+
+
+class _PostgresDialect(Dialect):
+    def glob(self, pattern: str) -> tuple[str, str]:
+        return "task_id ~ ?", _glob_regex(pattern)
+
+
+POSTGRES = _PostgresDialect(
+    "postgresql",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+    lock_row=" FOR UPDATE",
+    max_job_id="SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM job_id_seq",
+)
+
+SCHEMA = [
+    "CREATE TABLE task (id BIGSERIAL PRIMARY KEY, task_id TEXT NOT NULL UNIQUE, slug TEXT NOT NULL, "
+    "state INTEGER NOT NULL, finalizable INTEGER NOT NULL DEFAULT 0, normal_count BIGINT NOT NULL DEFAULT 0, "
+    "finalize_count BIGINT NOT NULL DEFAULT 0, completed_count BIGINT NOT NULL DEFAULT 0, "
+    "failed_count BIGINT NOT NULL DEFAULT 0, pending_count BIGINT NOT NULL DEFAULT 0, "
+    "running_count BIGINT NOT NULL DEFAULT 0, last_served BIGINT NOT NULL DEFAULT 0, "
+    "max_retries INTEGER NOT NULL DEFAULT 0, retry_delay DOUBLE PRECISION NOT NULL DEFAULT 1.0, "
+    "created_at DOUBLE PRECISION NOT NULL, timeout DOUBLE PRECISION, avg_duration DOUBLE PRECISION, "
+    "builder_pid INTEGER)",
+    "CREATE TABLE job (id BIGSERIAL PRIMARY KEY, task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, "
+    "kind INTEGER NOT NULL, position INTEGER, func TEXT NOT NULL, args TEXT NOT NULL, state INTEGER NOT NULL, "
+    "attempts INTEGER NOT NULL DEFAULT 0, worker BIGINT, run_at DOUBLE PRECISION, "
+    "enqueued_at DOUBLE PRECISION NOT NULL, claimed_at DOUBLE PRECISION, crashes INTEGER NOT NULL DEFAULT 0, "
+    "timeout DOUBLE PRECISION)",
+    "CREATE TABLE failure (id BIGSERIAL PRIMARY KEY, job BIGINT NOT NULL REFERENCES job (id) ON DELETE CASCADE, "
+    "task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, exc_type TEXT NOT NULL, message TEXT NOT NULL, "
+    "traceback TEXT NOT NULL, attempt INTEGER NOT NULL, failed_at DOUBLE PRECISION NOT NULL, worker_pid INTEGER)",
+    "CREATE INDEX failure_job ON failure (job)",
+    "CREATE INDEX failure_task ON failure (task)",
+    # heartbeat_mono holds the server's clock here (one clock for every host), not a host's monotonic one
+    "CREATE TABLE worker (id BIGSERIAL PRIMARY KEY, pid INTEGER NOT NULL, hostname TEXT NOT NULL, "
+    "kind TEXT NOT NULL, queues TEXT, started_at DOUBLE PRECISION NOT NULL, heartbeat_at DOUBLE PRECISION NOT NULL, "
+    "expires_at DOUBLE PRECISION, lock_path TEXT NOT NULL, heartbeat_mono DOUBLE PRECISION, "
+    "concurrency INTEGER NOT NULL DEFAULT 1)",
+    "CREATE TABLE finished_task (task_id TEXT PRIMARY KEY, slug TEXT NOT NULL, normal_count BIGINT NOT NULL, "
+    "finalize_count BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL, finished_at DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX finished_task_finished_at ON finished_task (finished_at)",
+    "CREATE INDEX task_claimable ON task (last_served) WHERE pending_count > 0 AND state IN (1, 2)",
+    "CREATE INDEX job_task_state ON job (task, state)",
+    "CREATE INDEX job_running ON job (worker) WHERE state = 2",
+    "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
+    "CREATE TABLE litemultistep_schema (version INTEGER NOT NULL)",
+]
+
+#: One entry per schema version above 2 (the first on PostgreSQL): the statements from N-1 to N.
+MIGRATIONS: dict[int, list[str]] = {}
+
+#: the liveness clock: the server's, so workers on hosts with different clocks agree
+SERVER_CLOCK = "extract(epoch from clock_timestamp())"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    url = re.sub(r"(://[^:/@?]*):[^@/?]*@", r"\1@", url)
+    return re.sub(r"([?&])password=[^&]*&?", r"\1", url).rstrip("?&")
+
+
+@lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _translate(error: Exception, path: str) -> StorageError | DatabaseUnusable:
+    import psycopg
+
+    state = getattr(error, "sqlstate", None) or ""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if state in ("40P01", "40001", "55P03"):
+        return DatabaseBusy(f"{path}: {message} (another transaction was in the way; this one is retried)")
+    if state.startswith("53"):
+        return StorageError(f"the server of {path} is out of resources ({message}); nothing stored was lost")
+    if state.startswith(("08", "57P")) or isinstance(error, psycopg.OperationalError) and not state:
+        return DatabaseUnavailable(f"cannot reach {path}: {message}; nothing stored was lost, and the work in "
+                                   "hand is written once the server answers again")
+    return DatabaseUnusable(f"{path}: {message}")
+
+
+class PgConnection:
+    """A psycopg connection that speaks the engine's SQL (``?`` placeholders) and its errors."""
+
+    dialect = POSTGRES
+
+    def __init__(self, raw: psycopg.Connection[Any], db: PostgresDatabase) -> None:
+        self.raw = raw
+        self._db = db
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
+        import psycopg
+
+        try:
+            return self.raw.execute(_pg_sql(sql), parameters)
+        except psycopg.Error as e:
+            raise _translate(e, self._db.path) from None
+
+    def executemany(self, sql: str, parameters: Sequence[Sequence[Any]], /) -> Any:
+        import psycopg
+
+        cur = self.raw.cursor()
+        try:
+            cur.executemany(_pg_sql(sql), parameters)
+        except psycopg.Error as e:
+            raise _translate(e, self._db.path) from None
+        return cur
+
+    def notify(self) -> None:
+        """Wake the idle workers of this database once the transaction commits."""
+        self.raw.execute(f"NOTIFY {self._db.channel}")
+
+    @property
+    def usable(self) -> bool:
+        return not (self.raw.closed or self.raw.broken)
+
+
+class PostgresDatabase(Database):
+    """A litemultistep database on a PostgreSQL server (see :class:`litemultistep.Database`)."""
+
+    dialect = POSTGRES
+    is_postgres = True
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise DatabaseUnusable(f"{redact(os.fspath(path))} is a PostgreSQL URL: {INSTALL_HINT}") from None
+        self.target = os.fspath(path)
+        self.path = redact(self.target)
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._forsaken: list[Any] = []
+        conn = self.connection()
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        if schema is None:
+            raise DatabaseUnusable(f"{self.path}: no schema to create tables in (the search_path names none "
+                                   "that exists); create it, or fix the URL's search_path option")
+        #: our advisory locks' first key, and our NOTIFY channel: one per schema, so two litemultistep
+        #: schemas in one database never see each other's workers
+        self.lock_key = zlib.crc32(f"litemultistep:{schema}".encode()) & 0x7FFFFFFF
+        self.channel = f"litemultistep_{self.lock_key}"
+        self._prepare_schema(create)
+
+    def __repr__(self) -> str:
+        return f"<litemultistep.Database {self.path}>"
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        given = conninfo_to_dict(self.target)
+        # keepalives: a connection to a host that vanished is noticed in about half a minute
+        defaults = {"application_name": "litemultistep", "connect_timeout": "10", "keepalives": "1",
+                    "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3"}
+        extra = {k: v for k, v in defaults.items() if k not in given}
+        try:
+            return psycopg.connect(make_conninfo(self.target, **extra), autocommit=True)
+        except psycopg.Error as e:
+            raise _translate(e, self.path) from None
+
+    def connection(self) -> PgConnection:  # type: ignore[override]
+        """This thread's connection, opened on first use, after a fork, and after it was lost."""
+        if os.getpid() != self._pid:
+            # Inherited across fork: never close it here (that would end the parent's session).
+            self._forsaken.append(getattr(self._local, "conn", None))
+            self._local = threading.local()
+            self._pid = os.getpid()
+        conn: PgConnection | None = getattr(self._local, "conn", None)
+        if conn is None or not conn.usable:
+            if conn is not None:
+                conn.raw.close()
+                log.warning("the connection to %s was lost; connecting again", self.path)
+            conn = self._local.conn = PgConnection(self._connect(), self)
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[PgConnection]:  # type: ignore[override]
+        """A short transaction, committed when the block ends."""
+        import psycopg
+
+        conn = self.connection()
+        try:
+            with conn.raw.transaction():
+                yield conn
+        except psycopg.Error as e:
+            raise _translate(e, self.path) from None
+
+    def close(self) -> None:
+        """Close this thread's connection (another use reopens it)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and os.getpid() == self._pid:
+            conn.raw.close()
+            self._local.conn = None
+
+    def waiter(self, poll: float) -> PgWaiter:  # type: ignore[override]
+        return PgWaiter(self, poll)
+
+    # -- schema -------------------------------------------------------------------------------------
+
+    def _schema_state(self, conn: PgConnection) -> str:
+        ours, theirs = conn.execute("SELECT to_regclass('litemultistep_schema'), to_regclass('task')").fetchone()
+        if ours is None:
+            if theirs is not None:
+                raise DatabaseUnusable(f"{self.path} already has a table 'task' of another program in schema "
+                                       f"{conn.execute('SELECT current_schema()').fetchone()[0]!r}; litemultistep "
+                                       "leaves it untouched (give it its own schema with the URL's search_path)")
+            return "new"
+        row = conn.execute("SELECT max(version) FROM litemultistep_schema").fetchone()
+        version = row[0] or 0
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(f"{self.path} was written by a newer litemultistep (schema v{version}; this version "
+                               f"knows v{SCHEMA_VERSION}): upgrade litemultistep to use it")
+        return "current" if version == SCHEMA_VERSION else "old"
+
+    def _prepare_schema(self, create: bool) -> None:
+        conn = self.connection()
+        state = self._schema_state(conn)
+        if state == "current":
+            return
+        if state == "new" and not create:
+            raise DatabaseUnusable(f"no litemultistep tables in {self.path} (a reading command never creates "
+                                   "them); check the URL, or create tasks first")
+        with self.write() as c:
+            # One creator at a time; the others find the work done when they get the lock.
+            c.execute("SELECT pg_advisory_xact_lock(?::int4, 0)", (self.lock_key,))
+            state = self._schema_state(c)
+            if state == "new":
+                for sql in SCHEMA:
+                    c.execute(sql)
+                c.execute("INSERT INTO litemultistep_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+                log.debug("created litemultistep schema v%d in %s", SCHEMA_VERSION, self.path)
+            elif state == "old":
+                (version,) = c.execute("SELECT max(version) FROM litemultistep_schema").fetchone()
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for sql in MIGRATIONS[target]:
+                        c.execute(sql)
+                c.execute("UPDATE litemultistep_schema SET version = ?", (SCHEMA_VERSION,))
+                log.info("upgraded %s from schema v%d to v%d", self.path, version, SCHEMA_VERSION)
+
+
+# -- liveness -----------------------------------------------------------------------------------------
+
+
+class AdvisoryLock:
+    """A worker's session-level advisory lock: held by its connection, dropped by the server the
+    instant that connection dies."""
+
+    path = "advisory lock"
+
+    def __init__(self, db: PostgresDatabase, worker_id: int) -> None:
+        self._db = db
+        self.worker_id = worker_id
+
+    def intact(self) -> bool:
+        """Whether this thread's connection still holds the lock (a new connection does not)."""
+        conn = self._db.connection()
+        return conn.execute(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+            "AND classid = ?::int4::oid AND objid = ?::int4::oid AND objsubid = 2",
+            (self._db.lock_key, self.worker_id)).fetchone() is not None
+
+    def renew(self) -> str:
+        """Take the lock again, on a new connection (the old one was lost)."""
+        self._db.connection().execute("SELECT pg_try_advisory_lock(?::int4, ?::int4)",
+                                      (self._db.lock_key, self.worker_id))
+        return self.path
+
+    def release(self) -> None:
+        try:
+            conn = self._db.connection()
+            conn.execute("SELECT pg_advisory_unlock(?::int4, ?::int4)", (self._db.lock_key, self.worker_id))
+        except (StorageError, DatabaseUnusable):
+            pass  # the connection is gone, and the lock with it
+
+
+def register_worker(db: Any, kind: str, queues: Sequence[str] | None, lease: float | None,
+                    concurrency: int) -> tuple[int, AdvisoryLock]:
+    """Add the worker's row and take its lock in one transaction: once others see the row, it is held."""
+    t = now()
+    with db.write() as c:
+        (worker_id,) = c.execute(
+            "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
+            f"heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {SERVER_CLOCK}, ?) RETURNING id",
+            (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
+             t + lease if lease else None, AdvisoryLock.path, concurrency)).fetchone()
+        # session-level: it outlives this transaction, and is released only by unlock or disconnect
+        c.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", (db.lock_key, worker_id))
+    return int(worker_id), AdvisoryLock(db, int(worker_id))
+
+
+def heartbeat(db: Any, worker_id: int, lease: float, lock: Any) -> bool:
+    """Renew the heartbeat on the server's clock (and the lock, on a new connection); False when the
+    worker's row is gone."""
+    if lock is not None and not lock.intact():
+        lock.renew()
+    t = now()
+    with db.write() as c:
+        return c.execute(f"UPDATE worker SET heartbeat_at = ?, expires_at = ?, heartbeat_mono = {SERVER_CLOCK} "
+                         "WHERE id = ?", (t, t + lease, worker_id)).rowcount == 1
+
+
+_LOCKS = ("LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+          "AND l.classid = ?::int4::oid AND l.objid = w.id::int4::oid "
+          "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+
+
+def dead_workers(db: Any, lease: float) -> list[tuple[int, int, str, int | None]]:
+    """``(id, pid, lock_path, backend pid or None)`` of every dead worker: its lock is free, or its
+    heartbeat is older than its own lease (inline runners, with no lease, live by their lock alone).
+    ``lease`` is the lease of workers that registered none."""
+    rows = db.connection().execute(
+        f"SELECT w.id, w.pid, w.lock_path, l.pid, {SERVER_CLOCK} - w.heartbeat_mono, "
+        f"w.expires_at - w.heartbeat_at, w.kind FROM worker w {_LOCKS} ORDER BY w.id", (db.lock_key,)).fetchall()
+    dead = []
+    for wid, pid, path, backend, age, own_lease, kind in rows:
+        limit = own_lease if own_lease else lease
+        if backend is None or (kind != "inline" and age is not None and float(age) > limit):
+            dead.append((wid, pid, path, backend))
+    return dead
+
+
+def end_session(db: Any, worker_id: int) -> None:
+    """End the connection still holding a dead worker's lock, if any (its heartbeat ran out)."""
+    try:
+        db.connection().execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.objsubid = 2 AND l.classid = ?::int4::oid AND l.objid = ?::int4::oid AND l.pid <> pg_backend_pid() "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (db.lock_key, worker_id)).fetchall()
+    except DatabaseUnusable as e:
+        log.warning("could not end the session of dead worker %d: %s", worker_id, e)
+
+
+# -- waiting ------------------------------------------------------------------------------------------
+
+
+class PgWaiter:
+    """An idle worker's ear: a connection of its own that LISTENs on the database's channel.
+    :meth:`fileno` is readable when a NOTIFY (or the connection's end) arrives; with no connection
+    (the server is away) it is None, and the worker polls."""
+
+    def __init__(self, db: PostgresDatabase, poll: float) -> None:
+        self.db = db
+        self.poll = poll
+        self.conn: psycopg.Connection[Any] | None = None
+        self._listen()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        try:
+            conn = self.db._connect()
+            conn.execute(f"LISTEN {self.db.channel}")
+        except (psycopg.Error, StorageError, DatabaseUnusable):
+            self.conn = None
+            return
+        self.conn = conn
+
+    def fileno(self) -> int | None:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self.close()
+            self._listen()
+        return None if self.conn is None else self.conn.fileno()
+
+    def changed(self) -> bool:
+        """Whether a notification came since the last call (and drain them)."""
+        import psycopg
+
+        if self.conn is None:
+            return True
+        try:
+            self.conn.pgconn.consume_input()
+            got = False
+            while self.conn.pgconn.notifies() is not None:
+                got = True
+            return got
+        except psycopg.Error:
+            self.close()
+            return True
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True as soon as a notification came."""
+        fd = self.fileno()
+        if fd is None:
+            select.select([], [], [], min(self.poll, max(timeout, 0.0)))
+            return True
+        ready, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+        return bool(ready) and self.changed()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
