@@ -130,6 +130,11 @@ def redact(url: str) -> str:
     return re.sub(r"([?&])password=[^&]*&?", r"\1", url).rstrip("?&")
 
 
+def schema_key(schema: str) -> int:
+    """The first key of a schema's advisory locks (a positive int4)."""
+    return zlib.crc32(f"litemultistep:{schema}".encode()) & 0x7FFFFFFF
+
+
 @lru_cache(maxsize=512)
 def _pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
@@ -209,7 +214,7 @@ class PostgresDatabase(Database):
                                    "that exists); create it, or fix the URL's search_path option")
         #: our advisory locks' first key, and our NOTIFY channel: one per schema, so two litemultistep
         #: schemas in one database never see each other's workers
-        self.lock_key = zlib.crc32(f"litemultistep:{schema}".encode()) & 0x7FFFFFFF
+        self.lock_key = schema_key(schema)
         self.channel = f"litemultistep_{self.lock_key}"
         self._prepare_schema(create)
 
@@ -324,12 +329,14 @@ class AdvisoryLock:
         self.worker_id = worker_id
 
     def intact(self) -> bool:
-        """Whether this thread's connection still holds the lock (a new connection does not)."""
-        conn = self._db.connection()
-        return conn.execute(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
-            "AND classid = ?::int4::oid AND objid = ?::int4::oid AND objsubid = 2",
-            (self._db.lock_key, self.worker_id)).fetchone() is not None
+        """Whether this thread's connection still holds the lock (a lost one does not, nor a new one)."""
+        try:
+            return self._db.connection().execute(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+                "AND classid = ?::int4::oid AND objid = ?::int4::oid AND objsubid = 2",
+                (self._db.lock_key, self.worker_id)).fetchone() is not None
+        except DatabaseUnavailable:
+            return False
 
     def renew(self) -> str:
         """Take the lock again, on a new connection (the old one was lost)."""
@@ -463,3 +470,38 @@ class PgWaiter:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+# -- throwaway schemas, for tests -----------------------------------------------------------------------
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` with its connections' ``search_path`` set to ``schema`` (libpq's ``options``)."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@contextmanager
+def temporary_schema(url: str, prefix: str = "lms_test") -> Iterator[str]:
+    """A fresh, empty schema in the database at ``url``, dropped afterwards; yields the URL that puts
+    litemultistep's tables in it. What the pytest plugin and the test suite run on."""
+    import secrets
+
+    import psycopg
+
+    from . import db as dbmod
+
+    schema = f"{prefix}_{secrets.token_hex(6)}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    target = with_search_path(url, schema)
+    try:
+        yield target
+    finally:
+        opened = dbmod._open.pop(target, None)
+        if opened is not None:
+            opened.close()
+        with psycopg.connect(url, autocommit=True) as admin:
+            # workers still connected to it are ended first, so the drop never waits on them
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                          "AND classid = %s::int4::oid AND pid <> pg_backend_pid()", (schema_key(schema),))
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")

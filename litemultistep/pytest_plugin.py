@@ -2,7 +2,8 @@
 
 Registered through the ``pytest11`` entry point, so installing litemultistep is all it takes:
 
-* ``litemultistep_db``: a fresh database file in the test's ``tmp_path``, the default for the test;
+* ``litemultistep_db``: a fresh database file in the test's ``tmp_path``, the default for the test (with
+  ``--litemultistep-postgres URL``: a fresh schema in that PostgreSQL database, dropped afterwards);
 * ``litemultistep_sync``: sync mode for the test (jobs run inline in ``add_job``);
 * ``litemultistep_drain``: run every queued job in this process, through the worker's own code;
 * ``litemultistep_worker``: real ``litemultistep worker`` processes for the test, stopped at teardown,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,30 @@ from .task import MultiStepTask
 from .views import Progress
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--litemultistep-postgres", metavar="URL", default=None,
+                     help="run litemultistep's fixtures on this PostgreSQL database (a fresh schema per test) "
+                          "instead of a SQLite file")
+
+
 @pytest.fixture
-def litemultistep_db(tmp_path: Path) -> Iterator[str]:
-    """Path of a fresh database file, set as the default database for the test (then unset)."""
-    path = str(tmp_path / "litemultistep.sqlite")
+def litemultistep_db(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database, set as the default database for the test (then unset): the path of a new
+    SQLite file, or with ``--litemultistep-postgres URL`` the URL of a new schema in that database."""
+    server = request.config.getoption("--litemultistep-postgres")
     saved = config._settings.db
-    config.configure(db=path)
-    try:
-        yield path
-    finally:
-        config._settings.db = saved
+    with ExitStack() as stack:
+        if server:
+            from .pg import temporary_schema
+
+            target = stack.enter_context(temporary_schema(server))
+        else:
+            target = str(tmp_path / "litemultistep.sqlite")
+        config.configure(db=target)
+        try:
+            yield target
+        finally:
+            config._settings.db = saved
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -91,6 +92,57 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
 def db(tmp_path: Path) -> str:
     """A database path (not the default one: tests name it with db=)."""
     return str(tmp_path / "test.sqlite")
+
+
+#: the PostgreSQL server the PostgreSQL variants of the tests use (a fresh schema per test)
+POSTGRES_ENV = "LITEMULTISTEP_TEST_POSTGRES"
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@functools.cache
+def postgres_server() -> tuple[str | None, str]:
+    """The server's URL, or None and why it cannot be used."""
+    url = os.environ.get(POSTGRES_ENV) or POSTGRES_DEFAULT
+    try:
+        import psycopg
+    except ImportError:
+        return None, "psycopg is not installed: pip install -e '.[test,postgres]'"
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as e:
+        return None, (f"no PostgreSQL server at {url} ({str(e).strip().splitlines()[0]}); point {POSTGRES_ENV} "
+                      "at one, e.g. postgresql://user@host:5432/dbname")
+    return url, ""
+
+
+def need_postgres() -> str:
+    url, why = postgres_server()
+    if url is None:
+        pytest.skip(why)
+    return url
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    """The URL of a fresh schema on the test server, dropped afterwards."""
+    from litemultistep.pg import temporary_schema
+
+    with temporary_schema(need_postgres()) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database on each backend in turn: a SQLite path, then a PostgreSQL URL."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "test.sqlite")
+        return
+    yield request.getfixturevalue("pg_db")
+
+
+def is_pg(target: str) -> bool:
+    return target.startswith("postgresql://")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The engine's decisions, on a real file: fairness, stale results, recovery, repair, and a model-based
+"""The engine's decisions, on a real SQLite file and on a real PostgreSQL database (every test that does
+not name ``sqlite_store`` runs on both): fairness, stale results, recovery, repair, and a model-based
 test that drives random sequences of operations against a small model of the rules."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import tempfile
 
 import pytest
+from conftest import need_postgres
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -17,6 +19,8 @@ from litemultistep import FinalizationAlreadyBegun, NoSuchMultiStepTask, NotRead
 from litemultistep import engine as E
 from litemultistep.db import Database, JobKind, open_database
 from litemultistep.engine import Outcome
+from litemultistep.errors import DatabaseUnavailable
+from litemultistep.pg import AdvisoryLock
 from litemultistep.views import failures, progress
 
 NOOP = ("jobfuncs:noop", "[[],{}]", None)
@@ -27,7 +31,13 @@ def add(db: Database, task_id: str, kind: int = JobKind.NORMAL, n: int = 1) -> N
 
 
 @pytest.fixture
-def store(db):
+def store(any_db):
+    return open_database(any_db)
+
+
+@pytest.fixture
+def sqlite_store(db):
+    """For what only the SQLite backend does (lock files, SQLite's own column types)."""
     return open_database(db)
 
 
@@ -38,9 +48,13 @@ def claim(store: Database, w: int, limit: int, queues: list[str] | None = None) 
     return batches[0] if batches else []
 
 
-def die(lock: E.WorkerLock) -> None:
-    """What the kernel does when the lock's process dies: the flock goes, the file stays."""
-    lock._lock.release()
+def die(lock) -> None:
+    """What happens to a worker's lock when its process dies: the kernel drops the flock (the file
+    stays); the server drops the advisory lock with the connection."""
+    if isinstance(lock, AdvisoryLock):
+        lock.release()
+    else:
+        lock._lock.release()
 
 
 def worker(store: Database, lease: float = 1000.0):
@@ -85,7 +99,8 @@ class TestClaims:
 
 
 class TestStaleWorkers:
-    def test_a_paused_worker_keeps_its_jobs_however_old_its_heartbeat(self, store):
+    def test_a_paused_worker_keeps_its_jobs_however_old_its_heartbeat(self, sqlite_store):
+        store = sqlite_store
         t = E.create_task(store, "t")
         add(store, t)
         paused, lock = E.register_worker(store, "process", lease=1)
@@ -104,9 +119,7 @@ class TestStaleWorkers:
         E.mark_finalizable(store, t)
         slow, lock = E.register_worker(store, "process", lease=1)
         [job] = claim(store, slow, 1)
-        # its lock file was removed and its monotonic heartbeat is older than the lease
-        os.unlink(lock.path)
-        store.connection().execute("UPDATE worker SET heartbeat_mono = heartbeat_mono - 5 WHERE id = ?", (slow,))
+        die(lock)
         rescuer = worker(store)
         assert E.recover(store, rescuer, lease=1) == 1
         assert E.heartbeat(store, slow, 10) is False
@@ -118,7 +131,8 @@ class TestStaleWorkers:
         E.record(store, rescuer, [Outcome(again, True)])
         assert progress(store, t).finished
 
-    def test_a_live_worker_whose_lock_file_vanished_makes_a_new_one(self, store):
+    def test_a_live_worker_whose_lock_file_vanished_makes_a_new_one(self, sqlite_store):
+        store = sqlite_store
         w, lock = E.register_worker(store, "process", lease=1)
         os.unlink(lock.path)
         assert not lock.intact()
@@ -186,6 +200,64 @@ class TestRetries:
             E.retry_jobs(store, [job_id])
 
 
+class TestPostgresLiveness:
+    """What only a network database has: a connection that can be cut, hosts whose clocks differ."""
+
+    @pytest.fixture
+    def pg(self, pg_db):
+        return open_database(pg_db)
+
+    def test_a_worker_past_its_lease_is_dead_and_its_session_is_ended(self, pg):
+        t = E.create_task(pg, "t")
+        add(pg, t, n=2)
+        # the lock held on another connection, as a worker on another host holds it
+        other = Database(pg.target)
+        try:
+            w, _ = E.register_worker(other, "process", lease=5)
+            claim(other, w, 2)
+            assert E.recover(pg, worker(pg)) == 0  # lock held, heartbeat fresh: alive
+            # its heartbeat, on the server's clock, is older than its own lease (a host gone silent)
+            pg.connection().execute("UPDATE worker SET heartbeat_mono = heartbeat_mono - 6 WHERE id = ?", (w,))
+            assert E.recover(pg, worker(pg)) == 2
+            assert progress(pg, t).pending_count == 2
+            held = pg.connection().execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = ?::int4::oid "
+                "AND classid = ?::int4::oid", (w, pg.lock_key)).fetchone()[0]
+            assert held == 0  # its connection was ended, its lock with it
+            with pytest.raises(DatabaseUnavailable, match="nothing stored was lost"):
+                other.connection().execute("SELECT 1")  # the first use after the cut fails...
+            assert other.connection().execute("SELECT 1").fetchone() == (1,)  # ...the next connects again
+        finally:
+            other.close()
+
+    def test_a_cut_connection_is_noticed_and_the_worker_takes_its_lock_again(self, pg):
+        w, lock = E.register_worker(pg, "process", lease=30)
+        backend = pg.connection().execute("SELECT pg_backend_pid()").fetchone()[0]
+        admin = Database(pg.target)
+        try:
+            assert E.recover(admin, None) == 0
+            admin.connection().execute("SELECT pg_terminate_backend(?)", (backend,))
+            assert not lock.intact()  # a new connection, without the lock
+            assert E.heartbeat(pg, w, 30, lock) is True and lock.intact()
+            assert E.recover(admin, None) == 0
+        finally:
+            admin.close()
+
+    def test_queue_globs_mean_what_they_mean_on_sqlite(self, pg):
+        ids = {slug: E.create_task(pg, slug) for slug in ["img.a", "img-b", "mail", "x%y", "ab"]}
+        for t in ids.values():
+            add(pg, t)
+        w = worker(pg)
+        for pattern, expected in [("img.*", {"img.a"}), ("img?*", {"img.a", "img-b"}),
+                                  ("[ma]*", {"mail", "ab"}), ("[^m]b~*", {"ab"}), ("x%y~*", {"x%y"})]:
+            got = set()
+            while batch := claim(pg, w, 10, [pattern]):
+                got |= {j.task_id.rsplit("~", 1)[0] for j in batch}
+            assert got == expected, pattern
+            pg.connection().execute("UPDATE job SET state = 1, worker = NULL")
+            pg.connection().execute("UPDATE task SET pending_count = 1, running_count = 0")
+
+
 class TestCheck:
     def test_stalled_finalization_is_found_and_resumed(self, store):
         t = E.create_task(store, "t")
@@ -200,7 +272,8 @@ class TestCheck:
         assert E.check(store) == []
         assert progress(store, t).pending_count == 2
 
-    def test_abandoned_block_is_removed(self, store):
+    def test_abandoned_block_is_removed(self, sqlite_store):
+        store = sqlite_store
         t = E.create_task(store, "t")
         E.begin_building(store, t)
         add(store, t, n=3)
@@ -217,10 +290,13 @@ class TestCheck:
 class EngineModel(RuleBasedStateMachine):
     """Random operations on a real file, each checked against a model of the rules."""
 
+    def open(self) -> Database:
+        self.dir = tempfile.mkdtemp(prefix="lms-model-")
+        return Database(os.path.join(self.dir, "model.sqlite"))
+
     @initialize()
     def setup(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="lms-model-")
-        self.db = Database(os.path.join(self.dir, "model.sqlite"))
+        self.db = self.open()
         self.tasks: dict[str, dict] = {}  # task id -> model
         self.workers = [E.register_worker(self.db, "process", lease=1000) for _ in range(3)]
         self.claims: dict[int, list] = {w: [] for w, _ in self.workers}  # worker id -> claimed jobs
@@ -231,6 +307,8 @@ class EngineModel(RuleBasedStateMachine):
             lock.release()
         if hasattr(self, "db"):
             self.db.close()
+        if hasattr(self, "schema"):
+            self.schema.__exit__(None, None, None)
 
     # model helpers
     def live(self) -> list[str]:
@@ -387,6 +465,8 @@ class EngineModel(RuleBasedStateMachine):
         self.workers[w] = E.register_worker(self.db, "process", lease=1000)
         self.claims[self.workers[w][0]] = []
 
+    # On PostgreSQL a worker past its lease is dead, whatever its lock says (TestPostgresLiveness).
+    @precondition(lambda self: not self.db.is_postgres)
     @rule(w=st.integers(0, 2))
     def pause(self, w) -> None:
         """A worker is stopped far past its lease (SIGSTOP, a laptop's sleep, a clock jump): its OS
@@ -455,7 +535,24 @@ TestEngineModel = EngineModel.TestCase
 TestEngineModel.pytestmark = pytest.mark.timeout(600)
 
 
-def test_json_arguments_are_stored_as_text(store):
+class PostgresEngineModel(EngineModel):
+    """The same rules on PostgreSQL: a fresh schema per example."""
+
+    def open(self) -> Database:
+        from litemultistep.pg import temporary_schema
+
+        self.schema = temporary_schema(need_postgres())
+        return Database(self.schema.__enter__())
+
+
+PostgresEngineModel.TestCase.settings = settings(max_examples=30, stateful_step_count=40, deadline=None,
+                                                 suppress_health_check=[HealthCheck.too_slow])
+TestPostgresEngineModel = PostgresEngineModel.TestCase
+TestPostgresEngineModel.pytestmark = pytest.mark.timeout(600)
+
+
+def test_json_arguments_are_stored_as_text(sqlite_store):
+    store = sqlite_store
     t = E.create_task(store, "t")
     E.add_jobs(store, t, [(JobKind.NORMAL, "jobfuncs:noop", json.dumps([[1, "two"], {"k": None}]), None)])
     assert store.connection().execute("SELECT typeof(args) FROM job").fetchone() == ("text",)
