@@ -275,9 +275,13 @@ class PostgresDatabase(Database):
     # -- schema -------------------------------------------------------------------------------------
 
     def _schema_state(self, conn: PgConnection) -> str:
-        ours, theirs = conn.execute("SELECT to_regclass('litemultistep_schema'), to_regclass('task')").fetchone()
-        if ours is None:
-            if theirs is not None:
+        # pg_tables, read with this statement's snapshot: it sees what a creator just committed (the
+        # catalog caches behind to_regclass may not yet)
+        tables = {name for (name,) in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+            "AND tablename IN ('litemultistep_schema', 'task')").fetchall()}
+        if "litemultistep_schema" not in tables:
+            if "task" in tables:
                 raise DatabaseUnusable(f"{self.path} already has a table 'task' of another program in schema "
                                        f"{conn.execute('SELECT current_schema()').fetchone()[0]!r}; litemultistep "
                                        "leaves it untouched (give it its own schema with the URL's search_path)")
