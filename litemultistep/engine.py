@@ -435,6 +435,8 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
     """Up to ``wants`` batches, taken in turn from the least recently served tasks with queued jobs."""
     if wants <= 0:
         return []
+    if c.execute("SELECT 1 FROM worker WHERE id = ?", (worker_id,)).fetchone() is None:
+        return []  # taken for dead: its heartbeat will notice and join again; it must not take jobs meanwhile
     where, params = _queue_filter(c, queues)
     # A few more candidates than batches: on PostgreSQL another worker may be emptying one right now.
     tasks = c.execute(

@@ -38,7 +38,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .db import Database, monotonic
+from .db import monotonic
 from .engine import ClaimedJob, Outcome
 from .jobs import allowed_or_why
 from .runner import Result, execute
@@ -173,7 +173,7 @@ def serve(setup: dict[str, Any]) -> int:
     outbox = Connection(setup["outbox"], readable=False)
     page = mmap.mmap(setup["page"], SLOT_SIZE)
     os.close(setup["page"])
-    db = Database(setup["db"])
+    db: str = setup["db"]  # opened only if a job uses it (current_task): most never do
     pipes = [(fd, os.fstat(fd)) for fd in (setup["inbox"], setup["outbox"])]
 
     def pipes_intact() -> bool:

@@ -166,7 +166,22 @@ class PgConnection:
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         import psycopg
+        from psycopg.pq import TransactionStatus
 
+        alone = self.raw.info.transaction_status == TransactionStatus.IDLE
+        try:
+            return self.raw.execute(_pg_sql(sql), parameters)
+        except psycopg.OperationalError as e:
+            if not (alone and self.raw.broken):
+                raise _translate(e, self._db.path) from None
+        except psycopg.Error as e:
+            raise _translate(e, self._db.path) from None
+        # A statement of its own (a read: the engine writes only in transactions) on a connection that
+        # turned out to be lost (the server restarted, a proxy dropped it): connect again and run it
+        # once more. Advisory locks went with the old session: their owners notice and take them again.
+        log.warning("the connection to %s was lost; connecting again", self._db.path)
+        self.raw.close()
+        self.raw = self._db._connect()
         try:
             return self.raw.execute(_pg_sql(sql), parameters)
         except psycopg.Error as e:

@@ -24,7 +24,7 @@ from .jobs import decode_args, describe_call, resolve
 log = logging.getLogger("litemultistep")
 
 #: (database, task id) of the job running in this context, for ``current_task()``
-current_job: contextvars.ContextVar[tuple[Database, str] | None] = contextvars.ContextVar(
+current_job: contextvars.ContextVar[tuple[Database | str, str] | None] = contextvars.ContextVar(
     "litemultistep_current_job", default=None)
 
 
@@ -77,8 +77,11 @@ def _traceback() -> str:
         return "<the traceback could not be formatted>"
 
 
-def execute(db: Database, job: ClaimedJob, catch_all: bool = False, timeout: float | None = None) -> Result:
+def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeout: float | None = None) -> Result:
     """Run one claimed job; an exception of the job (even ``SystemExit``) becomes a failure.
+
+    ``db`` is the database the job's :func:`~litemultistep.current_task` talks to (or its path or
+    URL: a job process opens it only when a job asks for it).
 
     With ``catch_all`` (in a worker's job process) every ``BaseException`` does, ``KeyboardInterrupt``
     included; inline (sync mode, ``drain``) those reach the caller, whose process it is.

@@ -362,4 +362,4 @@ def current_task() -> MultiStepTask:
     if running is None:
         raise NotInJob("current_task() is only available inside a running job")
     db, task_id = running
-    return MultiStepTask(task_id, db)
+    return MultiStepTask(task_id, config.resolve_db(db))  # a job process opens its database on first use

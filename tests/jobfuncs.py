@@ -225,3 +225,11 @@ def burn(path: str, tag: str, seconds: float) -> None:
     while time.process_time() - cpu < seconds:
         x += 1
     _append(path, f"{tag} {os.getpid()} {start} {time.time()}")
+
+
+def record_host(path: str, tag: str, seconds: float = 0.0) -> None:
+    """Records which host ran it (a worker in its own UTS namespace has its own hostname)."""
+    import socket
+
+    time.sleep(seconds)
+    _append(path, f"{tag} {socket.gethostname()}")

@@ -1,4 +1,5 @@
-"""The pytest plugin, tested as users use it: pytester runs example test files in a fresh pytest."""
+"""The pytest plugin, tested as users use it: pytester runs example test files in a fresh pytest, with
+the fixtures on SQLite files and on PostgreSQL (``--litemultistep-postgres``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ from pathlib import Path
 
 import pytest
 import xdist  # noqa: F401  (part of the test extra: its absence must fail, not skip)
+from conftest import need_postgres
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> list[str]:
+    """The inner pytest's arguments: the plugin's fixtures on SQLite files, then on PostgreSQL."""
+    return [] if request.param == "sqlite" else ["--litemultistep-postgres", need_postgres()]
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -21,14 +29,14 @@ def readme_example() -> dict[str, str]:
     return dict(found)
 
 
-def test_readme_example_passes(pytester):
+def test_readme_example_passes(pytester, backend):
     for name, code in readme_example().items():
         pytester.makepyfile(**{name[:-3]: code})
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *backend)
     result.assert_outcomes(passed=2)
 
 
-def test_failing_job_fails_the_test_readably(pytester):
+def test_failing_job_fails_the_test_readably(pytester, backend):
     pytester.makepyfile(
         userjobs="""
             def parse(value):
@@ -44,13 +52,13 @@ def test_failing_job_fails_the_test_readably(pytester):
                 litemultistep_drain(raise_on_failure=True)
         """,
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *backend)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*ValueError: invalid literal for int() with base 10: 'not a number'*",
                                  "*userjobs.py*"])
 
 
-def test_drain_summary_and_sync_fixture(pytester):
+def test_drain_summary_and_sync_fixture(pytester, backend):
     pytester.makepyfile(
         userjobs="""
             def ok(x):
@@ -77,10 +85,10 @@ def test_drain_summary_and_sync_fixture(pytester):
                 assert task.completed_count == 1
         """,
     )
-    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *backend).assert_outcomes(passed=2)
 
 
-def test_fixtures_leak_nothing_between_tests(pytester):
+def test_fixtures_leak_nothing_between_tests(pytester, backend):
     pytester.makepyfile(
         test_leak="""
             import os
@@ -88,9 +96,12 @@ def test_fixtures_leak_nothing_between_tests(pytester):
             import litemultistep
             from litemultistep import config
 
+            seen = []
+
             def test_a(litemultistep_db, litemultistep_sync):
                 assert config.mode() == "sync"
-                assert config.resolve_db().path == litemultistep_db
+                assert config.resolve_db().target == litemultistep_db
+                seen.append(litemultistep_db)
 
             def test_b():
                 assert config.mode() == "async"
@@ -99,14 +110,16 @@ def test_fixtures_leak_nothing_between_tests(pytester):
                 assert "LITEMULTISTEP_CRASH_FILE" not in os.environ
 
             def test_c(litemultistep_db, tmp_path):
-                assert litemultistep_db.startswith(str(tmp_path))
+                # a new database each time: a file in the test's tmp_path, or a new PostgreSQL schema
+                assert litemultistep_db not in seen
+                assert litemultistep_db.startswith((str(tmp_path), "postgresql://"))
         """,
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *backend, "-p", "no:randomly")
     result.assert_outcomes(passed=3)
 
 
-def test_worker_fixture_runs_real_processes(pytester):
+def test_worker_fixture_runs_real_processes(pytester, backend):
     pytester.makepyfile(
         userjobs="""
             import os
@@ -131,10 +144,10 @@ def test_worker_fixture_runs_real_processes(pytester):
                 assert str(os.getpid()) not in pids
         """,
     )
-    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *backend).assert_outcomes(passed=1)
 
 
-def test_works_under_xdist(pytester):
+def test_works_under_xdist(pytester, backend):
     pytester.makepyfile(
         userjobs="""
             def ok(x):
@@ -153,4 +166,4 @@ def test_works_under_xdist(pytester):
                 assert litemultistep_drain().completed == n
         """,
     )
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2").assert_outcomes(passed=6)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *backend, "-n", "2").assert_outcomes(passed=6)

@@ -4,6 +4,7 @@ on a SQLite file and on a PostgreSQL database (every test runs on both)."""
 from __future__ import annotations
 
 import collections
+import importlib
 import os
 import signal
 import sys
@@ -219,16 +220,17 @@ def test_failures_do_not_stop_a_burst_worker(db, log_path, spawn):
 
 
 def test_callable_gone_at_run_time_fails_with_the_reason(db, tmp_path, spawn):
-    module = tmp_path / "vanishing.py"
+    name = f"vanishing_{os.getpid()}_{time.monotonic_ns()}"  # a new module each time: imports are cached
+    module = tmp_path / f"{name}.py"
     module.write_text("def work():\n    pass\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        import vanishing
+        vanishing = importlib.import_module(name)
         with MultiStepTask.create("gone", db=db) as task:
             task.add_job(vanishing.work)
     finally:
         sys.path.remove(str(tmp_path))
-        sys.modules.pop("vanishing", None)
+        sys.modules.pop(name, None)
     module.write_text("# work() was removed\n")
     proc = spawn(db, "--burst", "--path", str(tmp_path))
     assert proc.wait(60) == 0
