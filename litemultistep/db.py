@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
@@ -305,6 +305,10 @@ class Dialect:
     def glob(self, pattern: str) -> tuple[str, str]:
         """A condition on ``task_id`` matching a queue glob (``*``, ``?``, ``[...]``), and its parameter."""
         return "task_id GLOB ?", pattern
+
+    def among(self, column: str, values: Sequence[int]) -> tuple[str, list[Any]]:
+        """A condition that ``column`` is one of ``values``, and its parameters."""
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
 
 
 SQLITE = Dialect("sqlite")

@@ -374,10 +374,12 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
         if outcomes or done:
             _record(c, worker_id, outcomes, done, max_crashes, tally)
         if give_back:
-            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(give_back))})", [worker_id, *give_back],
+            ids, params = _dialect(c).among("id", give_back)
+            _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
                      unstarted=True, tally=tally)
         if put_back:
-            _requeue(c, f"worker = ? AND id IN ({','.join('?' * len(put_back))})", [worker_id, *put_back],
+            ids, params = _dialect(c).among("id", put_back)
+            _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
                      tally=tally)
         batches = _claim(c, worker_id, wants, max_batch, queues, tally)
         handed = _apply(c, tally, worker_id)
@@ -435,13 +437,13 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
     """Up to ``wants`` batches, taken in turn from the least recently served tasks with queued jobs."""
     if wants <= 0:
         return []
-    if c.execute("SELECT 1 FROM worker WHERE id = ?", (worker_id,)).fetchone() is None:
-        return []  # taken for dead: its heartbeat will notice and join again; it must not take jobs meanwhile
     where, params = _queue_filter(c, queues)
     # A few more candidates than batches: on PostgreSQL another worker may be emptying one right now.
+    # None for a worker taken for dead: its heartbeat notices and it joins again; it takes nothing meanwhile.
     tasks = c.execute(
         f"SELECT id, task_id, avg_duration, timeout FROM task WHERE pending_count > 0 AND state IN (1, 2){where} "
-        "ORDER BY last_served LIMIT ?", (*params, wants + 2)).fetchall()
+        "AND EXISTS (SELECT 1 FROM worker WHERE id = ?) ORDER BY last_served LIMIT ?",
+        (*params, worker_id, wants + 2)).fetchall()
     batches: list[list[ClaimedJob]] = []
     empty: set[int] = set()
     turn = 0
@@ -478,11 +480,13 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
     """Write the outcomes to the job rows; what they change in the tasks goes to ``tally``."""
     t = now()
     retry_rules: dict[int, tuple[int, float] | None] = {}
+    among = _dialect(c).among
     for d in done:
         # The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was
         # taken back in the meantime are not deleted, and so not counted: exact either way.
-        n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND id IN "
-                      f"({','.join('?' * len(d.job_ids))})", (worker_id, *d.job_ids)).rowcount
+        ids, params = among("id", d.job_ids)
+        n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND {ids}",
+                      (worker_id, *params)).rowcount
         if n != len(d.job_ids):
             log.warning("%d result(s) of task %s from worker %d ignored: those jobs were taken back from it "
                         "(it was thought dead); they run again elsewhere", len(d.job_ids) - n, d.task_id, worker_id)
