@@ -91,9 +91,12 @@ def test_a_slow_job_in_a_batch_of_short_ones_hands_the_rest_back(db, log_path, s
     assert spawn(db, "-c", "2", "--burst").wait(60) == 0
     log = lines(log_path)
     slow_pid = next(line.split()[2] for line in log if line.startswith("start slow"))
-    after = log[log.index(next(x for x in log if x.startswith("start slow"))) + 1:]
-    others = [x for x in after if not x.startswith(("start", "end")) and x.split()[1] != slow_pid]
-    assert len(others) >= 90, "the jobs after the slow one waited for it instead of running elsewhere"
+    start = log.index(next(x for x in log if x.startswith("start slow")))
+    end = log.index(next(x for x in log if x.startswith("end slow")))
+    # the 99 jobs behind it: only those claimed in its own batch (a few milliseconds' worth, more on a
+    # busy machine, whose jobs take longer) may wait for it; the others run elsewhere meanwhile
+    meanwhile = [x for x in log[start + 1:end] if x.split()[1] != slow_pid and int(x.split()[0][1:]) > 300]
+    assert len(meanwhile) >= 40, "the jobs after the slow one waited for it instead of running elsewhere"
     assert task.progress().finished
 
 
