@@ -4,6 +4,9 @@
     python scripts/bench.py                  # the full run (a few minutes)
     python scripts/bench.py --quick          # a smoke run (seconds)
     python scripts/bench.py --compare huey   # also huey, same workloads, same run (pip install -e '.[bench]')
+    python scripts/bench.py --db postgresql://postgres@127.0.0.1/test [--compare procrastinate]
+                                             # the PostgreSQL backend (a throwaway schema per run), and
+                                             # procrastinate on the same server, same run
 
 Every figure is printed as a Markdown table: the median of the runs, with min-max. Drain rates are
 steady-state: jobs finished per second between 5% and 95% done, so process start-up (the same for
@@ -58,6 +61,18 @@ class Figure:
         if len(self.values) > 1:
             return f"{fmt} ({_fmt(min(self.values))}-{_fmt(max(self.values))})"
         return fmt
+
+
+def recorder(figures: list[Figure]) -> Callable[..., Figure]:
+    """``add(name, unit, values, note="")``: keep a figure, and show it at once on standard error."""
+
+    def add(name: str, unit: str, values: list[float], note: str = "") -> Figure:
+        f = Figure(name, unit, values, note)
+        figures.append(f)
+        print(f"  {name}: {f.cell()} {unit}", file=sys.stderr, flush=True)
+        return f
+
+    return add
 
 
 def _fmt(x: float) -> str:
@@ -130,6 +145,13 @@ def fill(db: str, n: int, synchronous: str = "normal") -> tuple[float, float]:
 
 
 def completed(db: str) -> int:
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as pg:
+            row = pg.execute("SELECT coalesce(sum(completed_count), 0) FROM task").fetchone()
+            done = pg.execute("SELECT coalesce(sum(normal_count + finalize_count), 0) FROM finished_task").fetchone()
+            return int(row[0]) + int(done[0])  # type: ignore[index]
     conn = sqlite3.connect(db, timeout=30)
     try:
         row = conn.execute("SELECT coalesce(sum(completed_count), 0) FROM task").fetchone()
@@ -166,19 +188,20 @@ def drain(db: str, n: int, synchronous: str = "normal", memory: list[float] | No
     return steady_rate(samples, n)
 
 
-def finalization_latency(tmp: str, jobs: int) -> float:
+def finalization_latency(tmp: str, jobs: int, db: str | None = None) -> float:
     """Milliseconds from the last normal job running to the first finalizer running."""
+    db = db or tmp + "/fin.sqlite"
     code = textwrap.dedent(f"""
         import bench_jobs
         from litemultistep import MultiStepTask
-        with MultiStepTask.create("fin", db={tmp + '/fin.sqlite'!r}) as task:
+        with MultiStepTask.create("fin", db={db!r}) as task:
             for i in range({jobs}):
                 task.add_job(bench_jobs.stamp, {tmp + '/fin.log'!r}, "n")
             task.add_finalization_job(bench_jobs.stamp, {tmp + '/fin.log'!r}, "F")
     """)
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
-    subprocess.run([sys.executable, "-m", "litemultistep", "worker", tmp + "/fin.sqlite", "-c", "2", "--burst",
-                    "-q"], check=True, env=child_env())
+    subprocess.run([sys.executable, "-m", "litemultistep", "worker", db, "-c", "2", "--burst", "-q"], check=True,
+                   env=child_env())
     with open(tmp + "/fin.log") as f:
         rows = [line.split() for line in f]
     os.remove(tmp + "/fin.log")
@@ -187,22 +210,46 @@ def finalization_latency(tmp: str, jobs: int) -> float:
     return (final - last_job) * 1000
 
 
-def idle(tmp: str, seconds: float, pickups: int) -> tuple[float, list[float]]:
-    """CPU share of one idle worker, and milliseconds from a commit to its job starting."""
+def server_pids(db: str) -> list[int]:
+    """The PostgreSQL backends serving litemultistep's connections (the server runs on this machine)."""
+    if not db.startswith("postgresql://"):
+        return []
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as pg:
+        rows = pg.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'litemultistep' "
+                          "AND pid <> pg_backend_pid()").fetchall()
+    return [int(pid) for (pid,) in rows]
+
+
+def idle(tmp: str, seconds: float, pickups: int, db: str | None = None,
+         workers: int = 1) -> tuple[float, list[float]]:
+    """CPU share of ``workers`` idle workers (their job processes and, on PostgreSQL, their server
+    backends included), and milliseconds from a commit to its job starting."""
     import bench_jobs
 
     from litemultistep import MultiStepTask
 
-    db = tmp + "/idle.sqlite"
+    db = db or tmp + "/idle.sqlite"
     log = tmp + "/idle.log"
     MultiStepTask.create("warm", db=db).nuke()
-    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    procs = [subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-q"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+             for _ in range(workers)]
+
+    def cpu() -> float:
+        pids = [p.pid for p in procs] + [c for p in procs for c in children(p.pid)] + server_pids(db)
+        return sum(cpu_seconds(pid) for pid in pids if os.path.exists(f"/proc/{pid}"))
+
+    from litemultistep.views import workers as registered
+
     try:
-        time.sleep(1.5)
-        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        while len(registered(db)) < workers:  # all started (on 2 cores, twenty take a while)
+            time.sleep(0.2)
+        time.sleep(3.0)  # and their job processes too, and settled
+        c0, t0 = cpu(), time.monotonic()
         time.sleep(seconds)
-        share = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+        share = (cpu() - c0) / (time.monotonic() - t0)
         latencies = []
         for i in range(pickups):
             with MultiStepTask.create("pick", db=db) as task:
@@ -220,8 +267,12 @@ def idle(tmp: str, seconds: float, pickups: int) -> tuple[float, list[float]]:
                 time.sleep(0.005)
             time.sleep(0.3)  # idle again, polling
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+        if os.path.exists(log):
+            os.remove(log)
     return share, latencies
 
 
@@ -331,6 +382,98 @@ def isolation_us(tmp: str, n: int) -> tuple[float, float]:
 # -- huey -------------------------------------------------------------------------------------------
 
 
+def procrastinate_run(url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """procrastinate on the same server, in a database of its own (made and dropped here): enqueue
+    ``n`` no-op jobs in one batch, then drain them with ``worker --one-shot -c N``. Returns (enqueue
+    jobs/s, drain jobs/s with start-up included)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"lms_bench_procrastinate_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    conninfo = make_conninfo(url, dbname=name, **{k: v for k, v in conninfo_to_dict(url).items() if k == "options"})
+    env = child_env(BENCH_PROCRASTINATE_DB=conninfo)
+    app = ["-m", "procrastinate", "--app=bench_procrastinate_app.app", "--log-level", "warning"]
+    try:
+        subprocess.run([sys.executable, *app, "schema", "--apply"], check=True, env=env, capture_output=True)
+        code = textwrap.dedent(f"""
+            import time, bench_procrastinate_app as b
+            with b.app.open():
+                t = time.perf_counter()
+                b.noop.batch_defer(*[{{"i": i}} for i in range({n})])
+                print(time.perf_counter() - t)
+        """)
+        out = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True)
+        t = time.monotonic()
+        subprocess.run([sys.executable, *app, "worker", "--one-shot", "-c", str(concurrency), "--delete-jobs",
+                        "successful"], check=True, env=env, capture_output=True)
+        return n / float(out.stdout), n / (time.monotonic() - t)
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def burst_wall(db: str, n: int, concurrency: int) -> float:
+    """Jobs/s of ``worker -c N --burst`` over ``n`` queued no-op jobs, start-up included."""
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-m", "litemultistep", "worker", db, "-c", str(concurrency), "--burst", "-q"],
+                   check=True, env=child_env())
+    return n / (time.monotonic() - t)
+
+
+def postgres_run(url: str, quick: bool, runs: int, compare: list[str],
+                 add: Callable[..., Figure], ratios: list[str]) -> None:
+    """The PostgreSQL workloads, each in a throwaway schema of the database at ``url``."""
+    from litemultistep.pg import temporary_schema
+
+    n = 5_000 if quick else 100_000
+    med = statistics.median
+
+    def in_schema(fn: Callable[[str], float]) -> float:
+        with temporary_schema(url, prefix="lms_bench") as db:
+            return fn(db)
+
+    def fill_and_drain(db: str, c: int) -> float:
+        fill(db, n)
+        return drain(db, n, concurrency=c)
+
+    rates = {}
+    for c in (2, 8):
+        rates[c] = add(f"PostgreSQL drain, {n:,} no-op jobs, worker -c {c} --burst", "jobs/s",
+                       [in_schema(lambda db, c=c: fill_and_drain(db, c)) for _ in range(runs)])
+    ratios.append(f"PostgreSQL drain, -c 8 / -c 2 on {os.cpu_count()} cores: "
+                  f"{med(rates[8].values) / med(rates[2].values):.2f}")
+    add(f"PostgreSQL enqueue, {n:,} jobs in one with block", "jobs/s",
+        [in_schema(lambda db: fill(db, n)[0]) for _ in range(runs)])
+    with tempfile.TemporaryDirectory(prefix="lms-bench-") as tmp:
+        add("PostgreSQL finalization: last job run -> first finalizer run", "ms",
+            [in_schema(lambda db: finalization_latency(tmp, 200, db)) for _ in range(3 if quick else 10)])
+        idle_workers = 20
+        share, pickups = 0.0, []
+
+        def idle_run(db: str) -> float:
+            nonlocal share, pickups
+            share, pickups = idle(tmp, 2.0 if quick else 10.0, 5 if quick else 20, db, idle_workers)
+            return share
+
+        in_schema(idle_run)
+        add(f"PostgreSQL, {idle_workers} idle workers: CPU of them all, their server backends included", "% of a core",
+            [share * 100], "all threads, from /proc schedstat")
+        add(f"PostgreSQL, {idle_workers} idle workers: commit -> job start", "ms", pickups,
+            f"max {max(pickups):.1f} ms")
+    if "procrastinate" in compare:
+        pn = 2_000 if quick else 20_000
+        ours = [in_schema(lambda db: (fill(db, pn), burst_wall(db, pn, 2))[1]) for _ in range(runs)]
+        theirs = [procrastinate_run(url, pn, 2) for _ in range(runs)]
+        add(f"litemultistep drain, {pn:,} no-op jobs, worker -c 2 --burst (start-up included)", "jobs/s", ours)
+        add(f"procrastinate drain, {pn:,} no-op jobs, worker --one-shot -c 2 (start-up included)", "jobs/s",
+            [d for _, d in theirs])
+        add(f"procrastinate enqueue, {pn:,} jobs in one batch_defer", "jobs/s", [e for e, _ in theirs])
+        ratios.append(f"drain on PostgreSQL, litemultistep / procrastinate = "
+                      f"{med(ours) / med(d for _, d in theirs):.1f}x")
+
+
 def huey_run(tmp: str, n: int, fsync: str) -> tuple[float, float]:
     """huey's SqliteHuey, consumer ``-k process -w 2``: (enqueue one by one /s, steady drain /s)."""
     db = f"{tmp}/huey-{fsync}-{time.monotonic_ns()}.sqlite"
@@ -383,32 +526,35 @@ def _limited_drain(db: str, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and one run each: a smoke test")
-    parser.add_argument("--compare", choices=["huey"], action="append", default=[],
-                        help="also run huey's SqliteHuey on the same workloads")
+    parser.add_argument("--compare", choices=["huey", "procrastinate"], action="append", default=[],
+                        help="also run huey's SqliteHuey on the same workloads (SQLite), or procrastinate on the "
+                             "same server (with --db)")
+    parser.add_argument("--db", metavar="URL",
+                        help="benchmark the PostgreSQL backend on this database (postgresql://...) instead")
     parser.add_argument("--runs", type=int, help="runs of each drain (default 3, 1 with --quick)")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also drain with the litemultistep of DIR (a checkout of another commit, e.g. made "
                              "with `git worktree add DIR COMMIT`), same workload, same run, and report the ratio")
     args = parser.parse_args(argv)
-    if "huey" in args.compare:
-        try:
-            import huey  # noqa: F401
-        except ImportError:
-            parser.error("--compare huey needs huey: pip install -e '.[bench]'")
+    for name, extra in (("huey", "bench"), ("procrastinate", "bench"), ("psycopg", "postgres")):
+        if name in args.compare or name == "psycopg" and args.db:
+            try:
+                __import__(name)
+            except ImportError:
+                parser.error(f"this run needs {name}: pip install -e '.[{extra}]'")
+    if "procrastinate" in args.compare and not args.db:
+        parser.error("--compare procrastinate runs on PostgreSQL: give --db postgresql://...")
     quick = args.quick
     runs = args.runs or (1 if quick else 3)
+    if args.db:
+        return postgres_main(args.db, quick, runs, args.compare)
     drain_n = 5_000 if quick else 100_000
     small_n, big_n = (2_000, 50_000) if quick else (10_000, 1_000_000)
     huey_n = 1_000 if quick else 20_000
 
     figures: list[Figure] = []
     ratios: list[str] = []
-
-    def add(name: str, unit: str, values: list[float], note: str = "") -> Figure:
-        f = Figure(name, unit, values, note)
-        figures.append(f)
-        print(f"  {name}: {f.cell()} {unit}", file=sys.stderr, flush=True)
-        return f
+    add = recorder(figures)
 
     with tempfile.TemporaryDirectory(prefix="lms-bench-") as tmp:
         def fresh(name: str) -> str:
@@ -545,8 +691,31 @@ def main(argv: list[str] | None = None) -> int:
                           f"{med(normal.values) / med(h_off):.1f}x")
             ratios.append(f"enqueue one by one: litemultistep / huey = {med(ours_one) / med(h_enq):.1f}x")
 
+    report(figures, ratios, f"SQLite {sqlite3.sqlite_version}")
+    return 0
+
+
+def postgres_main(url: str, quick: bool, runs: int, compare: list[str]) -> int:
+    figures: list[Figure] = []
+    ratios: list[str] = []
+    add = recorder(figures)
+
+    import psycopg
+
+    from litemultistep.pg import redact
+
+    print(f"litemultistep PostgreSQL benchmark ({'quick' if quick else 'full'}) on {redact(url)}, {runs} run(s) each",
+          file=sys.stderr)
+    postgres_run(url, quick, runs, compare, add, ratios)
+    with psycopg.connect(url) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    report(figures, ratios, f"PostgreSQL {version} on the same machine")
+    return 0
+
+
+def report(figures: list[Figure], ratios: list[str], store: str) -> None:
     print(f"\nMachine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"SQLite {sqlite3.sqlite_version}\n")
+          f"{store}\n")
     print("| workload | result | unit | note |")
     print("| --- | --- | --- | --- |")
     for f in figures:
@@ -555,7 +724,6 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for r in ratios:
             print(f"- {r}")
-    return 0
 
 
 if __name__ == "__main__":
