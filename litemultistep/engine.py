@@ -706,7 +706,7 @@ def retry_task(db: Database, task_id: str) -> list[int]:
 def retry_all(db: Database) -> list[int]:
     """Requeue every failed job of every task, and run every scheduled retry now; returns their ids."""
     with db.write() as c:
-        return _retry_where(c, "1", [])
+        return _retry_where(c, "TRUE", [])
 
 
 def _retry_where(c: Connection, where: str, params: list[object]) -> list[int]:

@@ -1,4 +1,5 @@
-"""The `litemultistep` command, run as a user runs it, on databases made by real tasks and workers."""
+"""The `litemultistep` command, run as a user runs it, on databases made by real tasks and workers: on
+SQLite files and on PostgreSQL (the tests taking ``db``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from litemultistep.config import resolve_db
 from litemultistep.runner import drain
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def db(any_db: str) -> str:
+    return any_db
 
 
 @pytest.fixture
@@ -206,13 +212,11 @@ class TestWorkersNukeCheck:
 
     def test_check_finds_and_repairs_drifted_counters_and_dead_claims(self, db, tasks):
         alpha, _, _ = tasks
-        conn = sqlite3.connect(db)
-        conn.execute("UPDATE task SET completed_count = completed_count + 5 WHERE task_id = ?", (alpha.task_id,))
-        # a claim by a worker that never existed: as if it died without a trace
-        conn.execute("UPDATE job SET state = 2, worker = 424242 WHERE id = "
-                     "(SELECT min(id) FROM job WHERE state = 1)")
-        conn.commit()
-        conn.close()
+        with resolve_db(db).write() as conn:
+            conn.execute("UPDATE task SET completed_count = completed_count + 5 WHERE task_id = ?", (alpha.task_id,))
+            # a claim by a worker that never existed: as if it died without a trace
+            conn.execute("UPDATE job SET state = 2, worker = 424242 WHERE id = "
+                         "(SELECT min(id) FROM job WHERE state = 1)")
         result = cli("check", db, "--json")
         assert result.returncode == 1
         kinds = {p["kind"] for p in json.loads(result.stdout)["problems"]}
