@@ -54,8 +54,11 @@ def _error(message: str) -> None:
 
 
 def _open(path: str) -> Database:
-    """Open for a reading or steering command: a missing or empty file is an error, never created."""
-    return Database(path, create=False)
+    """Open for a reading or steering command: a missing or empty file is an error, never created.
+    Closed when the command ends (``main`` may run in a long-lived process)."""
+    database = Database(path, create=False)
+    click.get_current_context().call_on_close(database.close)
+    return database
 
 
 def _emit_json(doc: Any) -> None:

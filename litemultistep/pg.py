@@ -228,7 +228,10 @@ class PostgresDatabase(Database):
             raise DatabaseUnusable(f"{redact(os.fspath(path))} is a PostgreSQL URL: {INSTALL_HINT}") from None
         self.target = os.fspath(path)
         self.path = redact(self.target)
-        self._local = threading.local()
+        #: each thread's connection, by thread id: those of threads that ended are closed (not left to
+        #: the garbage collector) when another connection is opened, or at close()
+        self._conns: dict[int, PgConnection] = {}
+        self._conns_lock = threading.Lock()
         self._pid = os.getpid()
         self._forsaken: list[Any] = []
         conn = self.connection()
@@ -262,17 +265,25 @@ class PostgresDatabase(Database):
     def connection(self) -> PgConnection:  # type: ignore[override]
         """This thread's connection, opened on first use, after a fork, and after it was lost."""
         if os.getpid() != self._pid:
-            # Inherited across fork: never close it here (that would end the parent's session).
-            self._forsaken.append(getattr(self._local, "conn", None))
-            self._local = threading.local()
+            # Inherited across fork: never close them here (that would end the parent's sessions).
+            self._forsaken.append(self._conns)
+            self._conns = {}
             self._pid = os.getpid()
-        conn: PgConnection | None = getattr(self._local, "conn", None)
+        me = threading.get_ident()
+        conn = self._conns.get(me)
         if conn is None or not conn.usable:
             if conn is not None:
                 conn.raw.close()
                 log.warning("the connection to %s was lost; connecting again", self.path)
-            conn = self._local.conn = PgConnection(self._connect(), self)
+            self._close_orphans()
+            conn = self._conns[me] = PgConnection(self._connect(), self)
         return conn
+
+    def _close_orphans(self) -> None:
+        alive = {t.ident for t in threading.enumerate()}
+        with self._conns_lock:
+            for ident in [i for i in self._conns if i not in alive]:
+                self._conns.pop(ident).raw.close()
 
     @contextmanager
     def write(self) -> Iterator[PgConnection]:  # type: ignore[override]
@@ -287,11 +298,13 @@ class PostgresDatabase(Database):
             raise _translate(e, self.path) from None
 
     def close(self) -> None:
-        """Close this thread's connection (another use reopens it)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and os.getpid() == self._pid:
+        """Close this thread's connection, and those of threads that ended (another use reopens it)."""
+        if os.getpid() != self._pid:
+            return
+        conn = self._conns.pop(threading.get_ident(), None)
+        if conn is not None:
             conn.raw.close()
-            self._local.conn = None
+        self._close_orphans()
 
     def waiter(self, poll: float) -> PgWaiter:  # type: ignore[override]
         return PgWaiter(self, poll)

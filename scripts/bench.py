@@ -125,17 +125,18 @@ def cpu_seconds(pid: int) -> float:
 # -- litemultistep ----------------------------------------------------------------------------------
 
 
-def fill(db: str, n: int, synchronous: str = "normal") -> tuple[float, float]:
-    """Create one task of ``n`` no-op jobs in one ``with`` block, in a fresh process.
+def fill(db: str, n: int, synchronous: str = "normal", tasks: int = 1) -> tuple[float, float]:
+    """Create ``tasks`` tasks of ``n`` no-op jobs in all, each in one ``with`` block, in a fresh process.
     Returns (jobs per second, peak RSS of that process in MB)."""
     code = textwrap.dedent(f"""
         import resource, time
         import bench_jobs
         from litemultistep import MultiStepTask
         t = time.perf_counter()
-        with MultiStepTask.create("bench", db={db!r}) as task:
-            for i in range({n}):
-                task.add_job(bench_jobs.noop, i)
+        for k in range({tasks}):
+            with MultiStepTask.create("bench", db={db!r}) as task:
+                for i in range({n // tasks}):
+                    task.add_job(bench_jobs.noop, i)
         print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -444,6 +445,15 @@ def postgres_run(url: str, quick: bool, runs: int, compare: list[str],
                        [in_schema(lambda db, c=c: fill_and_drain(db, c)) for _ in range(runs)])
     ratios.append(f"PostgreSQL drain, -c 8 / -c 2 on {os.cpu_count()} cores: "
                   f"{med(rates[8].values) / med(rates[2].values):.2f}")
+
+    def spread_drain(db: str) -> float:
+        fill(db, n, tasks=8)
+        return drain(db, n, concurrency=8)
+
+    spread = add(f"PostgreSQL drain, {n:,} no-op jobs in 8 tasks, worker -c 8 --burst", "jobs/s",
+                 [in_schema(spread_drain) for _ in range(runs)])
+    ratios.append(f"the hot task row: -c 8 on one task / on 8 tasks of the same jobs: "
+                  f"{med(rates[8].values) / med(spread.values):.2f}")
     add(f"PostgreSQL enqueue, {n:,} jobs in one with block", "jobs/s",
         [in_schema(lambda db: fill(db, n)[0]) for _ in range(runs)])
     with tempfile.TemporaryDirectory(prefix="lms-bench-") as tmp:

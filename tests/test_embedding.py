@@ -19,6 +19,12 @@ from litemultistep import MultiStepTask
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.fixture
+def db(any_db: str) -> str:
+    """Each test on a SQLite file and on PostgreSQL."""
+    return any_db
+
+
 @pytest.fixture(autouse=True)
 def _importable_jobs(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", env_for_workers()["PYTHONPATH"])
