@@ -301,6 +301,8 @@ class Dialect:
     lock_row: str = ""
     #: the largest job id ever given out, even if that job is gone
     max_job_id: str = "SELECT seq FROM sqlite_sequence WHERE name = 'job'"
+    #: seconds of work a claim takes at once (0: engine.CLAIM_WINDOW): more where a transaction costs more
+    claim_window: float = 0.0
 
     def glob(self, pattern: str) -> tuple[str, str]:
         """A condition on ``task_id`` matching a queue glob (``*``, ``?``, ``[...]``), and its parameter."""

@@ -227,6 +227,7 @@ def mark_finalizable(db: Database, task_id: str, claim_for: int | None = None) -
         pk, state, _, normal, completed, failed, _ = _task_row(c, task_id)
         if state == BUILDING:
             state = ACTIVE
+            _wake(c)  # the jobs added in the with block are claimable from now on
         c.execute("UPDATE task SET finalizable = 1, state = ?, builder_pid = NULL WHERE id = ?",
                   (state, pk))
         if state == ACTIVE and completed >= normal and failed == 0:
@@ -425,11 +426,11 @@ def next_scheduled(db: Database) -> float | None:
     return None if row is None else row[0]
 
 
-def batch_size(avg_duration: float | None, max_batch: int) -> int:
-    """How many jobs of a task one claim takes: what runs within :data:`CLAIM_WINDOW`."""
+def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM_WINDOW) -> int:
+    """How many jobs of a task one claim takes: what runs within ``window`` (:data:`CLAIM_WINDOW`)."""
     if avg_duration is None or max_batch <= 1:
         return 1
-    return max(1, min(max_batch, int(CLAIM_WINDOW / max(avg_duration, 1e-7))))
+    return max(1, min(max_batch, int(window / max(avg_duration, 1e-7))))
 
 
 def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Sequence[str] | None,
@@ -456,7 +457,8 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
             "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id IN "
             f"(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?{_dialect(c).skip_locked}) "
             "RETURNING id, kind, position, func, args, attempts, timeout",
-            (RUNNING, worker_id, now(), pk, QUEUED, batch_size(avg_duration, max_batch))).fetchall()
+            (RUNNING, worker_id, now(), pk, QUEUED,
+             batch_size(avg_duration, max_batch, _dialect(c).claim_window or CLAIM_WINDOW))).fetchall()
         if not rows:
             empty.add(pk)
             continue
@@ -858,6 +860,11 @@ def heartbeat(db: Database, worker_id: int, lease: float, lock: LivenessLock | N
             c.execute("UPDATE worker SET lock_path = ? WHERE id = ?", (path, worker_id))
         return c.execute("UPDATE worker SET heartbeat_at = ?, expires_at = ?, heartbeat_mono = ? WHERE id = ?",
                          (t, t + lease, monotonic(), worker_id)).rowcount == 1
+
+
+def worker_count(db: Database) -> int:
+    """How many workers are registered (alive or not)."""
+    return int(db.connection().execute("SELECT count(*) FROM worker").fetchone()[0])
 
 
 def unregister_worker(db: Database, worker_id: int) -> None:

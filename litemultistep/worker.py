@@ -23,6 +23,7 @@ import json
 import logging
 import mmap
 import os
+import random
 import select
 import signal
 import sqlite3
@@ -374,7 +375,7 @@ class Worker:
             if not engine.heartbeat(self.db, self.worker_id, self.options.lease, self._lock):
                 self._rejoin()
         if now >= self._next_maintenance:  # busy or not: dead workers' jobs come back within a second
-            self._next_maintenance = now + MAINTENANCE_EVERY
+            self._next_maintenance = now + self._maintenance_every()
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
             self._next_promote = 0.0
         if now >= self._next_promote:
@@ -406,6 +407,16 @@ class Worker:
                 self._hand(idle.pop(), batch)
             else:
                 self.handed.extend(batch)  # a finalizer handed to us while every process is busy
+
+    def _maintenance_every(self) -> float:
+        """Seconds to the next round of recovery. On SQLite, every second: a few local reads. On
+        PostgreSQL each round asks the server's lock table, so a pool of n workers shares the duty:
+        each worker looks every n/4 seconds (give or take a fifth, so they do not look together), and
+        a dead worker is still found within about a second."""
+        if not self.db.is_postgres:
+            return MAINTENANCE_EVERY
+        n = engine.worker_count(self.db)
+        return MAINTENANCE_EVERY * max(1.0, n / 4) * random.uniform(0.8, 1.2)
 
     def _watch_retries(self) -> None:
         due = engine.next_scheduled(self.db)
