@@ -10,6 +10,7 @@ from .embedding import Workers
 from .errors import (
     ArgumentNotSerializable,
     DatabaseBusy,
+    DatabaseUnavailable,
     DatabaseUnusable,
     FinalizationAlreadyBegun,
     InvalidSetting,
@@ -20,17 +21,19 @@ from .errors import (
     JobTimeout,
     LiteMultiStepError,
     NoDatabaseConfigured,
+    NoResult,
     NoSuchJob,
     NoSuchMultiStepTask,
     NotInJob,
     NotReadyForFinalization,
+    ResultNotSerializable,
     SchemaTooNew,
     StorageError,
     WorkerCrashed,
 )
 from .runner import time_left
-from .task import JobSpec, MultiStepTask, current_task, job
-from .views import FailureInfo, Progress
+from .task import JobHandle, JobSpec, MultiStepTask, current_task, job
+from .views import FailureInfo, JobResult, Progress
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,7 @@ __all__ = [
     "ArgumentNotSerializable",
     "Database",
     "DatabaseBusy",
+    "DatabaseUnavailable",
     "DatabaseUnusable",
     "FailureInfo",
     "FinalizationAlreadyBegun",
@@ -46,17 +50,21 @@ __all__ = [
     "JobNotAllowed",
     "JobNotFailed",
     "JobNotImportable",
+    "JobHandle",
+    "JobResult",
     "JobSpec",
     "JobTimeout",
     "LiteMultiStepError",
     "MultiStepTask",
     "NetworkFilesystemWarning",
     "NoDatabaseConfigured",
+    "NoResult",
     "NoSuchJob",
     "NoSuchMultiStepTask",
     "NotInJob",
     "NotReadyForFinalization",
     "Progress",
+    "ResultNotSerializable",
     "SchemaTooNew",
     "StorageError",
     "WorkerCrashed",

@@ -33,7 +33,7 @@ from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTo
 log = logging.getLogger("litemultistep")
 
 #: Schema version written to ``PRAGMA user_version``; an older file is upgraded, a newer one refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: ``PRAGMA application_id`` of our files ("LMS1"), so another program's database is recognised.
 APPLICATION_ID = 0x4C4D5331
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -53,11 +53,13 @@ class TaskState(IntEnum):
 
 
 class JobState(IntEnum):
-    """Where a job stands. A normal job that succeeded is deleted; the task's counters keep it."""
+    """Where a job stands. A normal job that succeeded is deleted (the task's counters keep it), or, if
+    its task keeps results, kept COMPLETED with its result."""
 
     QUEUED = 1
     RUNNING = 2
-    #: a finalization job that succeeded (kept so the status view can show the chain)
+    #: a finalization job that succeeded (kept so the status view can show the chain), or a normal job
+    #: kept with its result
     COMPLETED = 3
     FAILED = 4
     #: failed, with an automatic retry due at ``run_at``
@@ -106,6 +108,10 @@ class Task(_Model):
     avg_duration = pw.FloatField(null=True)
     #: the process filling the task in its ``with`` block (to clean up after a crash)
     builder_pid = pw.IntegerField(null=True)
+    #: 1: a normal job that succeeds is kept (state COMPLETED) with its return value, for the finalizers
+    keep_results = _default(pw.IntegerField, 0)
+    #: normal jobs kept with their result
+    result_count = _default(pw.IntegerField, 0)
 
 
 class Job(_Model):
@@ -130,6 +136,8 @@ class Job(_Model):
     crashes = _default(pw.IntegerField, 0)
     #: this job's own time limit (s), over the task's
     timeout = pw.FloatField(null=True)
+    #: JSON of its return value, for a normal job of a task that keeps results (state COMPLETED)
+    result = pw.TextField(null=True)
 
 
 class Failure(_Model):
@@ -194,6 +202,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE job ADD COLUMN timeout REAL",
         "ALTER TABLE worker ADD COLUMN heartbeat_mono REAL",
         "ALTER TABLE worker ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 1",
+    ],
+    3: [
+        "ALTER TABLE task ADD COLUMN keep_results INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN result_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE job ADD COLUMN result TEXT",
     ],
 }
 
@@ -311,6 +324,13 @@ class Dialect:
     def among(self, column: str, values: Sequence[int]) -> tuple[str, list[Any]]:
         """A condition that ``column`` is one of ``values``, and its parameters."""
         return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+    def insert_many(self, c: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        """Insert ``rows`` with ``sql`` (an INSERT into a table with an AUTOINCREMENT key); their ids,
+        in order. Within one write transaction SQLite gives them consecutive ids."""
+        c.executemany(sql, rows)
+        last = int(c.execute("SELECT last_insert_rowid()").fetchone()[0])
+        return list(range(last - len(rows) + 1, last + 1))
 
 
 SQLITE = Dialect("sqlite")

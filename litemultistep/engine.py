@@ -88,6 +88,8 @@ class ClaimedJob(NamedTuple):
     attempt: int
     #: seconds it may run (its own limit, else its task's); None: the worker's default
     timeout: float | None = None
+    #: its task keeps results: its return value is stored (a normal job only)
+    keep: bool = False
 
     @property
     def is_finalizer(self) -> bool:
@@ -103,6 +105,8 @@ class Done:
     job_ids: list[int]
     #: seconds they ran in all
     seconds: float
+    #: their return values as JSON, one per job id, when their task keeps results
+    values: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,21 +122,23 @@ class Outcome:
     duration: float = 0.0
     #: the process running it died: it goes back to its queue until its crash limit, then fails
     crashed: bool = False
+    #: its return value as JSON, when its task keeps results
+    result: str | None = None
 
 
 # -- tasks ------------------------------------------------------------------------------------------
 
 
 def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: float = 1.0,
-                timeout: float | None = None) -> str:
+                timeout: float | None = None, keep_results: bool = False) -> str:
     """Insert a new ACTIVE task and return its id: the slug, ``~``, a random nonce."""
     for _ in range(10):
         task_id = f"{slug}~{''.join(secrets.choice(_NONCE_ALPHABET) for _ in range(8))}"
         with db.write() as c:
             row = c.execute(
-                "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING id",
-                (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout),
+                "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout, keep_results) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING id",
+                (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout, int(keep_results)),
             ).fetchone()
         if row is not None:
             return task_id
@@ -172,15 +178,22 @@ def _task_row(c: Connection, task_id: str) -> tuple[int, int, int, int, int, int
     return row  # type: ignore[no-any-return]
 
 
+class Added(NamedTuple):
+    """What :func:`add_jobs` stored: every job's id, in the order given, and the jobs claimed at once."""
+
+    ids: list[int]
+    claimed: list[ClaimedJob]
+
+
 def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, float | None]],
-             claim_for: int | None = None) -> list[ClaimedJob]:
+             claim_for: int | None = None) -> Added:
     """Store jobs ``(kind, func, args_json, timeout)`` of one task in one transaction.
 
     With ``claim_for`` (sync mode) the normal jobs are stored already claimed by that inline worker
     and returned, so no worker process can take them between the insert and their inline run.
     """
     if not jobs:
-        return []
+        return Added([], [])
     t = now()
     with db.write() as c:
         pk, state, _, _, _, _, finalize_count = _task_row(c, task_id)
@@ -199,14 +212,17 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
                   "timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         claimed: list[ClaimedJob] = []
         if claim_for is None:
-            c.executemany(insert, rows)
+            ids = _dialect(c).insert_many(c, insert, rows)
         else:
+            ids = []
+            keep = bool(c.execute("SELECT keep_results FROM task WHERE id = ?", (pk,)).fetchone()[0])
             for row in rows:
                 if row[1] == NORMAL:
                     row = (*row[:5], RUNNING, 1, claim_for, t, row[9])
                 (job_id,) = c.execute(insert + " RETURNING id", row).fetchone()
+                ids.append(job_id)
                 if row[1] == NORMAL:
-                    claimed.append(ClaimedJob(job_id, pk, task_id, NORMAL, None, row[3], row[4], 1, row[9]))
+                    claimed.append(ClaimedJob(job_id, pk, task_id, NORMAL, None, row[3], row[4], 1, row[9], keep))
         running = len(claimed)
         c.execute(
             "UPDATE task SET normal_count = normal_count + ?, finalize_count = ?, "
@@ -214,7 +230,7 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
             (n_normal, finalize_count, n_normal - running, running, pk))
         if n_normal > running and state != BUILDING:
             _wake(c)
-        return claimed
+        return Added(ids, claimed)
 
 
 def mark_finalizable(db: Database, task_id: str, claim_for: int | None = None) -> ClaimedJob | None:
@@ -340,6 +356,8 @@ class _Delta:
     running: int = 0
     #: when a claim served the task (ns), 0 if none did
     served: int = 0
+    #: normal jobs kept with their result
+    results: int = 0
     #: normal jobs that ran, and their seconds in all (for the mean duration)
     ran: int = 0
     seconds: float = 0.0
@@ -442,14 +460,14 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
     # A few more candidates than batches: on PostgreSQL another worker may be emptying one right now.
     # None for a worker taken for dead: its heartbeat notices and it joins again; it takes nothing meanwhile.
     tasks = c.execute(
-        f"SELECT id, task_id, avg_duration, timeout FROM task WHERE pending_count > 0 AND state IN (1, 2){where} "
-        "AND EXISTS (SELECT 1 FROM worker WHERE id = ?) ORDER BY last_served LIMIT ?",
+        f"SELECT id, task_id, avg_duration, timeout, keep_results FROM task WHERE pending_count > 0 "
+        f"AND state IN (1, 2){where} AND EXISTS (SELECT 1 FROM worker WHERE id = ?) ORDER BY last_served LIMIT ?",
         (*params, worker_id, wants + 2)).fetchall()
     batches: list[list[ClaimedJob]] = []
     empty: set[int] = set()
     turn = 0
     while len(batches) < wants and len(empty) < len(tasks):
-        pk, task_id, avg_duration, task_timeout = tasks[turn % len(tasks)]
+        pk, task_id, avg_duration, task_timeout, keep = tasks[turn % len(tasks)]
         turn += 1
         if pk in empty:
             continue
@@ -468,7 +486,8 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
         d.served = time.time_ns()
         rows.sort()
         batches.append([ClaimedJob(r[0], pk, task_id, r[1], r[2], r[3], r[4], r[5],
-                                   r[6] if r[6] is not None else task_timeout) for r in rows])
+                                   r[6] if r[6] is not None else task_timeout, bool(keep) and r[1] == NORMAL)
+                        for r in rows])
     return batches
 
 
@@ -486,15 +505,22 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
     for d in done:
         # The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was
         # taken back in the meantime are not deleted, and so not counted: exact either way.
-        ids, params = among("id", d.job_ids)
-        n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND {ids}",
-                      (worker_id, *params)).rowcount
+        if d.values is None:
+            ids, params = among("id", d.job_ids)
+            n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND {ids}",
+                          (worker_id, *params)).rowcount
+        else:  # kept, with their results, for the finalizers
+            n = c.executemany(f"UPDATE job SET state = {COMPLETED}, worker = NULL, result = ? WHERE id = ? "
+                              f"AND worker = ? AND state = {RUNNING}",
+                              [(value, job_id, worker_id) for job_id, value in zip(d.job_ids, d.values, strict=True)]
+                              ).rowcount
         if n != len(d.job_ids):
             log.warning("%d result(s) of task %s from worker %d ignored: those jobs were taken back from it "
                         "(it was thought dead); they run again elsewhere", len(d.job_ids) - n, d.task_id, worker_id)
         change = tally.of(d.task_pk, d.task_id)
         change.completed += n
         change.running -= n
+        change.results += n if d.values is not None else 0
         change.decide = change.decide or n > 0
         change.ran += len(d.job_ids)
         change.seconds += d.seconds
@@ -507,7 +533,10 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
                 _stale(job, worker_id)
             continue
         if o.ok:
-            if job.kind == NORMAL:
+            if job.kind == NORMAL and o.result is not None:
+                cur = c.execute("UPDATE job SET state = ?, worker = NULL, result = ? WHERE id = ? AND worker = ? "
+                                "AND state = ?", (COMPLETED, o.result, job.id, worker_id, RUNNING))
+            elif job.kind == NORMAL:
                 cur = c.execute("DELETE FROM job WHERE id = ? AND worker = ? AND state = ?",
                                 (job.id, worker_id, RUNNING))
             else:
@@ -518,6 +547,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
                 continue
             change = tally.of(job.task_pk, job.task_id)
             change.completed += 1
+            change.results += 1 if job.kind == NORMAL and o.result is not None else 0
             change.decide = True
             change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
         else:
@@ -558,9 +588,9 @@ def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[C
             "UPDATE task SET completed_count = completed_count + ?, failed_count = failed_count + ?, "
             "pending_count = pending_count + ?, running_count = running_count + ?, "
             "last_served = CASE WHEN ? > last_served THEN ? ELSE last_served END, "
-            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration) WHERE id = ? "
-            "RETURNING task_id, state, finalizable, normal_count, completed_count, failed_count",
-            (d.completed, d.failed, d.pending, d.running, d.served, d.served, mean, mean, pk)).fetchone()
+            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration), result_count = result_count + ? "
+            "WHERE id = ? RETURNING task_id, state, finalizable, normal_count, completed_count, failed_count",
+            (d.completed, d.failed, d.pending, d.running, d.served, d.served, mean, mean, d.results, pk)).fetchone()
         if row is None or not d.decide:
             continue
         task_id, state, finalizable, normal, completed_now, failed_now = row
@@ -644,9 +674,10 @@ def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | No
             return None
         c.execute("UPDATE task SET pending_count = pending_count - 1, running_count = running_count + 1 "
                   "WHERE id = ?", (row[1],))
-        task_id, task_timeout = c.execute("SELECT task_id, timeout FROM task WHERE id = ?", (row[1],)).fetchone()
+        task_id, task_timeout, keep = c.execute("SELECT task_id, timeout, keep_results FROM task WHERE id = ?",
+                                                (row[1],)).fetchone()
         return ClaimedJob(row[0], row[1], task_id, row[2], row[3], row[4], row[5], row[6],
-                          row[7] if row[7] is not None else task_timeout)
+                          row[7] if row[7] is not None else task_timeout, bool(keep) and row[2] == NORMAL)
 
 
 def promote_scheduled(db: Database, due_by: float | None = None) -> int:
@@ -1010,11 +1041,11 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
     problems = []
     with db.write() as c:  # one snapshot to compare, and to fix in
         row = c.execute("SELECT state, finalizable, normal_count, finalize_count, completed_count, failed_count, "
-                        "pending_count, running_count, builder_pid FROM task WHERE id = ?" + _dialect(c).lock_row,
-                        (pk,)).fetchone()
+                        "pending_count, running_count, builder_pid, result_count FROM task WHERE id = ?"
+                        + _dialect(c).lock_row, (pk,)).fetchone()
         if row is None:
             return []
-        state, finalizable, normal, finalize, completed, failed, pending, running, builder = row
+        state, finalizable, normal, finalize, completed, failed, pending, running, builder, results = row
         counts = dict(c.execute("SELECT kind * 10 + state, count(*) FROM job WHERE task = ? GROUP BY kind, state",
                                 (pk,)).fetchall())
 
@@ -1028,9 +1059,10 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
             "failed_count": n(NORMAL, FAILED) + n(FINALIZE, FAILED),
             "pending_count": n(NORMAL, QUEUED) + n(FINALIZE, QUEUED),
             "running_count": n(NORMAL, RUNNING) + n(FINALIZE, RUNNING),
+            "result_count": n(NORMAL, COMPLETED),
         }
         stored = {"finalize_count": finalize, "completed_count": completed, "failed_count": failed,
-                  "pending_count": pending, "running_count": running}
+                  "pending_count": pending, "running_count": running, "result_count": results}
         wrong = {k: (stored[k], v) for k, v in actual.items() if stored[k] != v}
         if wrong:
             detail = ", ".join(f"{k} {a} should be {b}" for k, (a, b) in wrong.items())

@@ -75,6 +75,14 @@ class ArgumentNotSerializable(LiteMultiStepError, TypeError):
     """A job argument cannot be carried exactly by JSON."""
 
 
+class ResultNotSerializable(LiteMultiStepError, TypeError):
+    """A job of a task that keeps results returned what JSON cannot carry exactly (the job fails)."""
+
+
+class NoResult(LiteMultiStepError, LookupError):
+    """A job's result was asked for, but there is none (not done yet, failed, or not kept)."""
+
+
 class InvalidSlug(LiteMultiStepError, ValueError):
     """A task slug that cannot name a queue (empty, too long, control characters, ``~``)."""
 

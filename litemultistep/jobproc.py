@@ -192,6 +192,7 @@ def serve(setup: dict[str, Any]) -> int:
         window = message["window"]
         results: list[list[Any]] = []
         ok: list[int] = []
+        values: list[str | None] = []
         gave_back: list[int] = []
         began = time.monotonic()
         slow = False
@@ -217,6 +218,7 @@ def serve(setup: dict[str, Any]) -> int:
             o = result.outcome
             if o.ok and not job.is_finalizer:
                 ok.append(job.id)
+                values.append(o.result)
             else:
                 message = o.message
                 if o.exc_type == NOT_IMPORTABLE:
@@ -229,8 +231,9 @@ def serve(setup: dict[str, Any]) -> int:
         # the whole time per job, this process's own part included: it is what a claim must plan for
         ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
         try:
-            outbox.send_bytes(json.dumps({"ok": ok, "seconds": ok_seconds, "results": results,
-                                          "gave_back": gave_back}).encode())
+            # a batch comes from one task: all of its jobs keep their results, or none does
+            outbox.send_bytes(json.dumps({"ok": ok, "seconds": ok_seconds, "results": results, "gave_back": gave_back,
+                                          "values": values if jobs[0].keep else None}).encode())
         except OSError:
             os._exit(BROKEN)  # our pipe is gone: the worker sees us die and starts another
 

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ArgumentNotSerializable, JobNotImportable
+from .errors import ArgumentNotSerializable, JobNotImportable, ResultNotSerializable
 
 _paths: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _resolved: dict[str, Callable[..., Any]] = {}
@@ -212,6 +212,16 @@ def encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             f"the job's arguments take {len(text) / 2**20:.1f} MiB as JSON, over the {MAX_ARGS_BYTES // 2**20} MiB "
             "limit: every worker reads them from the database; write the data to a file and pass its path")
     return text
+
+
+def encode_result(value: Any) -> str:
+    """JSON for a job's return value; raises :class:`ResultNotSerializable` naming what JSON cannot carry."""
+    try:
+        _check_value(value, "the return value", 0)
+    except ArgumentNotSerializable as e:
+        hint = str(e).replace("; pass ", "; return ")
+        raise ResultNotSerializable(f"{hint} (its task keeps results, so the return value is stored)") from None
+    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
 def decode_args(text: str) -> tuple[list[Any], dict[str, Any]]:

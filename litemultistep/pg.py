@@ -80,6 +80,10 @@ class _PostgresDialect(Dialect):
         # one array parameter: the same statement text (prepared once) for every batch size
         return f"{column} = ANY(?)", [list(values)]
 
+    def insert_many(self, c: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        # ids from the sequence are not consecutive under concurrent inserts: ask for each
+        return c.executemany(sql + " RETURNING id", rows, returning=True)  # type: ignore[no-any-return]
+
 
 POSTGRES = _PostgresDialect(
     "postgresql",
@@ -99,12 +103,12 @@ SCHEMA = [
     "running_count BIGINT NOT NULL DEFAULT 0, last_served BIGINT NOT NULL DEFAULT 0, "
     "max_retries INTEGER NOT NULL DEFAULT 0, retry_delay DOUBLE PRECISION NOT NULL DEFAULT 1.0, "
     "created_at DOUBLE PRECISION NOT NULL, timeout DOUBLE PRECISION, avg_duration DOUBLE PRECISION, "
-    "builder_pid INTEGER)",
+    "builder_pid INTEGER, keep_results INTEGER NOT NULL DEFAULT 0, result_count BIGINT NOT NULL DEFAULT 0)",
     "CREATE TABLE job (id BIGSERIAL PRIMARY KEY, task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, "
     "kind INTEGER NOT NULL, position INTEGER, func TEXT NOT NULL, args TEXT NOT NULL, state INTEGER NOT NULL, "
     "attempts INTEGER NOT NULL DEFAULT 0, worker BIGINT, run_at DOUBLE PRECISION, "
     "enqueued_at DOUBLE PRECISION NOT NULL, claimed_at DOUBLE PRECISION, crashes INTEGER NOT NULL DEFAULT 0, "
-    "timeout DOUBLE PRECISION)",
+    "timeout DOUBLE PRECISION, result TEXT)",
     # failure.job has no foreign key here: its cascade would fire a trigger for every job a worker
     # records (the hot path), and it measured slower than all the rest of the DELETE. The failures
     # of a job that later succeeded stay, unseen (every view reaches failures through their job),
@@ -132,7 +136,13 @@ SCHEMA = [
 ]
 
 #: One entry per schema version above 2 (the first on PostgreSQL): the statements from N-1 to N.
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    3: [
+        "ALTER TABLE task ADD COLUMN keep_results INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN result_count BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE job ADD COLUMN result TEXT",
+    ],
+}
 
 #: the liveness clock: the server's, so workers on hosts with different clocks agree
 SERVER_CLOCK = "extract(epoch from clock_timestamp())"
@@ -200,15 +210,22 @@ class PgConnection:
         except psycopg.Error as e:
             raise _translate(e, self._db.path) from None
 
-    def executemany(self, sql: str, parameters: Sequence[Sequence[Any]], /) -> Any:
+    def executemany(self, sql: str, parameters: Sequence[Sequence[Any]], /, returning: bool = False) -> Any:
+        """Run ``sql`` for each row of parameters; with ``returning``, the first column each returned."""
         import psycopg
 
         cur = self.raw.cursor()
         try:
-            cur.executemany(_pg_sql(sql), parameters)
+            cur.executemany(_pg_sql(sql), parameters, returning=returning)
+            if not returning:
+                return cur
+            out = []
+            while True:
+                out.append(cur.fetchone()[0])  # type: ignore[index]
+                if not cur.nextset():
+                    return out
         except psycopg.Error as e:
             raise _translate(e, self._db.path) from None
-        return cur
 
     def notify(self) -> None:
         """Wake the idle workers of this database once the transaction commits."""

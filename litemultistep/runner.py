@@ -14,12 +14,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import engine
 from .db import Database
 from .engine import ClaimedJob, Outcome
-from .errors import NotInJob
-from .jobs import decode_args, describe_call, resolve
+from .errors import NotInJob, ResultNotSerializable
+from .jobs import decode_args, describe_call, encode_result, resolve
 
 log = logging.getLogger("litemultistep")
 
@@ -35,6 +36,8 @@ class Result:
     outcome: Outcome
     error: BaseException | None = None
     duration: float = 0.0
+    #: what the job returned (for a job whose task keeps results, it is in the outcome as JSON too)
+    value: Any = None
 
 
 #: ``time.monotonic()`` by which the running job must end, for :func:`time_left`
@@ -110,8 +113,16 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         current_job.reset(token)
         _deadline.reset(dtoken)
     duration = time.perf_counter() - start
+    stored = None
+    if job.keep:
+        try:
+            stored = encode_result(result)
+        except ResultNotSerializable as e:
+            log.info("failed job %d of %s: %s", job.id, job.task_id, e)
+            return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", str(e), "", duration), e,
+                          duration)
     log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
-    return Result(Outcome(job, True, duration=duration), None, duration)
+    return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
 
 
 async def _await(awaitable: object) -> object:
@@ -184,6 +195,8 @@ class DrainSummary:
     finalized: list[str] = field(default_factory=list)
     #: the failures, as recorded
     failures: list[Outcome] = field(default_factory=list)
+    #: for tasks that keep results: each task's results, in the order its jobs were added
+    results: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None = None) -> DrainSummary:
@@ -195,6 +208,7 @@ def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None
     runner = InlineRunner.for_db(db)
     summary = DrainSummary()
     touched: set[str] = set()
+    kept: dict[str, list[tuple[int, Any]]] = {}
     while True:
         batches = engine.claim(db, runner.worker_id, max_batch=1, queues=queues)
         if not batches:
@@ -202,11 +216,15 @@ def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None
                 continue
             break
         for result in runner.run_chain(batches[0][0], raise_errors=raise_on_failure):
-            touched.add(result.outcome.job.task_id)
+            job = result.outcome.job
+            touched.add(job.task_id)
             if result.outcome.ok:
                 summary.completed += 1
+                if job.keep:
+                    kept.setdefault(job.task_id, []).append((job.id, result.value))
             else:
                 summary.failed += 1
                 summary.failures.append(result.outcome)
     summary.finalized = sorted(t for t in touched if engine.task_finished(db, t))
+    summary.results = {t: [value for _, value in sorted(pairs, key=lambda p: p[0])] for t, pairs in kept.items()}
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
@@ -14,6 +15,7 @@ from .errors import (
     FinalizationAlreadyBegun,
     InvalidSetting,
     InvalidSlug,
+    NoResult,
     NoSuchMultiStepTask,
     NotInJob,
     NotReadyForFinalization,
@@ -73,6 +75,48 @@ def job(fn: Callable[..., Any], *, timeout: float | None = None) -> JobSpec:
     return JobSpec(fn, timeout)
 
 
+class JobHandle:
+    """A job added by :meth:`MultiStepTask.add_job`: its id, and once it has run, its result (if its
+    task keeps results) or its failure."""
+
+    def __init__(self, task: MultiStepTask) -> None:
+        self._task = task
+        self._id: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self._id if self._id is not None else '(not stored yet)'} of {self._task.task_id}>"
+
+    @property
+    def job_id(self) -> int:
+        """The job's id (inside a ``with`` block, asking stores the jobs added so far, still unseen by
+        workers until the block ends)."""
+        if self._id is None:
+            self._task._flush()
+        assert self._id is not None
+        return self._id
+
+    def result(self) -> Any:
+        """The job's return value.
+
+        :raises NoResult: it has not run yet, it failed, its task does not keep results, or it is gone
+            (its task finished or was nuked).
+        """
+        found = views.job_state(self._task._db, self.job_id)
+        if found is None:
+            raise NoResult(f"job {self.job_id} is no longer stored: it completed in a task that does not keep "
+                           "results, or its task finished or was nuked")
+        state, _, value = found
+        if value is None:
+            if state == "completed":
+                raise NoResult(f"job {self.job_id} is a finalization job: only normal jobs' results are kept")
+            raise NoResult(f"job {self.job_id} has no result: it is {state}")
+        return json.loads(value)
+
+    def failure(self) -> FailureInfo | None:
+        """The job's failure, while it stands failed (None otherwise)."""
+        return next((f for f in self._task.failures() if f.job_id == self.job_id), None)
+
+
 class MultiStepTask:
     """A group of jobs that run in parallel, then finalization jobs that run in order.
 
@@ -85,6 +129,7 @@ class MultiStepTask:
         self._task_id = task_id
         self._db = db
         self._buffer: list[tuple[int, str, str, float | None]] | None = None  # jobs of an open ``with`` block
+        self._handles: list[JobHandle] = []  # theirs, given ids when they are stored
 
     def __repr__(self) -> str:
         return f"<MultiStepTask {self._task_id} in {self._db.path}>"
@@ -93,7 +138,7 @@ class MultiStepTask:
 
     @classmethod
     def create(cls, slug: str | None = None, db: Any = None, *, max_retries: int = 0,
-               retry_delay: float = 1.0, timeout: float | None = None) -> MultiStepTask:
+               retry_delay: float = 1.0, timeout: float | None = None, keep_results: bool = False) -> MultiStepTask:
         """Create a task whose id (and queue name) is ``slug~nonce``.
 
         :param slug: a readable name (default ``multi-step-task``); printable, at most 200 characters,
@@ -106,6 +151,8 @@ class MultiStepTask:
         :param timeout: seconds each job and finalizer of the task may run; past it, its process is
             killed and the job fails with :class:`JobTimeout` (retry rules apply). Default: the
             worker's ``--timeout``, else no limit. One job can have its own: :func:`litemultistep.job`.
+        :param keep_results: store each normal job's return value (JSON types; anything else fails the
+            job with :class:`ResultNotSerializable`) for :meth:`results`, until the task finishes.
         """
         slug = _check_slug(slug)
         if type(max_retries) is not int or not 0 <= max_retries <= MAX_RETRIES:
@@ -114,8 +161,10 @@ class MultiStepTask:
         if timeout is not None:
             timeout = config.seconds(timeout, "timeout")
         database = config.resolve_db(db)
+        if type(keep_results) is not bool:
+            raise InvalidSetting(f"keep_results must be True or False, not {keep_results!r}")
         return cls(engine.create_task(database, slug, max_retries=max_retries, retry_delay=retry_delay,
-                                      timeout=timeout), database)
+                                      timeout=timeout, keep_results=keep_results), database)
 
     @classmethod
     def find(cls, task_id: str, db: Any = None) -> MultiStepTask:
@@ -138,6 +187,7 @@ class MultiStepTask:
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
             self._buffer = None
+            self._handles = []
             engine.delete_task(self._db, self._task_id)
             return
         self._flush()
@@ -147,37 +197,45 @@ class MultiStepTask:
     def _flush(self) -> None:
         if self._buffer:
             jobs, self._buffer = self._buffer, []
-            engine.add_jobs(self._db, self._task_id, jobs)
+            handles, self._handles = self._handles, []
+            ids = engine.add_jobs(self._db, self._task_id, jobs).ids
+            for handle, job_id in zip(handles, ids, strict=True):
+                handle._id = job_id
 
     # -- adding jobs --------------------------------------------------------------------------------
 
-    def add_job(self, fn: Callable[..., Any] | JobSpec, *args: Any, **kwargs: Any) -> None:
-        """Queue ``fn(*args, **kwargs)`` as a normal job; the arguments must be JSON types.
+    def add_job(self, fn: Callable[..., Any] | JobSpec, *args: Any, **kwargs: Any) -> JobHandle:
+        """Queue ``fn(*args, **kwargs)`` as a normal job; the arguments must be JSON types. Returns a
+        :class:`JobHandle`: the job's id, and later its result or failure.
 
         In sync mode the job runs here and now, and its exception (if any) propagates after it is
         recorded as a failure.
         """
-        self._add(JobKind.NORMAL, fn, args, kwargs)
+        return self._add(JobKind.NORMAL, fn, args, kwargs)
 
-    def add_finalization_job(self, fn: Callable[..., Any] | JobSpec, *args: Any, **kwargs: Any) -> None:
+    def add_finalization_job(self, fn: Callable[..., Any] | JobSpec, *args: Any, **kwargs: Any) -> JobHandle:
         """Queue ``fn(*args, **kwargs)`` to run after every normal job, after the finalizers added before."""
-        self._add(JobKind.FINALIZE, fn, args, kwargs)
+        return self._add(JobKind.FINALIZE, fn, args, kwargs)
 
     def _add(self, kind: int, fn: Callable[..., Any] | JobSpec, args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> None:
+             kwargs: dict[str, Any]) -> JobHandle:
         timeout = fn.timeout if isinstance(fn, JobSpec) else None
         target = fn.fn if isinstance(fn, JobSpec) else fn
         job = (kind, callable_path(target), encode_args(args, kwargs), timeout)
+        handle = JobHandle(self)
         if self._buffer is not None:
             self._buffer.append(job)
+            self._handles.append(handle)
             if len(self._buffer) >= engine.CHUNK:
                 self._flush()
         elif kind == JobKind.NORMAL and config.mode() == "sync":
             runner = InlineRunner.for_db(self._db)
-            claimed = engine.add_jobs(self._db, self._task_id, [job], claim_for=runner.worker_id)
-            runner.run_chain(claimed[0])
+            added = engine.add_jobs(self._db, self._task_id, [job], claim_for=runner.worker_id)
+            handle._id = added.ids[0]
+            runner.run_chain(added.claimed[0])
         else:
-            engine.add_jobs(self._db, self._task_id, [job])
+            handle._id = engine.add_jobs(self._db, self._task_id, [job]).ids[0]
+        return handle
 
     # -- finalization -------------------------------------------------------------------------------
 
@@ -293,6 +351,24 @@ class MultiStepTask:
     def failures(self) -> list[FailureInfo]:
         """The task's failed jobs, each with its exception, message and traceback."""
         return views.failures(self._db, self._task_id)
+
+    # -- results ------------------------------------------------------------------------------------
+
+    def results(self) -> Iterator[Any]:
+        """The return values of the task's succeeded normal jobs, in the order the jobs were added,
+        each once (a job that ran twice gives the result of the run that was recorded). Streamed a
+        page at a time, so a million results take little memory. For a task created with
+        ``keep_results=True``; while it lives (in its finalizers, typically: once the last finalizer
+        ran, the results go with the task).
+
+        :raises NoResult: the task does not keep results.
+        :raises NoSuchMultiStepTask: the task is gone.
+        """
+        return views.results(self._db, self._task_id)
+
+    def job_results(self) -> Iterator[views.JobResult]:
+        """As :meth:`results`, each as a :class:`JobResult` with the job's id and arguments."""
+        return views.results(self._db, self._task_id, details=True)
 
     def retry_failed(self) -> int:
         """Requeue every failed job (in sync mode: run them now); returns how many."""

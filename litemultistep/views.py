@@ -6,17 +6,20 @@ whether a worker is alive takes its lock file for an instant, and removes the fi
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
 from .engine import dead_workers
-from .errors import NoSuchMultiStepTask
+from .errors import NoResult, NoSuchMultiStepTask
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
                  "failed_count, pending_count, running_count, created_at, "
-                 f"(SELECT count(*) FROM job WHERE job.task = task.id AND job.state = {int(JobState.SCHEDULED)})")
+                 f"(SELECT count(*) FROM job WHERE job.task = task.id AND job.state = {int(JobState.SCHEDULED)}), "
+                 "keep_results, result_count")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Progress:
     finished_at: float | None = None
     #: failed jobs whose automatic retry is scheduled (they count in ``pending_count`` too)
     scheduled_count: int = 0
+    #: whether the task keeps its jobs' results, and how many are stored now
+    keep_results: bool = False
+    result_count: int = 0
 
     @property
     def total_job_count(self) -> int:
@@ -78,7 +84,7 @@ class Progress:
 
 def _progress_from_row(row: tuple[Any, ...]) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
-     created_at, scheduled) = row
+     created_at, scheduled, keep, results) = row
     if state == TaskState.BUILDING:
         label = "building"
     elif failed and not queued and not running and not scheduled:
@@ -89,7 +95,7 @@ def _progress_from_row(row: tuple[Any, ...]) -> Progress:
         label = "running"
     pending = normal + finalize - completed - failed - running
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
-                    running, created_at, None, scheduled)
+                    running, created_at, None, scheduled, bool(keep), results)
 
 
 def progress(db: Database, task_id: str) -> Progress:
@@ -106,6 +112,60 @@ def progress(db: Database, task_id: str) -> Progress:
     slug, normal, finalize, created_at, finished_at = done
     return Progress(task_id, slug, "finished", True, normal, finalize, normal + finalize, 0, 0, 0,
                     created_at, finished_at)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One normal job's result, with the job it came from."""
+
+    job_id: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    value: Any
+
+
+#: rows read per query when streaming results: bounded memory, and no read held open for long
+RESULTS_PAGE = 5_000
+
+
+def results(db: Database, task_id: str, details: bool = False) -> Iterator[Any]:
+    """The task's stored results (its normal jobs' return values), in the order the jobs were added,
+    read a page at a time; with ``details``, :class:`JobResult` objects."""
+    conn = db.connection()
+    row = conn.execute("SELECT id, keep_results FROM task WHERE task_id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise NoSuchMultiStepTask(f"no task {task_id!r} in {db.path}: it never existed, was nuked, or finished "
+                                  "(a task's results go with it once its last finalizer ran)")
+    pk, keep = row
+    if not keep:
+        raise NoResult(f"task {task_id} does not keep results: create it with keep_results=True")
+    columns = "id, args, result" if details else "id, result"
+    loads = json.loads
+    last = 0
+    while True:
+        page = conn.execute(f"SELECT {columns} FROM job WHERE task = ? AND state = ? AND kind = ? AND id > ? "
+                            "ORDER BY id LIMIT ?", (pk, JobState.COMPLETED, JobKind.NORMAL, last,
+                                                    RESULTS_PAGE)).fetchall()
+        if not page:
+            return
+        last = page[-1][0]
+        if details:
+            for job_id, args, value in page:
+                a, kw = loads(args)
+                yield JobResult(job_id, a, kw, loads(value))
+        else:
+            for _, value in page:
+                yield loads(value)
+        if len(page) < RESULTS_PAGE:
+            return
+
+
+def job_state(db: Database, job_id: int) -> tuple[str, int, str | None] | None:
+    """A job's state name, its task's row id and its stored result, or None if it is gone."""
+    row = db.connection().execute("SELECT state, task, result FROM job WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    return JobState(row[0]).name.lower(), row[1], row[2]
 
 
 def active_tasks(db: Any = None) -> list[Progress]:

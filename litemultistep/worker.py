@@ -448,7 +448,8 @@ class Worker:
                 continue
             if message["ok"]:
                 first = proc.batch[0]
-                self.done.append(Done(first.task_pk, first.task_id, message["ok"], message["seconds"]))
+                self.done.append(Done(first.task_pk, first.task_id, message["ok"], message["seconds"],
+                                      message.get("values")))
             if message["results"]:
                 by_id = {j.id: j for j in proc.batch}
                 for job_id, ok, exc_type, text, tb, duration in message["results"]:

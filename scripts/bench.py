@@ -542,6 +542,52 @@ def _limited_drain(db: str, n: int) -> float:
     return drain(db, n)
 
 
+def _kept_drain(db: str, n: int) -> float:
+    """The no-op drain, its task keeping results (each job returns its argument)."""
+    code = textwrap.dedent(f"""
+        import bench_jobs
+        from litemultistep import MultiStepTask
+        with MultiStepTask.create("kept", db={db!r}, keep_results=True) as task:
+            for i in range({n}):
+                task.add_job(bench_jobs.echo, i)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
+    return drain(db, n)
+
+
+def results_read(db: str, n: int) -> tuple[float, float]:
+    """Results per second streamed by ``task.results()`` from a task of ``n`` stored results, and the
+    growth of the reading process's peak RSS meanwhile (MB). The results are stored through the engine
+    (add, claim, record), without worker processes, to keep the set-up short."""
+    code = textwrap.dedent(f"""
+        import json, resource, time
+        from litemultistep import Database, MultiStepTask
+        from litemultistep import engine as E
+        from litemultistep.db import JobKind
+        db = Database({db!r})
+        task = MultiStepTask.create("read", db=db, keep_results=True)
+        for start in range(0, {n}, 20000):
+            E.add_jobs(db, task.task_id, [(JobKind.NORMAL, "bench_jobs:echo", json.dumps([[i], {{}}]), None)
+                                          for i in range(start, min(start + 20000, {n}))])
+        w, _ = E.register_worker(db, "inline")
+        with db.write() as c:
+            c.execute("UPDATE task SET avg_duration = 1e-9")  # as if its jobs were instant: big claims
+        while batches := E.claim(db, w, max_batch=20000, wants=1):
+            done = [E.Done(b[0].task_pk, b[0].task_id, [j.id for j in b], 0.0, [str(j.id) for j in b])
+                    for b in batches]
+            E.claim(db, w, done=done, wants=0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        count = sum(1 for _ in task.results())
+        took = time.perf_counter() - t
+        assert count == {n}, count
+        print({n} / took, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=child_env())
+    rate, grew = out.stdout.split()
+    return float(rate), float(grew)
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -674,6 +720,14 @@ def main(argv: list[str] | None = None) -> int:
                       repeat(lambda: _limited_drain(fresh("limit"), drain_n)))
         ratios.append(f"drain with a time limit on every job / without: "
                       f"{statistics.median(limited.values) / statistics.median(normal.values):.2f}")
+        kept = add(f"drain, {drain_n:,} no-op jobs keeping their results, worker -c 2", "jobs/s",
+                   repeat(lambda: _kept_drain(fresh("kept"), drain_n)))
+        ratios.append(f"drain keeping results / without: "
+                      f"{statistics.median(kept.values) / statistics.median(normal.values):.2f}")
+        read_n = 100_000 if quick else 1_000_000
+        rate, grew = results_read(fresh("read"), read_n)
+        add(f"task.results() over {read_n:,} stored results", "results/s", [rate],
+            f"peak RSS grew {grew:.1f} MB while reading")
         worker_us, job_us = isolation_us(tmp, 5_000 if quick else 200_000)
         add("CPU per no-op job in the worker process (claim, record, hand over)", "µs", [worker_us])
         add("CPU per no-op job in the job process (receive, run, report)", "µs", [job_us],

@@ -233,3 +233,29 @@ def record_host(path: str, tag: str, seconds: float = 0.0) -> None:
 
     time.sleep(seconds)
     _append(path, f"{tag} {socket.gethostname()}")
+
+
+def double(path: str, i: int) -> int:
+    """Returns 2 * i, and logs each run (a result must appear once, however often its job ran)."""
+    _append(path, f"double {i}")
+    return 2 * i
+
+
+def double_after_failing_once(marker: str, i: int) -> int:
+    fail_once(marker)
+    return 2 * i
+
+
+def returns_a_set() -> set[int]:
+    return {1, 2}
+
+
+def gather(path: str) -> None:
+    """A finalizer that writes every result of its task, with the job ids and arguments, as JSON."""
+    import json
+
+    task = litemultistep.current_task()
+    values = list(task.results())
+    details = [[r.job_id, r.args, r.value] for r in task.job_results()]
+    with open(path, "w") as f:
+        json.dump({"values": values, "details": details}, f)

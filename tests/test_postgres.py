@@ -20,6 +20,7 @@ import pytest
 from conftest import LMS, cli, env_for_workers, lines, wait_for
 
 from litemultistep import Database, MultiStepTask
+from litemultistep.db import SCHEMA_VERSION
 from litemultistep.engine import check
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,7 +44,8 @@ def test_twenty_processes_create_the_schema_at_once(db):
         assert proc.returncode == 0, err
     database = Database(db)
     try:
-        assert database.connection().execute("SELECT version FROM litemultistep_schema").fetchall() == [(2,)]
+        versions = database.connection().execute("SELECT version FROM litemultistep_schema").fetchall()
+        assert versions == [(SCHEMA_VERSION,)]
     finally:
         database.close()
 

@@ -1,0 +1,131 @@
+"""Job results for the finalizers (``keep_results=True``), with real workers, on both backends."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import jobfuncs
+import pytest
+from conftest import cli, env_for_workers, lines
+
+import litemultistep
+from litemultistep import MultiStepTask, NoResult, NoSuchMultiStepTask, ResultNotSerializable
+from litemultistep.config import resolve_db
+from litemultistep.engine import check
+from litemultistep.runner import drain
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def db(any_db: str) -> str:
+    return any_db
+
+
+def gathered(tmp_path) -> dict:
+    return json.loads((tmp_path / "gathered.json").read_text())
+
+
+def test_the_finalizer_gets_every_result_in_add_order_from_two_workers(db, log_path, tmp_path, spawn):
+    with MultiStepTask.create("gather", db=db, keep_results=True) as task:
+        handles = [task.add_job(jobfuncs.double, log_path, i) for i in range(200)]
+        task.add_finalization_job(jobfuncs.gather, str(tmp_path / "gathered.json"))
+    workers = [spawn(db, "-c", "2", "--burst", "-q"), spawn(db, "-c", "1", "--burst", "-q")]
+    assert [w.wait(60) for w in workers] == [0, 0]
+    got = gathered(tmp_path)
+    assert got["values"] == [2 * i for i in range(200)]
+    assert got["details"] == [[h.job_id, [log_path, i], 2 * i] for i, h in enumerate(handles)]
+    assert len({line.split()[1] for line in lines(log_path)}) == 200
+    assert task.progress().finished
+    with pytest.raises(NoSuchMultiStepTask, match="results go with it"):
+        list(task.results())  # gone with the task, as the gem's finished tasks are
+
+
+def test_a_job_killed_after_it_ran_runs_again_and_its_result_appears_once(db, log_path, tmp_path, spawn):
+    with MultiStepTask.create("crash", db=db, keep_results=True) as task:
+        for i in range(5):
+            task.add_job(jobfuncs.double, log_path, i)
+        task.add_finalization_job(jobfuncs.gather, str(tmp_path / "gathered.json"))
+    crash_file = tmp_path / "crash"
+    crash_file.write_text("after-run jobfuncs:double worker\n")
+    first = spawn(db, "-q", env=dict(env_for_workers(), LITEMULTISTEP_CRASH_FILE=str(crash_file)))
+    assert first.wait(60) == -signal.SIGKILL  # its result was never recorded
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    runs = [line.split()[1] for line in lines(log_path)]
+    assert len(runs) == 6 and len(set(runs)) == 5  # one job ran twice
+    assert gathered(tmp_path)["values"] == [0, 2, 4, 6, 8]
+
+
+def test_results_survive_a_retry(db, tmp_path, spawn):
+    with MultiStepTask.create("retry", db=db, keep_results=True) as task:
+        flaky = task.add_job(jobfuncs.double_after_failing_once, str(tmp_path / "marker"), 21)
+        task.add_job(jobfuncs.double_after_failing_once, str(tmp_path / "other-marker"), 1)
+        task.add_finalization_job(jobfuncs.gather, str(tmp_path / "gathered.json"))
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    assert task.progress().result_count == 0 and len(task.failures()) == 2  # a failed attempt keeps none
+    with pytest.raises(NoResult, match="it is failed"):
+        flaky.result()
+    assert flaky.failure() is not None and flaky.failure().exc_type == "ValueError"
+    assert task.retry_failed() == 2
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    assert gathered(tmp_path)["values"] == [42, 2]
+    assert flaky.failure() is None
+    with pytest.raises(NoResult, match="no longer stored"):
+        flaky.result()  # the task finished: its results went with it
+
+
+def test_results_are_readable_while_the_task_lives(db, tmp_path, spawn):
+    with MultiStepTask.create("live", db=db, keep_results=True) as task:
+        handles = [task.add_job(jobfuncs.double_after_failing_once, str(tmp_path / f"m{i}"), i) for i in range(3)]
+        handles.append(task.add_job(jobfuncs.double, str(tmp_path / "log"), 10))
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    # three failed once (no retries): the task is blocked, and the one that succeeded has its result
+    assert list(task.results()) == [20] and handles[3].result() == 20
+    assert task.progress().result_count == 1 and task.progress().blocked
+    doc = json.loads(cli("status", db, task.task_id, "--json").stdout)["task"]
+    assert doc["keep_results"] is True and doc["result_count"] == 1
+    task.retry_failed()
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    assert task.progress().finished
+    assert check(resolve_db(db)) == []
+
+
+def test_a_return_value_json_cannot_carry_fails_the_job_clearly(db, spawn):
+    with MultiStepTask.create("bad", db=db, keep_results=True) as task:
+        bad = task.add_job(jobfuncs.returns_a_set)
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    failure = bad.failure()
+    assert failure is not None and failure.exc_type == "litemultistep.ResultNotSerializable"
+    assert "of type set" in failure.message and "return a sorted list" in failure.message
+
+
+def test_without_keep_results_nothing_is_stored(db, log_path, spawn):
+    with MultiStepTask.create("plain", db=db) as task:
+        handle = task.add_job(jobfuncs.double, log_path, 1)
+        task.add_job(jobfuncs.double, log_path, 2)
+    with pytest.raises(NoResult, match="keep_results=True"):
+        list(task.results())
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    with pytest.raises(NoResult, match="no longer stored"):
+        handle.result()
+
+
+def test_drain_and_sync_mode_keep_results_too(db, log_path, tmp_path):
+    with MultiStepTask.create("drained", db=db, keep_results=True) as task:
+        for i in range(4):
+            task.add_job(jobfuncs.double, log_path, i)
+        task.add_finalization_job(jobfuncs.gather, str(tmp_path / "gathered.json"))
+    summary = drain(resolve_db(db))
+    assert summary.results == {task.task_id: [0, 2, 4, 6]}
+    assert gathered(tmp_path)["values"] == [0, 2, 4, 6]
+    litemultistep.configure(mode="sync")
+    t = MultiStepTask.create("sync", db=db, keep_results=True)
+    assert t.add_job(jobfuncs.double, log_path, 5).result() == 10
+    with pytest.raises(ResultNotSerializable):
+        t.add_job(jobfuncs.returns_a_set)
+
+
+def test_keep_results_must_be_a_bool(db):
+    with pytest.raises(litemultistep.InvalidSetting, match="keep_results"):
+        MultiStepTask.create("x", db=db, keep_results="yes")
