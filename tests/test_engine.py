@@ -549,7 +549,7 @@ class PostgresEngineModel(EngineModel):
         return Database(self.schema.__enter__())
 
 
-PostgresEngineModel.TestCase.settings = settings(max_examples=30, stateful_step_count=40, deadline=None,
+PostgresEngineModel.TestCase.settings = settings(max_examples=15, stateful_step_count=40, deadline=None,
                                                  suppress_health_check=[HealthCheck.too_slow])
 TestPostgresEngineModel = PostgresEngineModel.TestCase
 TestPostgresEngineModel.pytestmark = pytest.mark.timeout(600)
