@@ -35,6 +35,14 @@ def ended(log_path: str, prefix: str = "end ") -> list[str]:
     return [line for line in lines(log_path) if line.startswith(prefix)]
 
 
+def schema_versions(db: str) -> list[tuple[int]]:
+    database = Database(db)
+    try:
+        return database.connection().execute("SELECT version FROM litemultistep_schema").fetchall()
+    finally:
+        database.close()
+
+
 def test_twenty_processes_create_the_schema_at_once(db):
     code = "import sys; from litemultistep import Database; Database(sys.argv[1]).close()"
     procs = [subprocess.Popen([sys.executable, "-c", code, db], stderr=subprocess.PIPE, text=True)
@@ -42,12 +50,7 @@ def test_twenty_processes_create_the_schema_at_once(db):
     for proc in procs:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-    database = Database(db)
-    try:
-        versions = database.connection().execute("SELECT version FROM litemultistep_schema").fetchall()
-        assert versions == [(SCHEMA_VERSION,)]
-    finally:
-        database.close()
+    assert schema_versions(db) == [(SCHEMA_VERSION,)]
 
 
 def test_a_worker_whose_connection_is_cut_reconnects_and_nothing_is_lost(db, log_path, spawn):
@@ -196,3 +199,27 @@ def test_the_server_restarting_mid_run_loses_nothing(private_server, log_path, s
     for proc in workers:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, spawn.log(proc)
+
+
+def test_an_older_schema_is_upgraded_once_by_many_processes(db):
+    """A database made by the previous version (schema v2) is upgraded by whichever of many starting
+    processes gets the schema lock first; the others find it done."""
+    database = Database(db)
+    try:
+        with database.write() as c:
+            c.execute("ALTER TABLE task DROP COLUMN keep_results")
+            c.execute("ALTER TABLE task DROP COLUMN result_count")
+            c.execute("ALTER TABLE job DROP COLUMN result")
+            c.execute("UPDATE litemultistep_schema SET version = 2")
+    finally:
+        database.close()
+    code = "import sys; from litemultistep import Database; Database(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, db], stderr=subprocess.PIPE, text=True)
+             for _ in range(10)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    with MultiStepTask.create("after", db=db, keep_results=True) as task:
+        task.add_job(jobfuncs.noop)
+    assert task.progress().keep_results
+    assert schema_versions(db) == [(SCHEMA_VERSION,)]
