@@ -170,7 +170,7 @@ def _translate(error: Exception, path: str) -> StorageError | DatabaseUnusable:
     state = getattr(error, "sqlstate", None) or ""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if state in ("40P01", "40001", "55P03"):
-        return DatabaseBusy(f"{path}: {message} (another transaction was in the way; this one is retried)")
+        return DatabaseBusy(f"{path}: {message} (another transaction was in the way; nothing was written: try again)")
     if state.startswith("53"):
         return StorageError(f"the server of {path} is out of resources ({message}); nothing stored was lost")
     if state.startswith(("08", "57P")) or isinstance(error, psycopg.OperationalError) and not state:

@@ -92,7 +92,9 @@ class JobHandle:
         workers until the block ends)."""
         if self._id is None:
             self._task._flush()
-        assert self._id is not None
+        if self._id is None:
+            raise NoResult(f"this job of {self._task.task_id} was never stored: its with block ended with an "
+                           "exception, and the task was removed")
         return self._id
 
     def result(self) -> Any:
