@@ -31,7 +31,7 @@ from .errors import (
     StorageError,
     WorkerCrashed,
 )
-from .runner import time_left
+from .runner import report, time_left
 from .task import JobHandle, JobSpec, MultiStepTask, current_task, job
 from .views import FailureInfo, JobResult, Progress
 
@@ -72,5 +72,6 @@ __all__ = [
     "configure",
     "current_task",
     "job",
+    "report",
     "time_left",
 ]

@@ -319,8 +319,10 @@ def _status_one(database: Database, task_id: str, as_json: bool) -> None:
             say(f"    {link['position'] + 1}. {_call(link['func'], link['args'])} {link['state']}")
     for r in running:
         since = f"for {_age(now - r.claimed_at)}" if r.claimed_at else ""
+        reported = "" if r.reported_done is None else (
+            f", reports {r.reported_done:g}" + (f" of {r.reported_total:g}" if r.reported_total is not None else ""))
         say(f"  running {'finalizer' if r.finalizer else 'job'} {r.job_id} {_call(r.func, r.args)} "
-            f"{since} (worker {r.worker_id}, attempt {r.attempt})")
+            f"{since} (worker {r.worker_id}, attempt {r.attempt}{reported})")
     for sch in scheduled:
         say(f"  retry of job {sch.job_id} {_call(sch.func, sch.args)} scheduled at {_when(sch.run_at)} "
             f"(after {sch.exc_type}: {sch.message})")

@@ -138,6 +138,9 @@ class Job(_Model):
     timeout = pw.FloatField(null=True)
     #: JSON of its return value, for a normal job of a task that keeps results (state COMPLETED)
     result = pw.TextField(null=True)
+    #: what the running job last reported of its own progress (litemultistep.report), if anything
+    progress_done = pw.FloatField(null=True)
+    progress_total = pw.FloatField(null=True)
 
 
 class Failure(_Model):
@@ -207,6 +210,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE task ADD COLUMN keep_results INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE task ADD COLUMN result_count INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE job ADD COLUMN result TEXT",
+        "ALTER TABLE job ADD COLUMN progress_done REAL",
+        "ALTER TABLE job ADD COLUMN progress_total REAL",
     ],
 }
 

@@ -472,7 +472,8 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
         if pk in empty:
             continue
         rows = c.execute(
-            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id IN "
+            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ?, progress_done = NULL, "
+            "progress_total = NULL WHERE id IN "
             f"(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?{_dialect(c).skip_locked}) "
             "RETURNING id, kind, position, func, args, attempts, timeout",
             (RUNNING, worker_id, now(), pk, QUEUED,
@@ -678,6 +679,16 @@ def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | No
                                                 (row[1],)).fetchone()
         return ClaimedJob(row[0], row[1], task_id, row[2], row[3], row[4], row[5], row[6],
                           row[7] if row[7] is not None else task_timeout, bool(keep) and row[2] == NORMAL)
+
+
+def report_progress(db: Database, worker_id: int, reports: Sequence[tuple[int, float, float | None]]) -> None:
+    """Store what running jobs reported of their own progress: ``(job id, done, total)``; a report
+    about a job no longer held by ``worker_id`` changes nothing."""
+    if not reports:
+        return
+    with db.write() as c:
+        c.executemany(f"UPDATE job SET progress_done = ?, progress_total = ? WHERE id = ? AND worker = ? "
+                      f"AND state = {RUNNING}", [(done, total, job_id, worker_id) for job_id, done, total in reports])
 
 
 def promote_scheduled(db: Database, due_by: float | None = None) -> int:

@@ -46,6 +46,9 @@ from .runner import Result, execute
 log = logging.getLogger("litemultistep")
 
 SLOT = struct.Struct("<dq")  # start (monotonic seconds), job id
+#: after SLOT: what the running job last reported (litemultistep.report): job id, done, total (-1: none)
+PROGRESS = struct.Struct("<qdd")
+PROGRESS_AT = 16
 SLOT_SIZE = 4096
 #: a job that ran longer than this ends its batch: the jobs after it go back to the queue
 SLOW_JOB = 0.005
@@ -60,6 +63,25 @@ CRASH_FILE_ENV = "LITEMULTISTEP_CRASH_FILE"
 
 _SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                         signal.SIGALRM, signal.SIGCHLD, signal.SIGPIPE)]
+
+
+class _Reporter:
+    """litemultistep.report() in a job process: the latest value goes to the page the worker reads."""
+
+    def __init__(self, page: mmap.mmap, job_id: int) -> None:
+        self.page, self.job_id = page, job_id
+
+    def __call__(self, done: float, total: float | None) -> None:
+        PROGRESS.pack_into(self.page, PROGRESS_AT, self.job_id, done, -1.0 if total is None else total)
+
+
+def read_progress(page: mmap.mmap) -> tuple[int, float, float | None] | None:
+    """``(job id, done, total)`` the running job last reported, or None (read until two reads agree)."""
+    while True:
+        first = PROGRESS.unpack_from(page, PROGRESS_AT)
+        if first == PROGRESS.unpack_from(page, PROGRESS_AT):
+            job_id, done, total = first
+            return None if done < 0 else (job_id, done, None if total < 0 else total)
 
 
 def read_slot(page: mmap.mmap) -> tuple[int, float]:
@@ -203,10 +225,11 @@ def serve(setup: dict[str, Any]) -> int:
                 break
             if crash_file:
                 _maybe_crash(crash_file, "after-claim", job, parent)
+            PROGRESS.pack_into(page, PROGRESS_AT, job.id, -1.0, -1.0)
             SLOT.pack_into(page, 0, monotonic(), job.id)
             refusal = allowed_or_why(job.func, setup["allow_modules"]) if setup["allow_modules"] else None
             if refusal is None:
-                result = execute(db, job, catch_all=True, timeout=job.timeout)
+                result = execute(db, job, catch_all=True, timeout=job.timeout, reporter=_Reporter(page, job.id))
             else:
                 result = Result(Outcome(job, False, "litemultistep.JobNotAllowed", refusal))
             SLOT.pack_into(page, 0, 0.0, -job.id)

@@ -108,7 +108,7 @@ SCHEMA = [
     "kind INTEGER NOT NULL, position INTEGER, func TEXT NOT NULL, args TEXT NOT NULL, state INTEGER NOT NULL, "
     "attempts INTEGER NOT NULL DEFAULT 0, worker BIGINT, run_at DOUBLE PRECISION, "
     "enqueued_at DOUBLE PRECISION NOT NULL, claimed_at DOUBLE PRECISION, crashes INTEGER NOT NULL DEFAULT 0, "
-    "timeout DOUBLE PRECISION, result TEXT)",
+    "timeout DOUBLE PRECISION, result TEXT, progress_done DOUBLE PRECISION, progress_total DOUBLE PRECISION)",
     # failure.job has no foreign key here: its cascade would fire a trigger for every job a worker
     # records (the hot path), and it measured slower than all the rest of the DELETE. The failures
     # of a job that later succeeded stay, unseen (every view reaches failures through their job),
@@ -141,6 +141,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE task ADD COLUMN keep_results INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE task ADD COLUMN result_count BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE job ADD COLUMN result TEXT",
+        "ALTER TABLE job ADD COLUMN progress_done DOUBLE PRECISION",
+        "ALTER TABLE job ADD COLUMN progress_total DOUBLE PRECISION",
     ],
 }
 

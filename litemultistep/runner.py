@@ -9,17 +9,19 @@ import atexit
 import contextvars
 import inspect
 import logging
+import math
 import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import engine
 from .db import Database
 from .engine import ClaimedJob, Outcome
-from .errors import NotInJob, ResultNotSerializable
+from .errors import InvalidSetting, NotInJob, ResultNotSerializable
 from .jobs import decode_args, describe_call, encode_result, resolve
 
 log = logging.getLogger("litemultistep")
@@ -55,6 +57,47 @@ def time_left() -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+#: where :func:`report` sends a running job's progress: set by whoever runs the job
+_reporter: contextvars.ContextVar[Callable[[float, float | None], None] | None] = contextvars.ContextVar(
+    "litemultistep_reporter", default=None)
+
+
+def report(done: float, total: float | None = None) -> None:
+    """Tell how far the running job has come: ``done`` (of ``total``, if known). ``status``, ``watch``
+    and :meth:`MultiStepTask.progress` show it. Cheap enough to call in a tight loop: in a worker it
+    lands in memory shared with the worker, which stores the latest value every two seconds; inline
+    (sync mode, ``drain``) it is stored at most once a second.
+
+    :raises NotInJob: outside a job.
+    :raises InvalidSetting: a negative or non-finite number, or ``done`` over ``total``.
+    """
+    reporter = _reporter.get()
+    if reporter is None:
+        raise NotInJob("report() is only available inside a running job")
+    for name, value in (("done", done), ("total", total)):
+        if value is None and name == "total":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise InvalidSetting(f"report(): {name} must be a finite number of at least 0, not {value!r}")
+    if total is not None and done > total:
+        raise InvalidSetting(f"report(): done ({done!r}) is more than total ({total!r})")
+    reporter(float(done), None if total is None else float(total))
+
+
+class ThrottledReport:
+    """A reporter that stores a job's progress in the database at most once every ``every`` seconds."""
+
+    def __init__(self, db: Database, worker_id: int, job_id: int, every: float = 1.0) -> None:
+        self.db, self.worker_id, self.job_id, self.every = db, worker_id, job_id, every
+        self._next = 0.0
+
+    def __call__(self, done: float, total: float | None) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.every
+            engine.report_progress(self.db, self.worker_id, [(self.job_id, done, total)])
+
+
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
@@ -80,7 +123,8 @@ def _traceback() -> str:
         return "<the traceback could not be formatted>"
 
 
-def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeout: float | None = None) -> Result:
+def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeout: float | None = None,
+            reporter: Callable[[float, float | None], None] | None = None) -> Result:
     """Run one claimed job; an exception of the job (even ``SystemExit``) becomes a failure.
 
     ``db`` is the database the job's :func:`~litemultistep.current_task` talks to (or its path or
@@ -90,6 +134,7 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
     included; inline (sync mode, ``drain``) those reach the caller, whose process it is.
     """
     token = current_job.set((db, job.task_id))
+    rtoken = _reporter.set(reporter or _ignore)
     start = time.perf_counter()
     dtoken = _deadline.set(None if timeout is None else time.monotonic() + timeout)
     if log.isEnabledFor(logging.INFO):
@@ -111,6 +156,7 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         return Result(outcome, e, duration)
     finally:
         current_job.reset(token)
+        _reporter.reset(rtoken)
         _deadline.reset(dtoken)
     duration = time.perf_counter() - start
     stored = None
@@ -123,6 +169,10 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
                           duration)
     log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
     return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
+
+
+def _ignore(done: float, total: float | None) -> None:
+    return None
 
 
 async def _await(awaitable: object) -> object:
@@ -165,7 +215,7 @@ class InlineRunner:
         """
         results = []
         while job is not None:
-            result = execute(self.db, job)
+            result = execute(self.db, job, reporter=ThrottledReport(self.db, self.worker_id, job.id))
             results.append(result)
             handed = engine.record(self.db, self.worker_id, [result.outcome])
             if result.error is not None and raise_errors:

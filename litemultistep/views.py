@@ -19,7 +19,9 @@ from .errors import NoResult, NoSuchMultiStepTask
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
                  "failed_count, pending_count, running_count, created_at, "
                  f"(SELECT count(*) FROM job WHERE job.task = task.id AND job.state = {int(JobState.SCHEDULED)}), "
-                 "keep_results, result_count")
+                 "keep_results, result_count, "
+                 + ", ".join(f"(SELECT sum({c}) FROM job WHERE job.task = task.id "
+                             f"AND job.state = {int(JobState.RUNNING)})" for c in ("progress_done", "progress_total")))
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class Progress:
     #: whether the task keeps its jobs' results, and how many are stored now
     keep_results: bool = False
     result_count: int = 0
+    #: what its running jobs reported of their own progress (litemultistep.report), summed over the
+    #: jobs that reported; None when none did (a total only counts jobs that gave one)
+    reported_done: float | None = None
+    reported_total: float | None = None
 
     @property
     def total_job_count(self) -> int:
@@ -84,7 +90,7 @@ class Progress:
 
 def _progress_from_row(row: tuple[Any, ...]) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
-     created_at, scheduled, keep, results) = row
+     created_at, scheduled, keep, results, reported_done, reported_total) = row
     if state == TaskState.BUILDING:
         label = "building"
     elif failed and not queued and not running and not scheduled:
@@ -95,7 +101,7 @@ def _progress_from_row(row: tuple[Any, ...]) -> Progress:
         label = "running"
     pending = normal + finalize - completed - failed - running
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
-                    running, created_at, None, scheduled, bool(keep), results)
+                    running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total)
 
 
 def progress(db: Database, task_id: str) -> Progress:
@@ -236,6 +242,9 @@ class RunningJob:
     worker_id: int | None
     attempt: int
     claimed_at: float | None
+    #: what the job last reported of its own progress (litemultistep.report), if anything
+    reported_done: float | None = None
+    reported_total: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,10 +255,10 @@ def running_jobs(db: Any = None, task_id: str | None = None) -> list[RunningJob]
     db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
     rows = db.connection().execute(
-        "SELECT j.id, t.task_id, j.func, j.args, j.kind, j.worker, j.attempts, j.claimed_at FROM job j "
-        f"JOIN task t ON t.id = j.task WHERE j.state = ?{where} ORDER BY j.claimed_at, j.id",
-        (JobState.RUNNING, *params)).fetchall()
-    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, r[5], r[6], r[7]) for r in rows]
+        "SELECT j.id, t.task_id, j.func, j.args, j.kind, j.worker, j.attempts, j.claimed_at, j.progress_done, "
+        f"j.progress_total FROM job j JOIN task t ON t.id = j.task WHERE j.state = ?{where} "
+        "ORDER BY j.claimed_at, j.id", (JobState.RUNNING, *params)).fetchall()
+    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from . import config, engine
 from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import InvalidSetting, StorageError
-from .jobproc import BROKEN, SLOT_SIZE, read_slot
+from .jobproc import BROKEN, SLOT_SIZE, read_progress, read_slot
 
 log = logging.getLogger("litemultistep")
 
@@ -133,6 +133,8 @@ class JobProcess:
         self.slot = slot
         self.options = options
         self.batch: list[ClaimedJob] = []
+        #: the last progress report of its running job that was stored
+        self.reported: tuple[int, float, float | None] | None = None
         #: some job of the batch has a time limit: the loop watches which one runs
         self.limited = False
         inbox_r, inbox_w = os.pipe()
@@ -374,6 +376,7 @@ class Worker:
             self._next_heartbeat = now + HEARTBEAT_EVERY
             if not engine.heartbeat(self.db, self.worker_id, self.options.lease, self._lock):
                 self._rejoin()
+            self._store_reports()
         if now >= self._next_maintenance:  # busy or not: dead workers' jobs come back within a second
             self._next_maintenance = now + self._maintenance_every()
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
@@ -407,6 +410,18 @@ class Worker:
                 self._hand(idle.pop(), batch)
             else:
                 self.handed.extend(batch)  # a finalizer handed to us while every process is busy
+
+    def _store_reports(self) -> None:
+        """Store what running jobs reported of their progress since the last heartbeat (one write for
+        all of them, however often they called litemultistep.report)."""
+        reports = []
+        for proc in self.procs:
+            if proc.busy:
+                got = read_progress(proc.page)
+                if got is not None and got != proc.reported and any(j.id == got[0] for j in proc.batch):
+                    reports.append(got)
+                    proc.reported = got
+        engine.report_progress(self.db, self.worker_id, reports)
 
     def _maintenance_every(self) -> float:
         """Seconds to the next round of recovery. On SQLite, every second: a few local reads. On

@@ -259,3 +259,22 @@ def gather(path: str) -> None:
     details = [[r.job_id, r.args, r.value] for r in task.job_results()]
     with open(path, "w") as f:
         json.dump({"values": values, "details": details}, f)
+
+
+def reporting(path: str, steps: int, pause: float) -> None:
+    """Reports its progress at every step (many calls: the worker stores the latest every 2 s)."""
+    for i in range(steps):
+        litemultistep.report(i + 1, steps)
+        time.sleep(pause)
+    _append(path, "reported")
+
+
+def report_and_look(path: str) -> None:
+    """Inline (sync mode, drain), a report is stored at once: the job sees it in its task's progress."""
+    litemultistep.report(3, 10)
+    p = litemultistep.current_task().progress()
+    _append(path, f"{p.reported_done} {p.reported_total}")
+
+
+def report_badly() -> None:
+    litemultistep.report(5, 3)

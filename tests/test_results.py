@@ -7,7 +7,7 @@ import signal
 
 import jobfuncs
 import pytest
-from conftest import cli, env_for_workers, lines
+from conftest import cli, env_for_workers, lines, wait_for
 
 import litemultistep
 from litemultistep import MultiStepTask, NoResult, NoSuchMultiStepTask, ResultNotSerializable
@@ -129,3 +129,34 @@ def test_drain_and_sync_mode_keep_results_too(db, log_path, tmp_path):
 def test_keep_results_must_be_a_bool(db):
     with pytest.raises(litemultistep.InvalidSetting, match="keep_results"):
         MultiStepTask.create("x", db=db, keep_results="yes")
+
+
+def test_a_job_reports_its_progress_and_status_shows_it(db, log_path, spawn):
+    with MultiStepTask.create("report", db=db) as task:
+        task.add_job(jobfuncs.reporting, log_path, 120, 0.05)  # 6 s: the worker stores reports every 2 s
+    worker = spawn(db, "-q")
+    seen = []
+
+    def reported() -> bool:
+        doc = json.loads(cli("status", db, task.task_id, "--json").stdout)
+        seen.extend((r["reported_done"], r["reported_total"]) for r in doc["running"])
+        return any(done and total == 120 for done, total in seen)
+
+    wait_for(reported, timeout=30, what="a report in status --json")
+    assert task.progress().reported_total == 120 or task.progress().finished
+    text = cli("status", db, task.task_id).stdout
+    assert "reports" in text or task.progress().finished
+    wait_for(lambda: task.progress().finished, timeout=30, what="the task to finish")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+def test_report_inline_outside_a_job_and_bad_values(db, log_path):
+    with pytest.raises(litemultistep.NotInJob, match="report"):
+        litemultistep.report(1)
+    litemultistep.configure(mode="sync")
+    task = MultiStepTask.create("inline", db=db)
+    task.add_job(jobfuncs.report_and_look, log_path)
+    assert lines(log_path) == ["3.0 10.0"]
+    with pytest.raises(litemultistep.InvalidSetting, match="more than total"):
+        task.add_job(jobfuncs.report_badly)
