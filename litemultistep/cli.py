@@ -359,14 +359,17 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
         while True:
             p = views.progress(database, task_id)
             speed = bar.tasks[0].speed
+            inside = "" if p.reported_done is None else (  # what running jobs report of themselves
+                f" running jobs report {p.reported_done:g}"
+                + (f" of {p.reported_total:g}" if p.reported_total is not None else ""))
             bar.update(handle, total=p.total_job_count, completed=p.completed_count,
-                       rate=f"{speed:,.1f} jobs/s" if speed else "")
+                       rate=(f"{speed:,.1f} jobs/s" if speed else "") + inside)
             for f in views.failures(database, task_id) if p.failed_count else []:
                 if f.job_id not in seen:
                     seen.add(f.job_id)
                     say(("failed:", "red"), f" job {f.job_id} {f.func}: {f.exc_type}: {f.message}", to=err)
             if not err.is_terminal:
-                line = f"{task_id}: {_counts(p)} ({p.state})"
+                line = f"{task_id}: {_counts(p)} ({p.state}){';' if inside else ''}{inside}"
                 if line != last_line:
                     say(line, to=err)
                     last_line = line
