@@ -44,13 +44,18 @@ def schema_versions(db: str) -> list[tuple[int]]:
         database.close()
 
 
-def test_twenty_processes_create_the_schema_at_once(db):
+def open_at_once(db: str, n: int) -> None:
+    """``n`` processes open the database at the same moment; each must succeed."""
     code = "import sys; from litemultistep import Database; Database(sys.argv[1]).close()"
     procs = [subprocess.Popen([sys.executable, "-c", code, db], stderr=subprocess.PIPE, text=True)
-             for _ in range(20)]
+             for _ in range(n)]
     for proc in procs:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
+
+
+def test_twenty_processes_create_the_schema_at_once(db):
+    open_at_once(db, 20)
     assert schema_versions(db) == [(SCHEMA_VERSION,)]
 
 
@@ -214,12 +219,7 @@ def test_an_older_schema_is_upgraded_once_by_many_processes(db):
             c.execute("UPDATE litemultistep_schema SET version = 2")
     finally:
         database.close()
-    code = "import sys; from litemultistep import Database; Database(sys.argv[1]).close()"
-    procs = [subprocess.Popen([sys.executable, "-c", code, db], stderr=subprocess.PIPE, text=True)
-             for _ in range(10)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
+    open_at_once(db, 10)
     with MultiStepTask.create("after", db=db, keep_results=True) as task:
         task.add_job(jobfuncs.noop)
     assert task.progress().keep_results
