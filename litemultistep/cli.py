@@ -163,17 +163,19 @@ def _db_then(metavar: str) -> Any:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON alone on standard output.")
 
-DB_HELP = f"DB is the SQLite file your application creates tasks in; it may come from {DB_ENV} instead."
+DB_HELP = (f"DB is the SQLite file your application creates tasks in, or a postgresql:// URL; it may come "
+           f"from {DB_ENV} instead.")
 
 
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.version_option(package_name="litemultistep", prog_name="litemultistep")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """Multi-step tasks on one SQLite file: run workers, see progress, retry failures.
+    """Multi-step tasks on one SQLite file (or a PostgreSQL database): run workers, see progress,
+    retry failures.
 
-    DB, the first argument of every command, is the SQLite file your application creates tasks in;
-    it may come from LITEMULTISTEP_DB instead.
+    DB, the first argument of every command, is the SQLite file your application creates tasks in,
+    or a postgresql://user@host/dbname URL; it may come from LITEMULTISTEP_DB instead.
     """
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
