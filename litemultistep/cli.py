@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -354,6 +356,20 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
     bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}", markup=False), TimeRemainingColumn(), console=err,
                    transient=False, disable=not err.is_terminal)
+    # Ctrl-C only sets a flag, seen between two polls: an interrupt raised at a random point of the
+    # loop could leave the progress bar's lock taken, and the process hung on its way out.
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        _watch_loop(database, task_id, bar, deadline, timeout, interval, interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        sys.exit(130)
+
+
+def _watch_loop(database: Database, task_id: str, bar: Progress, deadline: float | None, timeout: float | None,
+                interval: float, interrupted: threading.Event) -> None:
     last_line = ""
     seen: set[int] = set()
     with bar:
@@ -380,7 +396,8 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
             if deadline is not None and time.monotonic() >= deadline:
                 say(f"{task_id} did not finish within {timeout:g} s: {_counts(p)}", to=err)
                 sys.exit(2)
-            time.sleep(interval)
+            if interrupted.wait(interval):
+                return
     if p.finished:
         say(f"{task_id} finished: {_plural(p.total_job_count, 'job')} done")
         return
