@@ -1,8 +1,11 @@
 """The transactional core: every change of a job's or a task's state happens here, and only here.
 
-Each function is one short ``BEGIN IMMEDIATE`` transaction (or a few, for bulk work); no transaction
-is ever open while user code runs. Counters live in the task row and change in the same transaction as
-the job rows they count, so they are exact and reading them is one row lookup.
+Each function is one short write transaction (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL, rows are
+locked as they are taken), or a few for bulk work; no transaction is ever open while user code runs.
+The SQL is the same on both backends but for what a :class:`~litemultistep.db.Dialect` names. Counters
+live in the task row and change in the same transaction as the job rows they count, so they are exact
+and reading them is one row lookup; a transaction changes each task's row once, at its end, in key
+order (:func:`_apply`), so no two transactions wait on each other in a cycle.
 
 The rules a reader can check in this file:
 
@@ -17,10 +20,13 @@ The rules a reader can check in this file:
 * When the last finalizer succeeds the task row (and with it its queue) is deleted; a short summary
   stays in ``finished_task`` for the status view.
 * A claim takes, from the least recently served task, only what will run within a few milliseconds
-  (:data:`CLAIM_WINDOW`, from the task's mean job duration; one job while it is unknown), so no
-  worker sits on jobs another could start.
+  (:data:`CLAIM_WINDOW`, the dialect's ``claim_window`` on PostgreSQL, from the task's mean job
+  duration; one job while it is unknown), so no worker sits on jobs another could start. On
+  PostgreSQL concurrent claims skip each other's rows (``FOR UPDATE SKIP LOCKED``).
 * A worker is alive while its OS lock (``flock``) is held; only when its lock file has vanished does
-  its heartbeat on the host's monotonic clock decide. A dead worker's jobs go back to their queues,
+  its heartbeat on the host's monotonic clock decide. On PostgreSQL (``pg.py``) it is alive while its
+  connection holds its advisory lock and its heartbeat, on the server's clock, is younger than its
+  lease. A worker taken for dead claims nothing more. A dead worker's jobs go back to their queues,
   and so do jobs held under worker ids no longer registered; each such return counts as a crash of
   the job, and a job at the crash limit fails with ``WorkerCrashed`` instead of running again.
 """
