@@ -380,12 +380,12 @@ class EngineModel(RuleBasedStateMachine):
     @precondition(lambda self: self.tasks)
     @rule(data=st.data(), finalizer=st.booleans())
     def add_job(self, data, finalizer) -> None:
-        self._add(data.draw(st.sampled_from(sorted(self.tasks))), finalizer)
+        self._add(data.draw(st.sampled_from(list(self.tasks))), finalizer)
 
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())
     def mark_finalizable(self, data) -> None:
-        self._mark(data.draw(st.sampled_from(sorted(self.tasks))))
+        self._mark(data.draw(st.sampled_from(list(self.tasks))))
 
     @rule(w=st.integers(0, 2))
     def work(self, w) -> None:
@@ -441,7 +441,7 @@ class EngineModel(RuleBasedStateMachine):
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())
     def retry(self, data) -> None:
-        task_id = data.draw(st.sampled_from(sorted(self.tasks)))
+        task_id = data.draw(st.sampled_from(list(self.tasks)))
         m = self.tasks[task_id]
         if m["state"] == "done":
             with pytest.raises(NoSuchMultiStepTask):
@@ -496,7 +496,7 @@ class EngineModel(RuleBasedStateMachine):
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())
     def finalize(self, data) -> None:
-        task_id = data.draw(st.sampled_from(sorted(self.tasks)))
+        task_id = data.draw(st.sampled_from(list(self.tasks)))
         m = self.tasks[task_id]
         failed = any(j["state"] == "failed" for j in m["jobs"].values())
         if m["state"] in ("done", "finalizing"):
