@@ -10,10 +10,13 @@ never read as rich markup or emoji, and never wrapped when the output is not a t
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -71,15 +74,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
+_age = views.duration
 
 
 def _when(t: float) -> str:
@@ -280,11 +275,10 @@ def status(args: Sequence[str], as_json: bool) -> None:
     if rest:
         _status_one(database, rest[0], as_json)
         return
-    active, finished = views.active_tasks(database), views.finished_tasks(database)
     if as_json:
-        _emit_json({"database": database.path, "tasks": [p.as_dict() for p in active],
-                    "finished": [p.as_dict() for p in finished]})
+        _emit_json(views.status_doc(database))
         return
+    active, finished = views.active_tasks(database), views.finished_tasks(database)
     now = time.time()
     if not active and not finished:
         say("No active tasks.")
@@ -303,15 +297,14 @@ def status(args: Sequence[str], as_json: bool) -> None:
 
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:
+    if as_json:
+        _emit_json(views.task_doc(database, task_id))
+        return
     p = views.progress(database, task_id)
     chain = views.finalizers(database, task_id)
     fails = views.failures(database, task_id)
     running = views.running_jobs(database, task_id)
     scheduled = views.scheduled_retries(database, task_id)
-    if as_json:
-        _emit_json({"task": p.as_dict(), "finalizers": chain, "failures": [f.as_dict() for f in fails],
-                    "running": [r.as_dict() for r in running], "scheduled": [s.as_dict() for s in scheduled]})
-        return
     now = time.time()
     say((p.task_id, "bold"), f"  {p.state}  {p.percent:.0f}%")
     say(f"  {_counts(p)}")
@@ -421,13 +414,13 @@ def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_js
     jobs whose automatic retry is scheduled (`retry` runs them now)."""
     db, _ = split_db(args, 0)
     database = _open(db)
+    if as_json:
+        _emit_json(views.failures_doc(database, task_id))
+        return
     if task_id is not None:
         views.progress(database, task_id)  # unknown id: a clear error
     fails = views.failures(database, task_id)
     scheduled = views.scheduled_retries(database, task_id)
-    if as_json:
-        _emit_json({"failures": [f.as_dict() for f in fails], "scheduled": [s.as_dict() for s in scheduled]})
-        return
     if not fails and not scheduled:
         say("No failed jobs.")
         return
@@ -492,10 +485,10 @@ def workers(args: Sequence[str], as_json: bool) -> None:
     """
     db, _ = split_db(args, 0)
     database = _open(db)
-    rows = views.workers(database)
     if as_json:
-        _emit_json({"workers": [w.as_dict() for w in rows]})
+        _emit_json(views.workers_doc(database))
         return
+    rows = views.workers(database)
     if not rows:
         say("No workers.")
         return
@@ -565,6 +558,90 @@ def check(args: Sequence[str], repair: bool, as_json: bool) -> None:
             say(f"{database.path}: ok after repair")
     if remaining:
         sys.exit(1)
+
+
+# -- web ------------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so that a taken port or an unknown host is a clear error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise click.UsageError(f"cannot listen on {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = " (is another `litemultistep web` running? pick another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise click.UsageError(f"cannot listen on {host} port {port}: {e.strerror}{hint}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+@cli.command(context_settings=CONTEXT)
+@_db_then("")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="LITEMULTISTEP_WEB_HOST", show_envvar=True,
+              help="Address to listen on. Anything but a loopback address needs --password.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8023, show_default=True,
+              envvar="LITEMULTISTEP_WEB_PORT", show_envvar=True, help="Port to listen on (0: any free port).")
+@click.option("--allow-actions", is_flag=True, help="Offer retry and nuke buttons (POST with a CSRF token). "
+                                                     "Default: the page only reads.")
+@click.option("--password", envvar="LITEMULTISTEP_WEB_PASSWORD", show_envvar=True, metavar="TEXT",
+              help="Ask every visitor for this password (HTTP basic authentication, any user name); "
+                   "prefer the variable, which other users cannot see in the process list.")
+@click.option("--refresh", type=PositiveSeconds(), default=1.0, show_default=True,
+              help="Seconds between a visible page's live updates.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def web(args: Sequence[str], host: str, port: int, allow_actions: bool, password: str | None, refresh: float,
+        verbose: bool) -> None:
+    """Serve a web page on DB: tasks with live progress bars, each task's finalization chain and
+    failures with tracebacks, failures across tasks, workers; and a JSON API (/api/tasks,
+    /api/tasks/TASK_ID, /api/failures, /api/workers) with the shapes of --json.
+
+    Nothing is written by looking. Needs the web extra: pip install 'litemultistep[web]'.
+    """
+    db, _ = split_db(args, 0)
+    try:
+        import uvicorn
+
+        from . import web as web_page
+    except ImportError as e:
+        raise click.UsageError(f"the web page needs the web extra: pip install 'litemultistep[web]' ({e})") from None
+    loopback = _is_loopback(host)
+    if not loopback and not password:
+        raise click.UsageError(f"--host {host} lets other machines reach the page: give --password (or set "
+                               "LITEMULTISTEP_WEB_PASSWORD), or listen on 127.0.0.1")
+    _setup_logging(verbose)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = logging.getLogger("litemultistep").handlers
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+        logger.propagate = False
+    database = _open(db)
+    page = web_page.app(database, allow_actions=allow_actions, password=password, refresh=refresh,
+                        allowed_hosts=[*web_page.LOOPBACK_HOSTS, host] if loopback and not password else None)
+    sock = _listen(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    err.print(f"Serving {database.path} at http://{shown}:{bound}/ "
+              f"({'actions on' if allow_actions else 'read-only'}{', password required' if password else ''}); "
+              "Ctrl-C stops.")
+    config = uvicorn.Config(page, log_config=None, access_log=verbose, lifespan="off",
+                            timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 #: set by a worker that has finished all its work: the process may end without tearing down the

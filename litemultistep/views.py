@@ -88,6 +88,18 @@ class Progress:
         return d
 
 
+def duration(seconds: float) -> str:
+    """A duration for people, to the second: ``42s``, ``3m5s``, ``2h10m``, ``4d3h``."""
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s}s"
+
+
 def _progress_from_row(row: tuple[Any, ...]) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
      created_at, scheduled, keep, results, reported_done, reported_total) = row
@@ -174,19 +186,33 @@ def job_state(db: Database, job_id: int) -> tuple[str, int, str | None] | None:
     return JobState(row[0]).name.lower(), row[1], row[2]
 
 
-def active_tasks(db: Any = None) -> list[Progress]:
-    """Every task that has not finished, oldest first (``db``: a path, a Database, or the default)."""
+def _page(limit: int | None, offset: int) -> str:
+    return "" if limit is None else f" LIMIT {int(limit)} OFFSET {int(offset)}"
+
+
+def active_tasks(db: Any = None, limit: int | None = None, offset: int = 0) -> list[Progress]:
+    """Every task that has not finished, oldest first (``db``: a path, a Database, or the default);
+    with ``limit``, that many from ``offset`` on."""
     db = resolve_db(db)
-    rows = db.connection().execute(f"SELECT {_TASK_COLUMNS} FROM task ORDER BY created_at, id").fetchall()
+    rows = db.connection().execute(
+        f"SELECT {_TASK_COLUMNS} FROM task ORDER BY created_at, id{_page(limit, offset)}").fetchall()
     return [_progress_from_row(r) for r in rows]
 
 
-def finished_tasks(db: Any = None) -> list[Progress]:
+def task_counts(db: Any = None) -> tuple[int, int]:
+    """How many tasks are unfinished, and how many finished tasks' summaries are kept."""
+    db = resolve_db(db)
+    row = db.connection().execute(
+        "SELECT (SELECT count(*) FROM task), (SELECT count(*) FROM finished_task)").fetchone()
+    return int(row[0]), int(row[1])
+
+
+def finished_tasks(db: Any = None, limit: int | None = None, offset: int = 0) -> list[Progress]:
     """Summaries of recently finished tasks, newest first."""
     db = resolve_db(db)
     rows = db.connection().execute(
         "SELECT task_id, slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
-        "ORDER BY finished_at DESC").fetchall()
+        f"ORDER BY finished_at DESC, task_id{_page(limit, offset)}").fetchall()
     return [Progress(t, s, "finished", True, n, f, n + f, 0, 0, 0, c, fin) for t, s, n, f, c, fin in rows]
 
 
@@ -209,16 +235,35 @@ class FailureInfo:
         return asdict(self)
 
 
-def failures(db: Any = None, task_id: str | None = None) -> list[FailureInfo]:
-    """Jobs that are failed now (not retried since), each with its last failure, oldest first."""
+def failures(db: Any = None, task_id: str | None = None, exc_type: str | None = None,
+             limit: int | None = None, offset: int = 0) -> list[FailureInfo]:
+    """Jobs that are failed now (not retried since), each with its last failure, oldest first; only
+    ``task_id``'s, only those whose exception is ``exc_type``, with ``limit`` that many from ``offset``."""
     db = resolve_db(db)
-    where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    where, params = "", []
+    if task_id is not None:
+        where, params = " AND t.task_id = ?", [task_id]
+    if exc_type is not None:
+        where, params = where + " AND f.exc_type = ?", [*params, exc_type]
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
         "f.failed_at FROM job j JOIN task t ON t.id = j.task "
         "JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
-        f"WHERE j.state = ?{where} ORDER BY f.failed_at, j.id", (JobState.FAILED, *params)).fetchall()
+        f"WHERE j.state = ?{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
+        (JobState.FAILED, *params)).fetchall()
     return [FailureInfo(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
+
+
+def failure_kinds(db: Any = None, task_id: str | None = None) -> list[tuple[str, int]]:
+    """The exception types of the jobs failed now, each with how many, commonest first."""
+    db = resolve_db(db)
+    where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    rows = db.connection().execute(
+        "SELECT f.exc_type, count(*) FROM job j JOIN task t ON t.id = j.task "
+        "JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
+        f"WHERE j.state = ?{where} GROUP BY f.exc_type ORDER BY count(*) DESC, f.exc_type",
+        (JobState.FAILED, *params)).fetchall()
+    return [(exc, int(n)) for exc, n in rows]
 
 
 def finalizers(db: Database, task_id: str) -> list[dict[str, Any]]:
@@ -323,3 +368,42 @@ def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:
         alive = wid not in dead
         out.append(WorkerInfo(wid, pid, host, kind, queues, started, beat, expires, alive, jobs, concurrency))
     return out
+
+
+# -- the documents of ``--json`` and the web API (shapes in docs/cli.md) ----------------------------
+
+
+def status_doc(db: Database, limit: int | None = None, offset: int = 0,
+               finished_limit: int | None = None) -> dict[str, Any]:
+    """``status --json``: the unfinished tasks (with ``limit``, a page of them) and the kept
+    summaries of finished ones."""
+    return {"database": db.path,
+            "tasks": [p.as_dict() for p in active_tasks(db, limit, offset)],
+            "finished": [p.as_dict() for p in finished_tasks(db, finished_limit)]}
+
+
+def task_doc(db: Database, task_id: str) -> dict[str, Any]:
+    """``status DB TASK_ID --json``: one task, its finalization chain, failures, running jobs and
+    scheduled retries. Raises :class:`NoSuchMultiStepTask` for an unknown id."""
+    p = progress(db, task_id)
+    return {"task": p.as_dict(), "finalizers": finalizers(db, task_id),
+            "failures": [f.as_dict() for f in failures(db, task_id)],
+            "running": [r.as_dict() for r in running_jobs(db, task_id)],
+            "scheduled": [s.as_dict() for s in scheduled_retries(db, task_id)]}
+
+
+def failures_doc(db: Database, task_id: str | None = None, exc_type: str | None = None,
+                 limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+    """``failed --json``: failed jobs (filtered as :func:`failures` does) and scheduled retries."""
+    if task_id is not None:
+        progress(db, task_id)  # an unknown id is an error, not an empty list
+    scheduled = scheduled_retries(db, task_id)
+    if exc_type is not None:
+        scheduled = [s for s in scheduled if s.exc_type == exc_type]
+    return {"failures": [f.as_dict() for f in failures(db, task_id, exc_type, limit, offset)],
+            "scheduled": [s.as_dict() for s in scheduled]}
+
+
+def workers_doc(db: Database) -> dict[str, Any]:
+    """``workers --json``: every registered worker, alive or not, and the jobs each holds."""
+    return {"workers": [w.as_dict() for w in workers(db)]}

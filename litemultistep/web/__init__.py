@@ -1,0 +1,368 @@
+"""The web page: tasks with live progress bars, one task in detail, failures, workers, and a JSON API.
+
+``litemultistep web DB`` serves it; :func:`app` gives the same as an ASGI application to mount in
+your own (Starlette, FastAPI, or any ASGI server). Needs the ``web`` extra:
+``pip install 'litemultistep[web]'``.
+
+Pages are rendered on the server from the documents of the JSON API (the CLI's ``--json`` shapes,
+docs/cli.md), every piece of user text escaped by the template engine. While a tab is visible its
+script fetches the page again every ``refresh`` seconds and changes only the parts that differ; no
+script builds HTML from data. Reading changes nothing in the database. Actions (retry, nuke) exist
+only with ``allow_actions``: POST, with the page's CSRF token, from the page's own origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import quote, urlencode
+
+try:
+    import jinja2
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+    from starlette.templating import Jinja2Templates
+    from starlette.types import ASGIApp, Receive, Scope, Send
+except ImportError as e:  # pragma: no cover - depends on what is installed
+    raise ImportError(f"the web page needs the web extra: pip install 'litemultistep[web]' ({e})") from e
+
+from .. import engine, views
+from ..config import resolve_db
+from ..db import Database
+from ..errors import LiteMultiStepError, NoSuchMultiStepTask
+
+__all__ = ["app", "LOOPBACK_HOSTS"]
+
+#: Host header names a server bound to a loopback address answers to: a page of another site that
+#: points its own name at 127.0.0.1 (DNS rebinding) is refused.
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
+
+#: tasks per page on the tasks page, failures per page on the failures page
+TASKS_PAGE = 50
+FAILURES_PAGE = 100
+#: finished tasks shown under the active ones
+FINISHED_SHOWN = 20
+
+_SECURITY_HEADERS = {
+    # nothing but this site's own script and style; no inline script at all
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+
+
+class _Documents:
+    """The documents pages and the API read, each computed at most once per ``ttl`` seconds however
+    many pages ask: twenty open tabs cost the database what one does."""
+
+    def __init__(self, db: Database, ttl: float) -> None:
+        self.db = db
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and now - hit[0] < self.ttl:
+                return hit[1]
+        value = make()
+        with self._lock:
+            if len(self._cache) > 256:  # many distinct pages asked once: forget them
+                self._cache = {k: v for k, v in self._cache.items() if now - v[0] < self.ttl}
+            self._cache[key] = (now, value)
+        return value
+
+    def forget(self) -> None:
+        """After an action: the next read sees its effect."""
+        with self._lock:
+            self._cache.clear()
+
+
+def _int(request: Request, name: str, default: int | None, least: int = 0) -> int | None:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise HTTPException(400, f"{name} must be a whole number of at least {least}, not {text!r}")
+    return value
+
+
+def _text(request: Request, name: str) -> str | None:
+    return request.query_params.get(name) or None
+
+
+def _task_url(base: str, task_id: str) -> str:
+    return f"{base}/tasks/{quote(task_id, safe='')}"
+
+
+class _BasicAuth:
+    """Every request needs the password (any user name): for a server others can reach."""
+
+    def __init__(self, app: ASGIApp, password: str) -> None:
+        self.app = app
+        self.password = password.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._allowed(scope):
+            response = PlainTextResponse("This page needs its password.", status_code=401,
+                                         headers={"WWW-Authenticate": 'Basic realm="litemultistep", charset="UTF-8"'})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, encoded = value.partition(b" ")
+                if scheme.lower() != b"basic":
+                    return False
+                try:
+                    _, _, given = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+                except (binascii.Error, ValueError):
+                    return False
+                return hmac.compare_digest(given, self.password)
+        return False
+
+
+class _Headers:
+    """The security headers on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in _SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def app(db: Any = None, *, allow_actions: bool = False, password: str | None = None, refresh: float = 1.0,
+        allowed_hosts: Sequence[str] | None = None) -> Starlette:
+    """The web page on ``db`` (a path, a URL, a :class:`~litemultistep.Database`, or the configured
+    default) as an ASGI application.
+
+    :param allow_actions: offer retry and nuke buttons (POST with a CSRF token, same origin only);
+        without it the page only reads.
+    :param password: if given, every request needs it (HTTP basic authentication, any user name).
+    :param refresh: seconds between a visible page's updates.
+    :param allowed_hosts: Host header names to answer to (default: any); ``litemultistep web`` on a
+        loopback address passes :data:`LOOPBACK_HOSTS`.
+    """
+    database = resolve_db(db)
+    if refresh <= 0:
+        raise ValueError(f"refresh must be a positive number of seconds, not {refresh!r}")
+    documents = _Documents(database, ttl=min(refresh / 2, 1.0))
+    csrf = secrets.token_urlsafe(32)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("litemultistep.web", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters["duration"] = views.duration
+    env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    env.filters["number"] = lambda n: f"{n:,}" if isinstance(n, int) else f"{n:g}"
+    env.globals["task_url"] = _task_url
+    templates = Jinja2Templates(env=env)
+
+    def _failure_total() -> int | None:
+        try:
+            return documents.get(("failure-total",), lambda: sum(n for _, n in views.failure_kinds(database)))
+        except LiteMultiStepError:  # the page says what went wrong; the count is left out
+            return None
+
+    def page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+        base = request.scope.get("root_path", "")
+        context.update(base=base, database=database.path, allow_actions=allow_actions, csrf=csrf,
+                       refresh_ms=int(refresh * 1000), now=time.time(), path=request.url.path,
+                       failure_total=_failure_total(),
+                       notice=_notice(request))
+        return templates.TemplateResponse(request, name, context, status_code=status_code,
+                                          headers={"Cache-Control": "no-store"})
+
+    # -- pages ------------------------------------------------------------------------------------
+
+    def tasks_page(request: Request) -> Response:
+        number = _int(request, "page", 1, least=1) or 1
+        active, finished = documents.get(("counts",), lambda: views.task_counts(database))
+        last = max(1, -(-active // TASKS_PAGE))
+        number = min(number, last)
+        doc = documents.get(("tasks", number), lambda: views.status_doc(
+            database, TASKS_PAGE, (number - 1) * TASKS_PAGE, FINISHED_SHOWN))
+        return page(request, "tasks.html", doc=doc, page_number=number, last_page=last, active_count=active,
+                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE)
+
+    def task_page(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        try:
+            doc = documents.get(("task", task_id), lambda: views.task_doc(database, task_id))
+        except NoSuchMultiStepTask as e:
+            return page(request, "missing.html", status_code=404, task_id=task_id, message=str(e))
+        return page(request, "task.html", doc=doc, task_id=task_id)
+
+    def failures_page(request: Request) -> Response:
+        task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
+        number = _int(request, "page", 1, least=1) or 1
+        try:
+            doc = documents.get(("failures", task_id, exc_type, number), lambda: views.failures_doc(
+                database, task_id, exc_type, FAILURES_PAGE + 1, (number - 1) * FAILURES_PAGE))
+        except NoSuchMultiStepTask as e:
+            return page(request, "missing.html", status_code=404, task_id=task_id, message=str(e))
+        more = len(doc["failures"]) > FAILURES_PAGE
+        kinds = documents.get(("kinds", task_id), lambda: views.failure_kinds(database, task_id))
+        query = {k: v for k, v in (("task", task_id), ("exc_type", exc_type)) if v}
+        return page(request, "failures.html", failures=doc["failures"][:FAILURES_PAGE],
+                    scheduled=doc["scheduled"], kinds=kinds, task_id=task_id, exc_type=exc_type,
+                    page_number=number, more=more, query=query, urlencode=urlencode,
+                    first_index=(number - 1) * FAILURES_PAGE)
+
+    def workers_page(request: Request) -> Response:
+        doc = documents.get(("workers",), lambda: views.workers_doc(database))
+        running = documents.get(("running",), lambda: {r.job_id: r.as_dict() for r in views.running_jobs(database)})
+        return page(request, "workers.html", workers=doc["workers"], running=running)
+
+    # -- the JSON API (the CLI's --json documents) --------------------------------------------------
+
+    def api_tasks(request: Request) -> Response:
+        limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
+        doc = documents.get(("api-tasks", limit, offset), lambda: views.status_doc(database, limit, offset))
+        return JSONResponse(doc)
+
+    def api_task(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        return JSONResponse(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
+
+    def api_failures(request: Request) -> Response:
+        task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
+        limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
+        return JSONResponse(documents.get(("api-failures", task_id, exc_type, limit, offset),
+                                          lambda: views.failures_doc(database, task_id, exc_type, limit, offset)))
+
+    def api_workers(request: Request) -> Response:
+        return JSONResponse(documents.get(("workers",), lambda: views.workers_doc(database)))
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    async def action(request: Request) -> Response:
+        if not allow_actions:
+            raise HTTPException(403, "actions are off: start the page with --allow-actions "
+                                     "(or app(..., allow_actions=True)) to retry or remove from it")
+        _same_origin(request)
+        form = await request.form()
+        if not hmac.compare_digest(str(form.get("csrf", "")), csrf):
+            raise HTTPException(403, "this form's CSRF token is missing or stale: reload the page and try again")
+        base = request.scope.get("root_path", "")
+        what = request.path_params["what"]
+        task_id = str(form.get("task_id", ""))
+        if what == "retry-job":
+            job = str(form.get("job_id", ""))
+            if not job.isdigit():
+                raise HTTPException(400, f"a job id is a whole number, not {job!r}")
+            ids = await run_in_threadpool(engine.retry_jobs, database, [int(job)])
+            done = {"done": "retried", "n": len(ids)}
+        elif what == "retry-task":
+            ids = await run_in_threadpool(engine.retry_task, database, task_id)
+            done = {"done": "retried", "n": len(ids)}
+        elif what == "nuke":
+            await run_in_threadpool(_nuke, database, task_id)
+            documents.forget()
+            return RedirectResponse(f"{base}/?{urlencode({'done': 'nuked', 'task': task_id})}", status_code=303)
+        else:
+            raise HTTPException(404, f"no action {what!r}")
+        documents.forget()
+        back = str(form.get("back", ""))
+        if not back.startswith(base + "/") or back.startswith("//") or "\\" in back:
+            back = _task_url(base, task_id) if task_id else f"{base}/"
+        sep = "&" if "?" in back else "?"
+        return RedirectResponse(f"{back}{sep}{urlencode(done)}", status_code=303)
+
+    # -- errors -------------------------------------------------------------------------------------
+
+    def error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):
+            status, message = exc.status_code, str(exc.detail)
+        elif isinstance(exc, NoSuchMultiStepTask):
+            status, message = 404, str(exc)
+        else:
+            status, message = 503, str(exc)
+        if request.url.path.startswith(request.scope.get("root_path", "") + "/api/") or request.method == "POST":
+            if request.method == "POST":
+                return PlainTextResponse(message + "\n", status_code=status)
+            return JSONResponse({"error": message}, status_code=status)
+        return page(request, "error.html", status_code=status, message=message, status=status)
+
+    routes = [
+        Route("/", tasks_page),
+        Route("/tasks/{task_id:path}", task_page),
+        Route("/failures", failures_page),
+        Route("/workers", workers_page),
+        Route("/api/tasks", api_tasks),
+        Route("/api/tasks/{task_id:path}", api_task),
+        Route("/api/failures", api_failures),
+        Route("/api/workers", api_workers),
+        Route("/actions/{what}", action, methods=["POST"]),
+        Mount("/static", StaticFiles(packages=[("litemultistep.web", "static")]), name="static"),
+    ]
+    middleware = [Middleware(_Headers)]
+    if password:
+        middleware.append(Middleware(_BasicAuth, password=password))
+    if allowed_hosts is not None:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+    web = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: error, LiteMultiStepError: error})
+    web.state.database = database
+    return web
+
+
+def _notice(request: Request) -> str | None:
+    """What an action just did, for the page it went back to (from a fixed set of phrases)."""
+    done = request.query_params.get("done")
+    if done == "retried":
+        n = request.query_params.get("n", "0")
+        return "No failed jobs to retry." if n == "0" else f"Requeued {n} job{'s' if n != '1' else ''}."
+    if done == "nuked":
+        return f"Removed {request.query_params.get('task', 'the task')}."
+    return None
+
+
+def _same_origin(request: Request) -> None:
+    """A browser names the page a POST comes from: it must be this site. (A client that names
+    none, such as curl, still needs the token.)"""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is None:
+        return
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    if origin != own and not origin.startswith(own + "/"):
+        raise HTTPException(403, f"refused: this POST comes from {origin}, not from this page ({own})")
+
+
+def _nuke(database: Database, task_id: str) -> None:
+    if views.progress(database, task_id).finished:
+        engine.delete_finished(database, task_id)
+    else:
+        engine.delete_task(database, task_id)
