@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -42,7 +43,7 @@ except ImportError as e:  # pragma: no cover - depends on what is installed
 from .. import engine, views
 from ..config import resolve_db
 from ..db import Database
-from ..errors import LiteMultiStepError, NoSuchMultiStepTask
+from ..errors import DatabaseUnusable, LiteMultiStepError, NoSuchJob, NoSuchMultiStepTask
 
 __all__ = ["app", "LOOPBACK_HOSTS"]
 
@@ -187,6 +188,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     env.filters["duration"] = views.duration
     env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
     env.filters["number"] = lambda n: f"{n:,}" if isinstance(n, int) else f"{n:g}"
+    env.filters["arguments"] = _arguments
     env.globals["task_url"] = _task_url
     templates = Jinja2Templates(env=env)
 
@@ -306,13 +308,13 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     def error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
             status, message = exc.status_code, str(exc.detail)
-        elif isinstance(exc, NoSuchMultiStepTask):
+        elif isinstance(exc, (NoSuchMultiStepTask, NoSuchJob)):
             status, message = 404, str(exc)
-        else:
+        elif isinstance(exc, DatabaseUnusable):
             status, message = 503, str(exc)
-        if request.url.path.startswith(request.scope.get("root_path", "") + "/api/") or request.method == "POST":
-            if request.method == "POST":
-                return PlainTextResponse(message + "\n", status_code=status)
+        else:  # an action that no longer applies: the job is not failed any more, say
+            status, message = 409, str(exc)
+        if request.url.path.startswith(request.scope.get("root_path", "") + "/api/"):
             return JSONResponse({"error": message}, status_code=status)
         return page(request, "error.html", status_code=status, message=message, status=status)
 
@@ -337,6 +339,17 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
                     exception_handlers={HTTPException: error, LiteMultiStepError: error})
     web.state.database = database
     return web
+
+
+def _arguments(stored: str) -> str:
+    """A job's stored ``[args, kwargs]`` JSON as a call's argument list: ``("a", 2, key=true)``."""
+    try:
+        args, kwargs = json.loads(stored)
+        parts = [json.dumps(a, ensure_ascii=False) for a in args]
+        parts += [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in kwargs.items()]
+    except (ValueError, TypeError, AttributeError):
+        return stored
+    return f"({', '.join(parts)})"
 
 
 def _notice(request: Request) -> str | None:

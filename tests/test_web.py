@@ -1,0 +1,512 @@
+"""The web page: a real `litemultistep web` process, real workers, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jobfuncs
+import pytest
+from conftest import LMS, cli, env_for_workers, is_pg, wait_for
+
+from litemultistep import MultiStepTask
+
+pytest.importorskip("starlette", reason="the web page needs the web extra: pip install -e '.[test,web]'")
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM = os.environ.get("LITEMULTISTEP_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+#: where the screenshots of each page go, to be looked at
+SHOTS = Path(os.environ.get("LITEMULTISTEP_SCREENSHOTS") or Path(__file__).resolve().parent.parent / "screenshots")
+XSS = '<script>window.__xss=1</script>"><img src=x onerror="window.__xss=2">[bold]{{7*7}}\U0001F389'
+
+
+class Server:
+    """A `litemultistep web` process as a user starts it, on a free port."""
+
+    def __init__(self, tmp: Path, db: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = tmp / f"web-{time.monotonic_ns()}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([LMS, "web", db, "--port", "0", *args], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env or env_for_workers(),
+                                         start_new_session=True)
+        found: list[str] = []
+
+        def started() -> bool:
+            m = re.search(r"at (http://\S+/) ", self.log_path.read_text())
+            if m:
+                found.append(m.group(1).rstrip("/"))
+            assert self.proc.poll() is None, self.log_path.read_text()
+            return bool(found)
+
+        wait_for(started, 20, "the web server to start")
+        self.url = found[0]
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, Any]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, r.read().decode(), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), e.headers
+
+    def post(self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str]:
+        body = "&".join(f"{quote(k)}={quote(v)}" for k, v in fields.items()).encode()
+        request = urllib.request.Request(self.url + path, data=body, method="POST", headers={
+            "Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any) -> None:
+                return None
+
+        try:
+            with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def api(self, path: str) -> Any:
+        status, body, _ = self.get(path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    servers: list[Server] = []
+
+    def start(db: str, *args: str, env: dict[str, str] | None = None) -> Server:
+        servers.append(Server(tmp_path, db, *args, env=env))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the browser tests need Playwright: pip install -e '.[test,web]'")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"the browser tests need Chromium at {CHROMIUM}: apt-get install chromium (Debian), "
+                    "or point LITEMULTISTEP_TEST_CHROMIUM at a Chromium binary")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.accept()))
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
+def shot(pg: Any, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def until(pg: Any, predicate: Any, timeout: float, what: str) -> None:
+    """Wait for ``predicate``, letting the browser's events in meanwhile (a plain sleep holds them)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        pg.wait_for_timeout(30)
+
+
+def task_url(server: Server, task_id: str) -> str:
+    return f"{server.url}/tasks/{quote(task_id, safe='')}"
+
+
+def percent(pg: Any) -> float:
+    return float(pg.get_attribute("main .bar", "aria-valuenow"))
+
+
+def test_progress_moves_and_reaches_100_without_a_reload(db, tmp_path, serve, spawn, page, log_path):
+    task = MultiStepTask.create("live bar", db=db)
+    for i in range(16):
+        task.add_job(jobfuncs.slow_record, log_path, str(i), 0.15)
+    task.add_finalization_job(jobfuncs.record, log_path, "final")
+    task.mark_finalizable()
+    server = serve(db, "--refresh", "0.2")
+    page.goto(task_url(server, task.task_id))
+    page.evaluate("window.__loaded_once = true")
+    assert percent(page) == 0
+    shot(page, "task-queued")
+    spawn(db, "-c", "2")
+    seen = set()
+    deadline = time.monotonic() + 60
+    while page.locator("main .task-title .state").inner_text() != "finished":
+        seen.add(percent(page))
+        assert time.monotonic() < deadline, f"the page never showed the task finished; saw {sorted(seen)}"
+        page.wait_for_timeout(50)
+    assert page.evaluate("window.__loaded_once") is True  # the same document: updated, not reloaded
+    assert any(0 < p < 100 for p in seen), sorted(seen)
+    assert percent(page) == 100
+    assert page.errors == []
+    shot(page, "task-finished")
+
+
+def test_tasks_page_lists_tasks_live_and_pages_them(db, serve, spawn, page, log_path):
+    tasks = [MultiStepTask.create(f"batch {i}", db=db) for i in range(3)]
+    for t in tasks:
+        for _ in range(4):
+            t.add_job(jobfuncs.slow_record, log_path, t.task_id, 0.1)
+        t.mark_finalizable()
+    server = serve(db, "--refresh", "0.2")
+    page.goto(server.url + "/")
+    rows = page.locator("table.tasks:not(.finished) tbody tr")
+    assert rows.count() == 3 and [rows.nth(i).get_attribute("data-key") for i in range(3)] == \
+        [t.task_id for t in tasks]
+    late = MultiStepTask.create("added later", db=db)
+    late.add_job(jobfuncs.record, log_path, "late")
+    late.mark_finalizable()
+    page.wait_for_selector(f"tr[data-key='{late.task_id}']", timeout=10_000)
+    shot(page, "tasks")
+    spawn(db, "-c", "2")
+    page.wait_for_selector("table.tasks.finished tbody tr:nth-child(4)", timeout=30_000)
+    assert page.locator("main").inner_text().count("No active tasks.") == 1
+    shot(page, "tasks-finished")
+
+
+def test_a_failure_appears_with_its_traceback_and_retry_finishes_the_task(db, tmp_path, serve, spawn, page,
+                                                                          log_path):
+    marker = str(tmp_path / "marker")
+    task = MultiStepTask.create("fails once", db=db)
+    task.add_job(jobfuncs.record, log_path, "a")
+    task.add_job(jobfuncs.fail_once, marker, XSS)
+    task.add_finalization_job(jobfuncs.record, log_path, "final")
+    task.mark_finalizable()
+    server = serve(db, "--allow-actions", "--refresh", "0.2")
+    page.goto(task_url(server, task.task_id))
+    spawn(db)
+    page.wait_for_selector("article.failure", timeout=20_000)
+    failure = page.locator("article.failure")
+    assert failure.locator(".exc").inner_text() == "ValueError"
+    assert failure.locator("pre.message").inner_text() == XSS
+    failure.locator("summary").click()
+    traceback = failure.locator("pre.traceback")
+    assert traceback.is_visible()
+    assert "Traceback (most recent call last)" in traceback.inner_text()
+    assert "raise ValueError(message)" in traceback.inner_text()
+    page.wait_for_timeout(500)  # live updates go on and keep the traceback open
+    assert traceback.is_visible()
+    assert page.locator("main .task-title .state").inner_text() == "blocked"
+    shot(page, "task-failed")
+    page.get_by_role("button", name="Retry all failed jobs").click()
+    page.wait_for_selector("p.notice", timeout=10_000)
+    assert page.locator("p.notice").inner_text() == "Requeued 1 job."
+    until(page, lambda: page.locator("main .task-title .state").inner_text() == "finished", 30,
+          "the task to finish")
+    assert page.locator("article.failure").count() == 0
+    assert sorted(line.split()[0] for line in Path(log_path).read_text().splitlines()) == ["a", "final"]
+    assert page.evaluate("window.__xss") is None
+
+
+def test_retry_one_job_and_nuke_from_the_page(db, tmp_path, serve, spawn, page, log_path):
+    task = MultiStepTask.create("to be nuked", db=db)
+    task.add_job(jobfuncs.boom, "no luck")
+    task.mark_finalizable()
+    server = serve(db, "--allow-actions", "--refresh", "0.2")
+    worker = spawn(db)
+    wait_for(lambda: task.failed_count == 1, 20, "the job to fail")
+    page.goto(server.url + "/failures")
+    page.get_by_role("button", name="Retry").click()
+    page.wait_for_selector("p.notice")
+    assert page.locator("p.notice").inner_text() == "Requeued 1 job."
+    assert page.url.startswith(server.url + "/failures")
+    wait_for(lambda: len(task.failures()) == 1 and task.failures()[0].attempt == 2, 20, "the second failure")
+    worker.kill()
+    page.goto(task_url(server, task.task_id))
+    page.get_by_role("button", name="Nuke task").click()
+    assert page.dialogs and "cannot be undone" in page.dialogs[0]
+    page.wait_for_selector("p.notice")
+    assert page.locator("p.notice").inner_text() == f"Removed {task.task_id}."
+    assert page.url.split("?")[0] == server.url + "/"
+    assert cli("status", db, task.task_id).returncode == 1
+
+
+def test_read_only_by_default_no_buttons_and_posts_refused(db, serve, spawn, page):
+    task = MultiStepTask.create("read only", db=db)
+    task.add_job(jobfuncs.boom)
+    task.mark_finalizable()
+    spawn(db, "--burst").wait(30)
+    server = serve(db)
+    for path in ("/", "/failures", "/workers", "/tasks/" + quote(task.task_id, safe="")):
+        page.goto(server.url + path)
+        assert page.locator("main form[method=post], form.action").count() == 0, path
+        assert page.locator(".mode").inner_text() == "read-only"
+    status, body = server.post("/actions/retry-task", {"task_id": task.task_id, "csrf": "x"})
+    assert status == 403 and "--allow-actions" in body
+    assert task.failed_count == 1
+
+
+def test_forged_posts_are_refused(db, serve, spawn, page):
+    task = MultiStepTask.create("forged", db=db)
+    task.add_job(jobfuncs.boom)
+    task.mark_finalizable()
+    spawn(db, "--burst").wait(30)
+    server = serve(db, "--allow-actions")
+    _, html, _ = server.get("/tasks/" + quote(task.task_id, safe=""))
+    token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    fields = {"task_id": task.task_id}
+    status, body = server.post("/actions/retry-task", fields)
+    assert status == 403 and "CSRF token" in body
+    assert server.post("/actions/retry-task", {**fields, "csrf": token + "x"})[0] == 403
+    status, body = server.post("/actions/retry-task", {**fields, "csrf": token},
+                               headers={"Origin": "http://evil.example"})
+    assert status == 403 and "evil.example" in body
+    assert server.get("/actions/retry-task")[0] == 405  # never on GET
+    assert task.failed_count == 1
+    # a page of another origin (here about:blank, Origin: null) posting a form to the server, as a
+    # malicious site would, with a stolen-looking token even
+    page.set_content(f'<form method="post" action="{server.url}/actions/nuke">'
+                     f'<input name="task_id" value="{task.task_id}"><input name="csrf" value="{token}">'
+                     '<button>go</button></form>')
+    with page.expect_navigation():
+        page.click("button")
+    assert "refused" in page.content()
+    assert task.failed_count == 1
+    status, _ = server.post("/actions/retry-task", {**fields, "csrf": token}, headers={"Origin": server.url})
+    assert status == 303
+    assert task.failed_count == 0
+    status, body = server.post("/actions/retry-job", {"job_id": "987654", "csrf": token})
+    assert status == 404 and "987654" in body
+
+
+def test_user_text_stays_text_on_every_page(db, tmp_path, serve, spawn, page):
+    task = MultiStepTask.create(XSS, db=db)
+    task.add_job(jobfuncs.boom, XSS)
+    task.add_job(jobfuncs.slow_record, str(tmp_path / "log"), XSS, 60)
+    task.add_finalization_job(jobfuncs.record, str(tmp_path / "log"), XSS)
+    task.mark_finalizable()
+    spawn(db, "-c", "2")
+    wait_for(lambda: task.failed_count == 1 and task.progress().running_count == 1, 30, "a failure and a runner")
+    server = serve(db, "--allow-actions", "--refresh", "0.2")
+    pages = {"tasks": "/", "task": "/tasks/" + quote(task.task_id, safe=""),
+             "failures": "/failures?task=" + quote(task.task_id, safe=""), "workers": "/workers"}
+    for name, path in pages.items():
+        page.goto(server.url + path)
+        until(page, lambda: page.locator("[data-live-state]").inner_text().startswith("Live"), 10,
+              "a live update")  # it has run over the page too
+        assert page.evaluate("window.__xss") is None, name
+        assert page.locator("main img, main script").count() == 0, name
+        assert task.task_id in page.locator("main").inner_text(), name
+        shot(page, f"xss-{name}")
+    page.goto(server.url + pages["task"])
+    assert page.locator("pre.message").inner_text() == XSS
+    assert json.dumps(XSS, ensure_ascii=False) in page.locator("table.running").inner_text()
+    assert page.dialogs == [] and page.errors == []
+
+
+def test_updates_pause_while_the_tab_is_hidden(db, serve, page):
+    MultiStepTask.create("hidden", db=db).add_job(jobfuncs.noop)
+    server = serve(db, "--refresh", "0.1")
+    fetches: list[str] = []
+    page.on("request", lambda r: fetches.append(r.url) if r.headers.get("x-live") else None)
+    page.goto(server.url + "/")
+    until(page, lambda: len(fetches) >= 3, 10, "live updates")
+    page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    page.wait_for_timeout(300)
+    before = len(fetches)
+    page.wait_for_timeout(1000)
+    assert len(fetches) == before
+    assert page.locator("[data-live-state]").inner_text() == "Paused while this tab is hidden."
+    page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    until(page, lambda: len(fetches) >= before + 3, 10, "updates to resume")
+
+
+def test_workers_page_shows_what_each_worker_runs(db, tmp_path, serve, spawn, page):
+    task = MultiStepTask.create("long", db=db)
+    task.add_job(jobfuncs.slow_record, str(tmp_path / "log"), "x", 60)
+    task.mark_finalizable()
+    w = spawn(db)
+    wait_for(lambda: task.progress().running_count == 1, 20, "the job to start")
+    server = serve(db, "--refresh", "0.2")
+    page.goto(server.url + "/workers")
+    row = page.locator("table.workers tbody tr")
+    assert row.count() == 1
+    assert str(w.pid) in row.inner_text() and task.task_id in row.inner_text()
+    assert "alive" in row.inner_text()
+    shot(page, "workers")
+    os.killpg(w.pid, signal.SIGKILL)
+    w.wait(10)
+    page.wait_for_selector("table.workers tr.dead", timeout=10_000)
+    assert "dead" in page.locator("table.workers tbody tr").inner_text()
+
+
+# -- without a browser --------------------------------------------------------------------------------
+
+
+def _dump(db: str) -> list[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def test_api_has_the_shapes_of_the_cli_json(any_db, serve, spawn):
+    task = MultiStepTask.create("api [x] <b>", db=any_db, keep_results=True)
+    task.add_job(jobfuncs.noop)
+    task.add_job(jobfuncs.boom, "api failure")
+    task.add_finalization_job(jobfuncs.noop)
+    task.mark_finalizable()
+    spawn(any_db, "--burst").wait(30)
+    other = MultiStepTask.create("other", db=any_db)
+    other.add_job(jobfuncs.noop)
+    server = serve(any_db)
+
+    def json_of(*args: str) -> Any:
+        r = cli(*args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert server.api("/api/tasks") == json_of("status", any_db)
+    assert server.api("/api/tasks/" + quote(task.task_id, safe="")) == json_of("status", any_db, task.task_id)
+    assert server.api("/api/failures") == json_of("failed", any_db)
+    assert server.api("/api/failures?task=" + quote(task.task_id, safe="")) == \
+        json_of("failed", any_db, "--task", task.task_id)
+    assert server.api("/api/workers") == json_of("workers", any_db)
+    assert [t["task_id"] for t in server.api("/api/tasks?limit=1&offset=1")["tasks"]] == [other.task_id]
+    assert server.api("/api/failures?exc_type=RuntimeError")["failures"][0]["message"] == "api failure"
+    assert server.api("/api/failures?exc_type=KeyError")["failures"] == []
+    status, body, headers = server.get("/api/tasks/nope~12345678")
+    assert status == 404 and "no task 'nope~12345678'" in json.loads(body)["error"]
+    assert headers["content-type"] == "application/json"
+    status, body, _ = server.get("/api/tasks?limit=lots")
+    assert status == 400 and "limit must be a whole number" in json.loads(body)["error"]
+    if not is_pg(any_db):
+        before = _dump(any_db)
+        for path in ("/", "/failures", "/workers", "/tasks/" + quote(task.task_id, safe=""), "/api/tasks"):
+            assert server.get(path)[0] == 200
+        assert _dump(any_db) == before  # looking writes nothing
+
+
+def test_pages_answer_with_security_headers_and_a_404_for_an_unknown_task(db, serve):
+    MultiStepTask.create("x", db=db).add_job(jobfuncs.noop)
+    server = serve(db)
+    status, body, headers = server.get("/")
+    assert status == 200
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    status, body, _ = server.get("/tasks/" + quote("no <such> task~1", safe=""))
+    assert status == 404 and "no task &#39;no &lt;such&gt; task~1&#39;" in body
+    status, body, _ = server.get("/?page=zero")
+    assert status == 400 and "page must be a whole number" in body
+    assert server.get("/static/live.js")[0] == 200
+
+
+def test_another_host_name_is_refused_on_loopback(db, serve):
+    MultiStepTask.create("x", db=db)
+    server = serve(db)
+    assert server.get("/", headers={"Host": "evil.example"})[0] == 400  # DNS rebinding
+    assert server.get("/", headers={"Host": "localhost:1"})[0] == 200
+
+
+def test_other_addresses_need_a_password(db, serve):
+    MultiStepTask.create("x", db=db)
+    r = cli("web", db, "--host", "0.0.0.0", "--port", "0", timeout=20)
+    assert r.returncode == 2
+    assert "--password" in r.stderr and "Traceback" not in r.stderr
+    env = {**env_for_workers(), "LITEMULTISTEP_WEB_PASSWORD": "s3cret"}
+    server = serve(db, "--host", "0.0.0.0", env=env)
+    assert server.get("/")[0] == 401
+    assert server.get("/api/tasks")[0] == 401
+    wrong = base64.b64encode(b"me:nope").decode()
+    assert server.get("/", headers={"Authorization": f"Basic {wrong}"})[0] == 401
+    right = base64.b64encode(b"anyone:s3cret").decode()
+    assert server.get("/", headers={"Authorization": f"Basic {right}"})[0] == 200
+
+
+def test_web_errors_are_messages(db, tmp_path, serve):
+    r = cli("web", str(tmp_path / "missing.sqlite"), "--port", "0", timeout=20)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "missing.sqlite" in r.stderr
+    MultiStepTask.create("x", db=db)
+    server = serve(db)
+    port = server.url.rsplit(":", 1)[1]
+    r = cli("web", db, "--port", port, timeout=20)
+    assert r.returncode == 2 and f"port {port}" in r.stderr and "Traceback" not in r.stderr
+    assert server.stop() == -signal.SIGTERM  # stopped as by the signal, after a clean shutdown
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_the_app_mounts_in_another_asgi_application(db, tmp_path):
+    task = MultiStepTask.create("mounted", db=db)
+    script = tmp_path / "host.py"
+    script.write_text(f"""
+import socket, sys, uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
+import litemultistep.web
+outer = Starlette(routes=[Mount("/jobs", app=litemultistep.web.app({db!r}))])
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen()
+print(sock.getsockname()[1], flush=True)
+uvicorn.Server(uvicorn.Config(outer, log_level="warning")).run(sockets=[sock])
+""")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(LMS), "python"), str(script)], stdout=subprocess.PIPE,
+                            text=True, env=env_for_workers(), start_new_session=True)
+    try:
+        port = proc.stdout.readline().strip()
+        base = f"http://127.0.0.1:{port}/jobs"
+        wait_for(lambda: _answers(base + "/"), 20, "the mounted app")
+        with urllib.request.urlopen(base + "/", timeout=10) as r:
+            html = r.read().decode()
+        assert task.task_id in html
+        assert f'href="/jobs/tasks/{quote(task.task_id, safe="")}"' in html
+        assert 'src="/jobs/static/live.js"' in html
+        with urllib.request.urlopen(base + "/tasks/" + quote(task.task_id, safe=""), timeout=10) as r:
+            assert r.status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
