@@ -33,7 +33,7 @@ from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTo
 log = logging.getLogger("litemultistep")
 
 #: Schema version written to ``PRAGMA user_version``; an older file is upgraded, a newer one refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: ``PRAGMA application_id`` of our files ("LMS1"), so another program's database is recognised.
 APPLICATION_ID = 0x4C4D5331
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -193,6 +193,8 @@ INDEXES = [
     "CREATE INDEX job_task_state ON job (task, state)",
     "CREATE INDEX job_running ON job (worker) WHERE state = 2",
     "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
+    # a task's finalization chain without a pass over its (maybe millions of) normal jobs
+    "CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1",
 ]
 
 # One entry per schema version above 1: the statements that bring a file from version N-1 to N.
@@ -213,6 +215,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE job ADD COLUMN progress_done REAL",
         "ALTER TABLE job ADD COLUMN progress_total REAL",
     ],
+    4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
 }
 
 

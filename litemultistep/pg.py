@@ -132,6 +132,7 @@ SCHEMA = [
     "CREATE INDEX job_task_state ON job (task, state, id)",
     "CREATE INDEX job_running ON job (worker) WHERE state = 2",
     "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
+    "CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1",
     "CREATE TABLE litemultistep_schema (version INTEGER NOT NULL)",
 ]
 
@@ -144,6 +145,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE job ADD COLUMN progress_done DOUBLE PRECISION",
         "ALTER TABLE job ADD COLUMN progress_total DOUBLE PRECISION",
     ],
+    4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
 }
 
 #: the liveness clock: the server's, so workers on hosts with different clocks agree

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .config import resolve_db
@@ -83,7 +83,7 @@ class Progress:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status --json``: every field plus ``total_job_count``."""
-        d = asdict(self)
+        d = dict(self.__dict__)  # the fields are plain values: no deep copy needed (asdict's cost)
         d["total_job_count"] = self.total_job_count
         return d
 
@@ -194,8 +194,10 @@ def active_tasks(db: Any = None, limit: int | None = None, offset: int = 0) -> l
     """Every task that has not finished, oldest first (``db``: a path, a Database, or the default);
     with ``limit``, that many from ``offset`` on."""
     db = resolve_db(db)
-    rows = db.connection().execute(
-        f"SELECT {_TASK_COLUMNS} FROM task ORDER BY created_at, id{_page(limit, offset)}").fetchall()
+    # a page's ids first: the counting sub-selects then run for its rows only, not for every row
+    # the sort passes over
+    where = "" if limit is None else f" WHERE id IN (SELECT id FROM task ORDER BY created_at, id{_page(limit, offset)})"
+    rows = db.connection().execute(f"SELECT {_TASK_COLUMNS} FROM task{where} ORDER BY created_at, id").fetchall()
     return [_progress_from_row(r) for r in rows]
 
 
@@ -232,7 +234,19 @@ class FailureInfo:
     failed_at: float
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
+
+
+#: failed jobs with their last failure, found from the tasks that count failed jobs (``failed_count``)
+#: through the (task, state) index: no pass over the whole job table
+_FAILED_JOBS = ("job j JOIN task t ON t.id = j.task JOIN failure f ON f.id = (SELECT max(id) FROM failure "
+                "WHERE job = j.id) WHERE j.task IN (SELECT id FROM task WHERE failed_count > 0) AND j.state = ?")
+
+
+def failure_count(db: Any = None) -> int:
+    """How many jobs are failed now, across tasks (from the tasks' counters)."""
+    db = resolve_db(db)
+    return int(db.connection().execute("SELECT coalesce(sum(failed_count), 0) FROM task").fetchone()[0])
 
 
 def failures(db: Any = None, task_id: str | None = None, exc_type: str | None = None,
@@ -247,9 +261,7 @@ def failures(db: Any = None, task_id: str | None = None, exc_type: str | None = 
         where, params = where + " AND f.exc_type = ?", [*params, exc_type]
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
-        "f.failed_at FROM job j JOIN task t ON t.id = j.task "
-        "JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
-        f"WHERE j.state = ?{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
+        f"f.failed_at FROM {_FAILED_JOBS}{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
         (JobState.FAILED, *params)).fetchall()
     return [FailureInfo(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
 
@@ -259,18 +271,18 @@ def failure_kinds(db: Any = None, task_id: str | None = None) -> list[tuple[str,
     db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
     rows = db.connection().execute(
-        "SELECT f.exc_type, count(*) FROM job j JOIN task t ON t.id = j.task "
-        "JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
-        f"WHERE j.state = ?{where} GROUP BY f.exc_type ORDER BY count(*) DESC, f.exc_type",
-        (JobState.FAILED, *params)).fetchall()
+        f"SELECT f.exc_type, count(*) FROM {_FAILED_JOBS}{where} GROUP BY f.exc_type "
+        "ORDER BY count(*) DESC, f.exc_type", (JobState.FAILED, *params)).fetchall()
     return [(exc, int(n)) for exc, n in rows]
 
 
 def finalizers(db: Database, task_id: str) -> list[dict[str, Any]]:
     """The task's finalization chain: each finalizer's position, callable and state."""
+    # kind as a literal: only then may the database use the partial index job_finalizers
     rows = db.connection().execute(
-        "SELECT j.id, j.position, j.func, j.args, j.state, j.attempts FROM job j JOIN task t ON t.id = j.task "
-        "WHERE t.task_id = ? AND j.kind = ? ORDER BY j.position", (task_id, JobKind.FINALIZE)).fetchall()
+        "SELECT j.id, j.position, j.func, j.args, j.state, j.attempts FROM job j WHERE j.task = "
+        f"(SELECT id FROM task WHERE task_id = ?) AND j.kind = {int(JobKind.FINALIZE)} ORDER BY j.position",
+        (task_id,)).fetchall()
     return [{"job_id": r[0], "position": r[1], "func": r[2], "args": r[3],
              "state": JobState(r[4]).name.lower(), "attempts": r[5]} for r in rows]
 
@@ -292,7 +304,7 @@ class RunningJob:
     reported_total: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
 
 
 def running_jobs(db: Any = None, task_id: str | None = None) -> list[RunningJob]:
@@ -320,7 +332,7 @@ class ScheduledRetry:
     message: str
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
 
 
 def scheduled_retries(db: Any = None, task_id: str | None = None) -> list[ScheduledRetry]:
@@ -351,7 +363,7 @@ class WorkerInfo:
     concurrency: int = 1
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
 
 
 def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:

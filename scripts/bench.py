@@ -4,6 +4,8 @@
     python scripts/bench.py                  # the full run (a few minutes)
     python scripts/bench.py --quick          # a smoke run (seconds)
     python scripts/bench.py --compare huey   # also huey, same workloads, same run (pip install -e '.[bench]')
+    python scripts/bench.py --web            # the web page: page times with 10,000 tasks, and the
+                                             # drain with 20 pages watching live
     python scripts/bench.py --db postgresql://postgres@127.0.0.1/test [--compare procrastinate]
                                              # the PostgreSQL backend (a throwaway schema per run), and
                                              # procrastinate on the same server, same run
@@ -603,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="DIR",
                         help="also drain with the litemultistep of DIR (a checkout of another commit, e.g. made "
                              "with `git worktree add DIR COMMIT`), same workload, same run, and report the ratio")
+    parser.add_argument("--web", action="store_true",
+                        help="the web page instead: page times with 10,000 tasks and 1,000,000 queued jobs, and "
+                             "the drain with 20 pages watching live (pip install -e '.[web]')")
     args = parser.parse_args(argv)
     for name, extra in (("huey", "bench"), ("procrastinate", "bench"), ("psycopg", "postgres")):
         if name in args.compare or name == "psycopg" and args.db:
@@ -616,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (1 if quick else 3)
     if args.db:
         return postgres_main(args.db, quick, runs, args.compare)
+    if args.web:
+        try:
+            __import__("litemultistep.web")
+        except ImportError:
+            parser.error("this run needs the web extra: pip install -e '.[web]'")
+        return web_main(quick, args.runs or (1 if quick else 4))
     drain_n = 5_000 if quick else 100_000
     small_n, big_n = (2_000, 50_000) if quick else (10_000, 1_000_000)
     huey_n = 1_000 if quick else 20_000
@@ -767,6 +778,148 @@ def main(argv: list[str] | None = None) -> int:
                           f"{med(normal.values) / med(h_off):.1f}x")
             ratios.append(f"enqueue one by one: litemultistep / huey = {med(ours_one) / med(h_enq):.1f}x")
 
+    report(figures, ratios, f"SQLite {sqlite3.sqlite_version}")
+    return 0
+
+
+# -- the web page ----------------------------------------------------------------------------------
+
+
+class WebServer:
+    """A `litemultistep web DB --port 0` process."""
+
+    def __init__(self, db: str, *args: str) -> None:
+        fd, self.log = tempfile.mkstemp(prefix="lms-web-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "web", db, "--port", "0", *args],
+                                         stdout=log, stderr=log, env=child_env())
+        deadline = time.monotonic() + 60
+        while True:
+            with open(self.log) as f:
+                text = f.read()
+            if " at http://" in text:
+                self.url = text.split(" at ", 1)[1].split()[0].rstrip("/")
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"litemultistep web did not start: {text}")
+            time.sleep(0.05)
+
+    def get_ms(self, path: str) -> float:
+        import urllib.request
+
+        t = time.perf_counter()
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            r.read()
+        return (time.perf_counter() - t) * 1000
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        os.unlink(self.log)
+
+
+def web_page_ms(db: str, tasks: int, times: int) -> dict[str, list[float]]:
+    """Milliseconds each page takes to answer, uncached (a refresh of 2 ms lets no read be shared)."""
+    from urllib.parse import quote
+
+    conn = sqlite3.connect(db)
+    task_id = conn.execute("SELECT task_id FROM task ORDER BY created_at DESC LIMIT 1").fetchone()[0]
+    conn.close()
+    server = WebServer(db, "--refresh", "0.002")
+    last = -(-tasks // 50)
+    pages = {"tasks page, first page": "/", f"tasks page, page {last // 2}": f"/?page={last // 2}",
+             f"tasks page, last page ({last})": f"/?page={last}",
+             "one task's page": "/tasks/" + quote(task_id, safe=""),
+             "/api/tasks?limit=50": "/api/tasks?limit=50", "failures page": "/failures", "workers page": "/workers"}
+    try:
+        out: dict[str, list[float]] = {}
+        for name, path in pages.items():
+            server.get_ms(path)  # warm: the first read of a table pages it in
+            out[name] = [server.get_ms(path) for _ in range(times)]
+            time.sleep(0.01)
+        return out
+    finally:
+        server.stop()
+
+
+def watched_drain(db: str, n: int, watchers: int) -> tuple[float, float]:
+    """Drain ``n`` no-op jobs with ``watchers`` open pages polling as the page's script does (every
+    second, from a random phase; half on the tasks page, half on the task's page). Returns the
+    steady drain rate and the web server's CPU use in % of a core."""
+    import http.client
+    import random
+    import threading
+    from urllib.parse import quote
+
+    conn = sqlite3.connect(db)
+    task_id = conn.execute("SELECT task_id FROM task LIMIT 1").fetchone()[0]
+    conn.close()
+    server = WebServer(db)
+    stop = threading.Event()
+    answered = [0]
+
+    def watch(path: str) -> None:
+        # one kept-alive connection per page, as a browser's
+        conn = http.client.HTTPConnection(server.url.split("//", 1)[1], timeout=30)
+        stop.wait(random.random())
+        while not stop.is_set():
+            conn.request("GET", path, headers={"X-Live": "1"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{path}: HTTP {response.status}")
+            answered[0] += 1
+            stop.wait(1.0)
+        conn.close()
+
+    threads = [threading.Thread(target=watch, args=("/" if k % 2 else "/tasks/" + quote(task_id, safe=""),))
+               for k in range(watchers)]
+    for t in threads:
+        t.start()
+    try:
+        cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
+        rate = drain(db, n)
+        share = (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.stop()
+    if watchers and not answered[0]:
+        raise RuntimeError("no page was answered")
+    return rate, share * 100
+
+
+def web_main(quick: bool, runs: int) -> int:
+    figures: list[Figure] = []
+    ratios: list[str] = []
+    add = recorder(figures)
+    tasks, jobs = (1_000, 100_000) if quick else (10_000, 1_000_000)
+    drain_n = 20_000 if quick else 100_000
+    watchers = 20
+    print(f"litemultistep web page benchmark ({'quick' if quick else 'full'}), {runs} run(s) each",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="lms-bench-") as tmp:
+        big = f"{tmp}/web-big.sqlite"
+        fill(big, jobs, tasks=tasks)
+        times = 10 if quick else 30
+        for name, values in web_page_ms(big, tasks, times).items():
+            add(f"{name}, {tasks:,} active tasks, {jobs:,} queued jobs", "ms", values,
+                f"{times} requests, uncached; max {max(values):.1f} ms")
+        plain, watched, cpu = [], [], []
+        for k in range(runs):
+            for count in (0, watchers) if k % 2 == 0 else (watchers, 0):
+                db = f"{tmp}/web-drain-{time.monotonic_ns()}.sqlite"
+                fill(db, drain_n)
+                rate, share = watched_drain(db, drain_n, count)
+                (watched if count else plain).append(rate)
+                if count:
+                    cpu.append(share)
+        add(f"drain, {drain_n:,} no-op jobs, worker -c 2, no page open", "jobs/s", plain)
+        add(f"drain, {drain_n:,} no-op jobs, worker -c 2, {watchers} pages watching live", "jobs/s", watched)
+        add(f"web server CPU while {watchers} pages watch", "% of a core", cpu)
+        ratios.append(f"drain with {watchers} pages watching / with none: "
+                      f"{statistics.median(watched) / statistics.median(plain):.3f}")
     report(figures, ratios, f"SQLite {sqlite3.sqlite_version}")
     return 0
 

@@ -20,7 +20,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -32,7 +32,7 @@ try:
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
     from starlette.templating import Jinja2Templates
@@ -54,8 +54,9 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
 #: tasks per page on the tasks page, failures per page on the failures page
 TASKS_PAGE = 50
 FAILURES_PAGE = 100
-#: finished tasks shown under the active ones
+#: finished tasks shown under the active ones; running jobs shown on a task's page
 FINISHED_SHOWN = 20
+RUNNING_SHOWN = 20
 
 _SECURITY_HEADERS = {
     # nothing but this site's own script and style; no inline script at all
@@ -77,12 +78,17 @@ class _Documents:
         self._lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
 
-    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
-        now = time.monotonic()
+    def fresh(self, key: tuple[Any, ...]) -> Any:
+        """The value kept for ``key`` if it is young enough, else None."""
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and now - hit[0] < self.ttl:
-                return hit[1]
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < self.ttl else None
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        hit = self.fresh(key)
+        if hit is not None:
+            return hit
+        now = time.monotonic()
         value = make()
         with self._lock:
             if len(self._cache) > 256:  # many distinct pages asked once: forget them
@@ -194,7 +200,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
 
     def _failure_total() -> int | None:
         try:
-            return documents.get(("failure-total",), lambda: sum(n for _, n in views.failure_kinds(database)))
+            return documents.get(("failure-total",), lambda: views.failure_count(database))
         except LiteMultiStepError:  # the page says what went wrong; the count is left out
             return None
 
@@ -206,6 +212,20 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
                        notice=_notice(request))
         return templates.TemplateResponse(request, name, context, status_code=status_code,
                                           headers={"Cache-Control": "no-store"})
+
+    def shared(handler: Callable[[Request], Response]) -> Callable[[Request], Awaitable[Response]]:
+        """The page as rendered for the first of the tabs asking within ``ttl``: rendering, not
+        reading, is most of a page's cost, and every open tab asks once a ``refresh``. A page in
+        hand is sent at once; only reading and rendering go to a thread."""
+        async def serve(request: Request) -> Response:
+            key = ("page", request.url.path, request.url.query)
+            hit = documents.fresh(key)
+            if hit is None:
+                hit = await run_in_threadpool(documents.get, key, lambda: _rendered(handler(request)))
+            status, body = hit
+            return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+        return serve
 
     # -- pages ------------------------------------------------------------------------------------
 
@@ -225,7 +245,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
             doc = documents.get(("task", task_id), lambda: views.task_doc(database, task_id))
         except NoSuchMultiStepTask as e:
             return page(request, "missing.html", status_code=404, task_id=task_id, message=str(e))
-        return page(request, "task.html", doc=doc, task_id=task_id)
+        return page(request, "task.html", doc=doc, task_id=task_id, running_shown=RUNNING_SHOWN)
 
     def failures_page(request: Request) -> Response:
         task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
@@ -319,10 +339,10 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         return page(request, "error.html", status_code=status, message=message, status=status)
 
     routes = [
-        Route("/", tasks_page),
-        Route("/tasks/{task_id:path}", task_page),
-        Route("/failures", failures_page),
-        Route("/workers", workers_page),
+        Route("/", shared(tasks_page)),
+        Route("/tasks/{task_id:path}", shared(task_page)),
+        Route("/failures", shared(failures_page)),
+        Route("/workers", shared(workers_page)),
         Route("/api/tasks", api_tasks),
         Route("/api/tasks/{task_id:path}", api_task),
         Route("/api/failures", api_failures),
@@ -339,6 +359,10 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
                     exception_handlers={HTTPException: error, LiteMultiStepError: error})
     web.state.database = database
     return web
+
+
+def _rendered(response: Response) -> tuple[int, bytes]:
+    return response.status_code, bytes(response.body)
 
 
 def _arguments(stored: str) -> str:
