@@ -611,7 +611,11 @@ def web(args: Sequence[str], host: str, port: int, allow_actions: bool, password
     failures with tracebacks, failures across tasks, workers; and a JSON API (/api/tasks,
     /api/tasks/TASK_ID, /api/failures, /api/workers) with the shapes of --json.
 
-    Nothing is written by looking. Needs the web extra: pip install 'litemultistep[web]'.
+    Nothing is written by looking. Read-only unless --allow-actions. It listens on 127.0.0.1; any
+    other address needs a password, which plain HTTP carries in clear: across a network you do not
+    trust, serve it behind a TLS proxy. Ctrl-C or SIGTERM stops it.
+
+    Needs the web extra: pip install 'litemultistep[web]'. DB may come from LITEMULTISTEP_DB.
     """
     db, _ = split_db(args, 0)
     try:

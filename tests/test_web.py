@@ -182,7 +182,7 @@ def test_progress_moves_and_reaches_100_without_a_reload(db, tmp_path, serve, sp
     shot(page, "task-finished")
 
 
-def test_tasks_page_lists_tasks_live_and_pages_them(db, serve, spawn, page, log_path):
+def test_tasks_page_shows_new_tasks_and_finished_ones_live(db, serve, spawn, page, log_path):
     tasks = [MultiStepTask.create(f"batch {i}", db=db) for i in range(3)]
     for t in tasks:
         for _ in range(4):
@@ -416,12 +416,28 @@ def test_api_has_the_shapes_of_the_cli_json(any_db, serve, spawn):
     assert status == 404 and "no task 'nope~12345678'" in json.loads(body)["error"]
     assert headers["content-type"] == "application/json"
     status, body, _ = server.get("/api/tasks?limit=lots")
-    assert status == 400 and "limit must be a whole number" in json.loads(body)["error"]
+    assert status == 400 and "limit must be a whole number from 1" in json.loads(body)["error"]
+    assert server.get("/api/failures?offset=" + "9" * 30)[0] == 400
     if not is_pg(any_db):
         before = _dump(any_db)
         for path in ("/", "/failures", "/workers", "/tasks/" + quote(task.task_id, safe=""), "/api/tasks"):
             assert server.get(path)[0] == 200
         assert _dump(any_db) == before  # looking writes nothing
+
+
+def test_the_tasks_page_is_paged(db, serve):
+    with MultiStepTask.create("first", db=db) as first:
+        first.add_job(jobfuncs.noop)
+    for i in range(54):
+        MultiStepTask.create(f"t{i}", db=db)
+    server = serve(db)
+    _, html, _ = server.get("/")
+    assert html.count('<tr data-key=') == 50 and first.task_id in html
+    assert "Tasks 1–50 of 55 (page 1 of 2)" in html and 'href="/?page=2"' in html
+    _, html, _ = server.get("/?page=2")
+    assert html.count('<tr data-key=') == 5 and "t53~" in html and first.task_id not in html
+    assert "Tasks 51–55 of 55 (page 2 of 2)" in html
+    assert "(page 2 of 2)" in server.get("/?page=9")[1]  # past the end: the last page
 
 
 def test_pages_answer_with_security_headers_and_a_404_for_an_unknown_task(db, serve):

@@ -69,11 +69,10 @@ _SECURITY_HEADERS = {
 
 
 class _Documents:
-    """The documents pages and the API read, each computed at most once per ``ttl`` seconds however
-    many pages ask: twenty open tabs cost the database what one does."""
+    """What pages and the API read, and the pages as rendered: each made at most once per ``ttl``
+    seconds however many tabs ask, so twenty open tabs cost little more than one."""
 
-    def __init__(self, db: Database, ttl: float) -> None:
-        self.db = db
+    def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
@@ -102,7 +101,7 @@ class _Documents:
             self._cache.clear()
 
 
-def _int(request: Request, name: str, default: int | None, least: int = 0) -> int | None:
+def _int(request: Request, name: str, default: int | None, least: int = 0, most: int = 10**9) -> int | None:
     text = request.query_params.get(name)
     if text is None or text == "":
         return default
@@ -110,8 +109,8 @@ def _int(request: Request, name: str, default: int | None, least: int = 0) -> in
         value = int(text)
     except ValueError:
         value = least - 1
-    if value < least:
-        raise HTTPException(400, f"{name} must be a whole number of at least {least}, not {text!r}")
+    if not least <= value <= most:
+        raise HTTPException(400, f"{name} must be a whole number from {least} to {most:,}, not {text!r}")
     return value
 
 
@@ -187,7 +186,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     database = resolve_db(db)
     if refresh <= 0:
         raise ValueError(f"refresh must be a positive number of seconds, not {refresh!r}")
-    documents = _Documents(database, ttl=min(refresh / 2, 1.0))
+    documents = _Documents(ttl=min(refresh / 2, 1.0))
     csrf = secrets.token_urlsafe(32)
     env = jinja2.Environment(loader=jinja2.PackageLoader("litemultistep.web", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
