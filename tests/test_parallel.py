@@ -137,5 +137,4 @@ def test_status_shows_how_long_running_jobs_have_run(db, log_path, spawn):
     [running] = json.loads(doc.stdout)["running"]
     assert running["func"] == "jobfuncs:work" and time.time() - running["claimed_at"] >= 1
     assert "running job" in cli("status", db, task.task_id).stdout
-    proc.terminate()
-    proc.wait(60)
+    assert proc.poll() is None  # the spawn fixture kills it: a graceful stop would wait for the 30 s job
