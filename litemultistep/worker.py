@@ -237,6 +237,8 @@ class Worker:
         self.put_back: list[int] = []
         self.handed: deque[ClaimedJob] = deque()
         self.procs: list[JobProcess] = []
+        #: the job process whose answer is looked for first next round
+        self._turn = 0
         self._waiter = db.waiter(options.poll)
         self._next_maintenance = 0.0
         self._next_heartbeat = 0.0
@@ -445,11 +447,23 @@ class Worker:
             self._crashed(proc, "its pipe is closed")
 
     def _collect(self) -> None:
-        """Take in what job processes sent, and notice the ones that died."""
-        for proc in self.procs:
+        """Take in what one job process sent, and notice the ones that died.
+
+        One answer a round, the processes taken in turn: each answer is then written, and the
+        process given its next batch, while the others still run theirs. Taking every answer at
+        once would keep the processes in step: all waiting while the worker writes for all, the
+        worker waiting while all run (a fifth fewer short jobs a second on two cores)."""
+        procs = list(self.procs)  # a process that dies while stopping leaves the list
+        n = len(procs)
+        took = False
+        for k in range(n):
+            index = (self._turn + k) % n
+            proc = procs[index]
             if not proc.busy:
                 if proc.proc.poll() is not None:
                     self._replace(proc, _how_it_died(proc.proc.returncode))
+                continue
+            if took:
                 continue
             try:
                 if not proc.from_child.poll():
@@ -471,6 +485,8 @@ class Worker:
                     self.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration))
             self.give_back += message["gave_back"]
             proc.batch = []
+            took = True
+            self._turn = index + 1
 
     def _return_rest(self, proc: JobProcess, job: ClaimedJob | None) -> None:
         """Return the batch's jobs other than ``job`` (the one that ran last): those before it ran but
