@@ -9,6 +9,7 @@ The models describe the schema; the engine talks to the database with plain SQL 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -21,10 +22,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
-import peewee as pw
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
-from playhouse.sqlite_ext import AutoIncrementField
 
 from . import config
 from ._wakeup import WalWaiter
@@ -73,118 +72,132 @@ class JobKind(IntEnum):
     FINALIZE = 1
 
 
-def _default(field: type[pw.Field], value: object) -> pw.Field:
-    """A field with a SQL ``DEFAULT``: the engine inserts rows with plain SQL, not through peewee."""
-    return field(default=value, constraints=[pw.SQL(f"DEFAULT {value}")])
+#: the schema's tables, in the order the models below define them
+TABLES = ("task", "job", "failure", "worker", "finished_task")
 
 
-class _Model(pw.Model):
-    class Meta:
-        database = None  # bound to one file at a time, when the schema is created
-        legacy_table_names = False
+@functools.cache
+def models() -> list[type[Any]]:
+    """The peewee models the schema is created from, defined on first use: peewee (and with it every
+    database driver it finds installed, psycopg among them: a quarter of a second) is imported only
+    by a process that opens a SQLite file, never by a job process whose jobs do not touch the database.
+    """
+    import peewee as pw
+    from playhouse.sqlite_ext import AutoIncrementField
+
+    def _default(field: type[pw.Field], value: object) -> pw.Field:
+        """A field with a SQL ``DEFAULT``: the engine inserts rows with plain SQL, not through peewee."""
+        return field(default=value, constraints=[pw.SQL(f"DEFAULT {value}")])
 
 
-class Task(_Model):
-    id = pw.AutoField()
-    task_id = pw.TextField(unique=True)
-    slug = pw.TextField()
-    state = pw.IntegerField()
-    finalizable = _default(pw.BooleanField, 0)
-    normal_count = _default(pw.IntegerField, 0)
-    finalize_count = _default(pw.IntegerField, 0)
-    completed_count = _default(pw.IntegerField, 0)
-    failed_count = _default(pw.IntegerField, 0)
-    #: jobs in state QUEUED (claimable now)
-    pending_count = _default(pw.IntegerField, 0)
-    running_count = _default(pw.IntegerField, 0)
-    #: when a worker last claimed from this queue (ns); the least recently served queue goes first
-    last_served = _default(pw.IntegerField, 0)
-    max_retries = _default(pw.IntegerField, 0)
-    retry_delay = _default(pw.FloatField, 1.0)
-    created_at = pw.FloatField()
-    #: seconds one job of this task may run before it is stopped (NULL: the worker's ``--timeout``)
-    timeout = pw.FloatField(null=True)
-    #: a running mean of how long this task's jobs take (s); claims size their batches from it
-    avg_duration = pw.FloatField(null=True)
-    #: the process filling the task in its ``with`` block (to clean up after a crash)
-    builder_pid = pw.IntegerField(null=True)
-    #: 1: a normal job that succeeds is kept (state COMPLETED) with its return value, for the finalizers
-    keep_results = _default(pw.IntegerField, 0)
-    #: normal jobs kept with their result
-    result_count = _default(pw.IntegerField, 0)
+    class _Model(pw.Model):
+        class Meta:
+            database = None  # bound to one file at a time, when the schema is created
+            legacy_table_names = False
 
 
-class Job(_Model):
-    #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
-    id = AutoIncrementField()
-    task = pw.ForeignKeyField(Task, on_delete="CASCADE", index=False, column_name="task")
-    kind = pw.IntegerField()
-    #: order of a finalization job in its chain (0, 1, ...)
-    position = pw.IntegerField(null=True)
-    #: ``module:qualname`` of the callable
-    func = pw.TextField()
-    #: JSON ``[args, kwargs]``
-    args = pw.TextField()
-    state = pw.IntegerField()
-    attempts = _default(pw.IntegerField, 0)
-    worker = pw.IntegerField(null=True)
-    run_at = pw.FloatField(null=True)
-    enqueued_at = pw.FloatField()
-    #: when the worker holding it claimed it (wall clock), for "running for" in the status view
-    claimed_at = pw.FloatField(null=True)
-    #: how many times a worker process died while holding it; at the worker's limit it fails
-    crashes = _default(pw.IntegerField, 0)
-    #: this job's own time limit (s), over the task's
-    timeout = pw.FloatField(null=True)
-    #: JSON of its return value, for a normal job of a task that keeps results (state COMPLETED)
-    result = pw.TextField(null=True)
-    #: what the running job last reported of its own progress (litemultistep.report), if anything
-    progress_done = pw.FloatField(null=True)
-    progress_total = pw.FloatField(null=True)
+    class Task(_Model):
+        id = pw.AutoField()
+        task_id = pw.TextField(unique=True)
+        slug = pw.TextField()
+        state = pw.IntegerField()
+        finalizable = _default(pw.BooleanField, 0)
+        normal_count = _default(pw.IntegerField, 0)
+        finalize_count = _default(pw.IntegerField, 0)
+        completed_count = _default(pw.IntegerField, 0)
+        failed_count = _default(pw.IntegerField, 0)
+        #: jobs in state QUEUED (claimable now)
+        pending_count = _default(pw.IntegerField, 0)
+        running_count = _default(pw.IntegerField, 0)
+        #: when a worker last claimed from this queue (ns); the least recently served queue goes first
+        last_served = _default(pw.IntegerField, 0)
+        max_retries = _default(pw.IntegerField, 0)
+        retry_delay = _default(pw.FloatField, 1.0)
+        created_at = pw.FloatField()
+        #: seconds one job of this task may run before it is stopped (NULL: the worker's ``--timeout``)
+        timeout = pw.FloatField(null=True)
+        #: a running mean of how long this task's jobs take (s); claims size their batches from it
+        avg_duration = pw.FloatField(null=True)
+        #: the process filling the task in its ``with`` block (to clean up after a crash)
+        builder_pid = pw.IntegerField(null=True)
+        #: 1: a normal job that succeeds is kept (state COMPLETED) with its return value, for the finalizers
+        keep_results = _default(pw.IntegerField, 0)
+        #: normal jobs kept with their result
+        result_count = _default(pw.IntegerField, 0)
 
 
-class Failure(_Model):
-    id = pw.AutoField()
-    job = pw.ForeignKeyField(Job, on_delete="CASCADE", column_name="job")
-    task = pw.ForeignKeyField(Task, on_delete="CASCADE", column_name="task")
-    exc_type = pw.TextField()
-    message = pw.TextField()
-    traceback = pw.TextField()
-    attempt = pw.IntegerField()
-    failed_at = pw.FloatField()
-    worker_pid = pw.IntegerField(null=True)
+    class Job(_Model):
+        #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
+        id = AutoIncrementField()
+        task = pw.ForeignKeyField(Task, on_delete="CASCADE", index=False, column_name="task")
+        kind = pw.IntegerField()
+        #: order of a finalization job in its chain (0, 1, ...)
+        position = pw.IntegerField(null=True)
+        #: ``module:qualname`` of the callable
+        func = pw.TextField()
+        #: JSON ``[args, kwargs]``
+        args = pw.TextField()
+        state = pw.IntegerField()
+        attempts = _default(pw.IntegerField, 0)
+        worker = pw.IntegerField(null=True)
+        run_at = pw.FloatField(null=True)
+        enqueued_at = pw.FloatField()
+        #: when the worker holding it claimed it (wall clock), for "running for" in the status view
+        claimed_at = pw.FloatField(null=True)
+        #: how many times a worker process died while holding it; at the worker's limit it fails
+        crashes = _default(pw.IntegerField, 0)
+        #: this job's own time limit (s), over the task's
+        timeout = pw.FloatField(null=True)
+        #: JSON of its return value, for a normal job of a task that keeps results (state COMPLETED)
+        result = pw.TextField(null=True)
+        #: what the running job last reported of its own progress (litemultistep.report), if anything
+        progress_done = pw.FloatField(null=True)
+        progress_total = pw.FloatField(null=True)
 
 
-class Worker(_Model):
-    #: AUTOINCREMENT: a worker id is never reused, so a stale worker never passes for a new one
-    id = AutoIncrementField()
-    pid = pw.IntegerField()
-    hostname = pw.TextField()
-    #: "process" (a worker process with a heartbeat) or "inline" (sync mode, drain)
-    kind = pw.TextField()
-    queues = pw.TextField(null=True)
-    started_at = pw.FloatField()
-    heartbeat_at = pw.FloatField()
-    #: end of the lease; NULL for inline runners, whose liveness is their lock alone
-    expires_at = pw.FloatField(null=True)
-    lock_path = pw.TextField()
-    #: ``CLOCK_MONOTONIC`` of the last heartbeat: shared by every process of the host and never
-    #: jumped by a clock change; consulted only when the worker's lock file has gone missing
-    heartbeat_mono = pw.FloatField(null=True)
-    #: processes running jobs for this worker
-    concurrency = _default(pw.IntegerField, 1)
+    class Failure(_Model):
+        id = pw.AutoField()
+        job = pw.ForeignKeyField(Job, on_delete="CASCADE", column_name="job")
+        task = pw.ForeignKeyField(Task, on_delete="CASCADE", column_name="task")
+        exc_type = pw.TextField()
+        message = pw.TextField()
+        traceback = pw.TextField()
+        attempt = pw.IntegerField()
+        failed_at = pw.FloatField()
+        worker_pid = pw.IntegerField(null=True)
 
 
-class FinishedTask(_Model):
-    task_id = pw.TextField(primary_key=True)
-    slug = pw.TextField()
-    normal_count = pw.IntegerField()
-    finalize_count = pw.IntegerField()
-    created_at = pw.FloatField()
-    finished_at = pw.FloatField(index=True)
+    class Worker(_Model):
+        #: AUTOINCREMENT: a worker id is never reused, so a stale worker never passes for a new one
+        id = AutoIncrementField()
+        pid = pw.IntegerField()
+        hostname = pw.TextField()
+        #: "process" (a worker process with a heartbeat) or "inline" (sync mode, drain)
+        kind = pw.TextField()
+        queues = pw.TextField(null=True)
+        started_at = pw.FloatField()
+        heartbeat_at = pw.FloatField()
+        #: end of the lease; NULL for inline runners, whose liveness is their lock alone
+        expires_at = pw.FloatField(null=True)
+        lock_path = pw.TextField()
+        #: ``CLOCK_MONOTONIC`` of the last heartbeat: shared by every process of the host and never
+        #: jumped by a clock change; consulted only when the worker's lock file has gone missing
+        heartbeat_mono = pw.FloatField(null=True)
+        #: processes running jobs for this worker
+        concurrency = _default(pw.IntegerField, 1)
 
 
-MODELS = [Task, Job, Failure, Worker, FinishedTask]
+    class FinishedTask(_Model):
+        task_id = pw.TextField(primary_key=True)
+        slug = pw.TextField()
+        normal_count = pw.IntegerField()
+        finalize_count = pw.IntegerField()
+        created_at = pw.FloatField()
+        finished_at = pw.FloatField(index=True)
+
+
+
+    return [Task, Job, Failure, Worker, FinishedTask]
 
 # Partial indexes keep the claim and recovery paths to one index probe each. The claim query in
 # engine.py repeats the WHERE terms of task_claimable word for word, as SQLite requires.
@@ -383,6 +396,10 @@ class Database:
         self.lock_path = self.path + ".lock"
         self.workers_dir = self.path + ".workers"
         sync = 2 if config.synchronous() == "full" else 1
+        import peewee as pw  # here, not at the top: see models()
+
+        #: what opening or reading the file raises when it is not a usable SQLite database
+        self._unusable = (sqlite3.DatabaseError, pw.DatabaseError)
         self._pw = pw.SqliteDatabase(None)
         self._pw.init(
             self.path,
@@ -421,7 +438,7 @@ class Database:
             self._pid = os.getpid()
         try:
             return self._pw.connection()  # type: ignore[no-any-return]
-        except (sqlite3.DatabaseError, pw.DatabaseError) as e:
+        except self._unusable as e:
             raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
 
     @contextmanager
@@ -475,7 +492,7 @@ class Database:
                     self._upgrade_schema(conn)
             finally:
                 lock.release()
-        except (sqlite3.DatabaseError, pw.DatabaseError) as e:
+        except self._unusable as e:
             self.close()
             raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
 
@@ -488,8 +505,8 @@ class Database:
                                    "use a local disk, not a network filesystem")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            with self._pw.bind_ctx(MODELS):
-                self._pw.create_tables(MODELS, safe=False)
+            with self._pw.bind_ctx(models()):
+                self._pw.create_tables(models(), safe=False)
             for sql in INDEXES:
                 conn.execute(sql)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -531,8 +548,8 @@ def _schema_state(conn: sqlite3.Connection, path: str) -> str:
         raise SchemaTooNew(f"{path} was written by a newer litemultistep (schema v{version}; this version "
                            f"knows v{SCHEMA_VERSION}): upgrade litemultistep to use it")
     # Touch every table's root page: a truncated file fails here, at open, not in the middle of work.
-    for model in MODELS:
-        conn.execute(f"SELECT 1 FROM {model._meta.table_name} LIMIT 1").fetchall()
+    for table in TABLES:
+        conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchall()
     return "current" if version == SCHEMA_VERSION else "old"
 
 
