@@ -89,12 +89,10 @@ def models() -> list[type[Any]]:
         """A field with a SQL ``DEFAULT``: the engine inserts rows with plain SQL, not through peewee."""
         return field(default=value, constraints=[pw.SQL(f"DEFAULT {value}")])
 
-
     class _Model(pw.Model):
         class Meta:
             database = None  # bound to one file at a time, when the schema is created
             legacy_table_names = False
-
 
     class Task(_Model):
         id = pw.AutoField()
@@ -125,7 +123,6 @@ def models() -> list[type[Any]]:
         #: normal jobs kept with their result
         result_count = _default(pw.IntegerField, 0)
 
-
     class Job(_Model):
         #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
         id = AutoIncrementField()
@@ -154,7 +151,6 @@ def models() -> list[type[Any]]:
         progress_done = pw.FloatField(null=True)
         progress_total = pw.FloatField(null=True)
 
-
     class Failure(_Model):
         id = pw.AutoField()
         job = pw.ForeignKeyField(Job, on_delete="CASCADE", column_name="job")
@@ -165,7 +161,6 @@ def models() -> list[type[Any]]:
         attempt = pw.IntegerField()
         failed_at = pw.FloatField()
         worker_pid = pw.IntegerField(null=True)
-
 
     class Worker(_Model):
         #: AUTOINCREMENT: a worker id is never reused, so a stale worker never passes for a new one
@@ -186,7 +181,6 @@ def models() -> list[type[Any]]:
         #: processes running jobs for this worker
         concurrency = _default(pw.IntegerField, 1)
 
-
     class FinishedTask(_Model):
         task_id = pw.TextField(primary_key=True)
         slug = pw.TextField()
@@ -195,9 +189,8 @@ def models() -> list[type[Any]]:
         created_at = pw.FloatField()
         finished_at = pw.FloatField(index=True)
 
-
-
     return [Task, Job, Failure, Worker, FinishedTask]
+
 
 # Partial indexes keep the claim and recovery paths to one index probe each. The claim query in
 # engine.py repeats the WHERE terms of task_claimable word for word, as SQLite requires.
