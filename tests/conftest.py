@@ -40,12 +40,15 @@ def lines(path: str | Path) -> list[str]:
     return p.read_text().splitlines() if p.exists() else []
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition",
+             pause: Callable[[float], object] = time.sleep) -> None:
+    """Poll ``predicate`` until it holds; ``pause(seconds)`` between looks (a browser test passes one
+    that lets the browser's events in)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+        pause(0.02)
 
 
 class Spawner:

@@ -142,11 +142,8 @@ def shot(pg: Any, name: str) -> None:
 
 
 def until(pg: Any, predicate: Any, timeout: float, what: str) -> None:
-    """Wait for ``predicate``, letting the browser's events in meanwhile (a plain sleep holds them)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        pg.wait_for_timeout(30)
+    """``wait_for``, letting the browser's events in between looks (a plain sleep holds them)."""
+    wait_for(predicate, timeout, what, pause=lambda seconds: pg.wait_for_timeout(seconds * 1000))
 
 
 def task_url(server: Server, task_id: str) -> str:
@@ -170,11 +167,12 @@ def test_progress_moves_and_reaches_100_without_a_reload(db, tmp_path, serve, sp
     shot(page, "task-queued")
     spawn(db, "-c", "2")
     seen = set()
-    deadline = time.monotonic() + 60
-    while page.locator("main .task-title .state").inner_text() != "finished":
+
+    def finished() -> bool:
         seen.add(percent(page))
-        assert time.monotonic() < deadline, f"the page never showed the task finished; saw {sorted(seen)}"
-        page.wait_for_timeout(50)
+        return page.locator("main .task-title .state").inner_text() == "finished"
+
+    until(page, finished, 60, "the page to show the task finished")
     assert page.evaluate("window.__loaded_once") is True  # the same document: updated, not reloaded
     assert any(0 < p < 100 for p in seen), sorted(seen)
     assert percent(page) == 100
