@@ -32,7 +32,7 @@ from rich.text import Text
 
 from . import config, engine, views
 from .db import Database, is_url
-from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError, NoSuchMultiStepTask
+from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
 from .worker import WorkerOptions, run_worker
 
 # markup, emoji and highlighting off: a "[bold]" or ":ok:" in a slug or a message is shown as typed
@@ -520,15 +520,11 @@ def nuke(args: Sequence[str], yes: bool) -> None:
     task_id = rest[0]
     database = _open(db)
     p = views.progress(database, task_id)
-    what = f"the summary of finished task {task_id}" if p.finished else f"task {task_id} ({_counts(p)})"
+    what = f"the summary of finished task {task_id}" if p.finished else f"task {task_id}"
     if not yes:
-        click.confirm(f"Remove {what}?", abort=True, err=True)
-    if p.finished:
-        if not engine.delete_finished(database, task_id):
-            raise NoSuchMultiStepTask(f"no task {task_id!r} in {database.path}")
-    else:
-        engine.delete_task(database, task_id)
-    say(f"Removed {what.split(' (')[0]}.")
+        click.confirm(f"Remove {what}{'' if p.finished else f' ({_counts(p)})'}?", abort=True, err=True)
+    engine.nuke(database, task_id)
+    say(f"Removed {what}.")
 
 
 @cli.command(context_settings=CONTEXT)

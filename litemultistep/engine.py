@@ -339,6 +339,16 @@ def delete_finished(db: Database, task_id: str) -> bool:
         return c.execute("DELETE FROM finished_task WHERE task_id = ?", (task_id,)).rowcount == 1
 
 
+def nuke(db: Database, task_id: str) -> None:
+    """Remove an unfinished task (:func:`delete_task`) or a finished task's kept summary; raises
+    :class:`NoSuchMultiStepTask` if there is neither."""
+    try:
+        delete_task(db, task_id)
+    except NoSuchMultiStepTask:
+        if not delete_finished(db, task_id):
+            raise
+
+
 # -- claiming and recording -------------------------------------------------------------------------
 
 

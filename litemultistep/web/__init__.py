@@ -42,7 +42,6 @@ except ImportError as e:  # pragma: no cover - depends on what is installed
 
 from .. import engine, views
 from ..config import resolve_db
-from ..db import Database
 from ..errors import DatabaseUnusable, LiteMultiStepError, NoSuchJob, NoSuchMultiStepTask
 
 __all__ = ["app", "LOOPBACK_HOSTS"]
@@ -310,7 +309,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
             ids = await run_in_threadpool(engine.retry_task, database, task_id)
             done = {"done": "retried", "n": len(ids)}
         elif what == "nuke":
-            await run_in_threadpool(_nuke, database, task_id)
+            await run_in_threadpool(engine.nuke, database, task_id)
             documents.forget()
             return RedirectResponse(f"{base}/?{urlencode({'done': 'nuked', 'task': task_id})}", status_code=303)
         else:
@@ -397,8 +396,3 @@ def _same_origin(request: Request) -> None:
         raise HTTPException(403, f"refused: this POST comes from {origin}, not from this page ({own})")
 
 
-def _nuke(database: Database, task_id: str) -> None:
-    if views.progress(database, task_id).finished:
-        engine.delete_finished(database, task_id)
-    else:
-        engine.delete_task(database, task_id)
