@@ -394,10 +394,15 @@ class _Tally(dict[int, _Delta]):
 
 def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), done: Sequence[Done] = (),
           give_back: Sequence[int] = (), put_back: Sequence[int] = (), wants: int = 1, max_batch: int = 32,
-          queues: Sequence[str] | None = None, max_crashes: int = DEFAULT_MAX_CRASHES) -> list[list[ClaimedJob]]:
+          queues: Sequence[str] | None = None, max_crashes: int = DEFAULT_MAX_CRASHES,
+          held: Sequence[int] | None = None) -> list[list[ClaimedJob]]:
     """Record ``outcomes`` and ``done``, return jobs to their queues (``give_back``: held but never
     started, so their claim does not count as an attempt; ``put_back``: started, but their result is
     lost), and claim up to ``wants`` batches, all in one transaction (group commit).
+
+    ``held``, after a write whose answer was lost (the connection dropped during its commit, so it
+    may or may not have happened): the jobs the worker really holds. Any other job the database says
+    it holds was claimed by that write and never reached the worker: it goes back unstarted.
 
     Each batch comes from one task, the least recently served first, and holds as many of its jobs as
     the task's mean job duration says will run within :data:`CLAIM_WINDOW` (one job while that is
@@ -407,7 +412,7 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
     with db.write() as c:
         tally = _Tally()
         if outcomes or done:
-            _record(c, worker_id, outcomes, done, max_crashes, tally)
+            _record(c, worker_id, outcomes, done, max_crashes, tally, again=held is not None)
         if give_back:
             ids, params = _dialect(c).among("id", give_back)
             _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
@@ -416,6 +421,12 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
             ids, params = _dialect(c).among("id", put_back)
             _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
                      tally=tally)
+        if held is not None:
+            ids, params = _dialect(c).among("id", held)
+            lost = _requeue(c, f"worker = ? AND NOT ({ids})", [worker_id, *params], unstarted=True, tally=tally)
+            if lost:
+                log.warning("worker %d: %d job(s) claimed by a write whose answer was lost went back to their "
+                            "queues", worker_id, lost)
         batches = _claim(c, worker_id, wants, max_batch, queues, tally)
         handed = _apply(c, tally, worker_id)
         if (outcomes or done) and len(batches) < wants:
@@ -514,8 +525,9 @@ def retry_wait(delay: float, attempt: int) -> float:
 
 
 def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
-            max_crashes: int, tally: _Tally) -> None:
-    """Write the outcomes to the job rows; what they change in the tasks goes to ``tally``."""
+            max_crashes: int, tally: _Tally, again: bool = False) -> None:
+    """Write the outcomes to the job rows; what they change in the tasks goes to ``tally``. ``again``:
+    they are sent a second time, after a write whose answer was lost (which may have recorded them)."""
     t = now()
     retry_rules: dict[int, tuple[int, float] | None] = {}
     among = _dialect(c).among
@@ -532,8 +544,8 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
                               [(value, job_id, worker_id) for job_id, value in zip(d.job_ids, d.values, strict=True)]
                               ).rowcount
         if n != len(d.job_ids):
-            log.warning("%d result(s) of task %s from worker %d ignored: those jobs were taken back from it "
-                        "(it was thought dead); they run again elsewhere", len(d.job_ids) - n, d.task_id, worker_id)
+            log.warning("%d result(s) of task %s from worker %d ignored: %s", len(d.job_ids) - n, d.task_id,
+                        worker_id, _GONE[again])
         change = tally.of(d.task_pk, d.task_id)
         change.completed += n
         change.running -= n
@@ -547,7 +559,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
             n = _requeue(c, "id = ? AND worker = ?", [job.id, worker_id], crashed=(o.message, max_crashes),
                          tally=tally)
             if not n:
-                _stale(job, worker_id)
+                _stale(job, worker_id, again)
             continue
         if o.ok:
             if job.kind == NORMAL and o.result is not None:
@@ -560,7 +572,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
                 cur = c.execute("UPDATE job SET state = ?, worker = NULL WHERE id = ? AND worker = ? "
                                 "AND state = ?", (COMPLETED, job.id, worker_id, RUNNING))
             if cur.rowcount != 1:
-                _stale(job, worker_id)
+                _stale(job, worker_id, again)
                 continue
             change = tally.of(job.task_pk, job.task_id)
             change.completed += 1
@@ -573,7 +585,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
                     "SELECT max_retries, retry_delay FROM task WHERE id = ?", (job.task_pk,)).fetchone()
             rules = retry_rules[job.task_pk]
             if rules is None:  # the task is gone: this late report is stale
-                _stale(job, worker_id)
+                _stale(job, worker_id, again)
                 continue
             max_retries, delay = rules
             retry = job.attempt <= max_retries
@@ -582,7 +594,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
             cur = c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ? AND worker = ? "
                             "AND state = ?", (new_state, run_at, job.id, worker_id, RUNNING))
             if cur.rowcount != 1:
-                _stale(job, worker_id)
+                _stale(job, worker_id, again)
                 continue
             _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
             change = tally.of(job.task_pk, job.task_id)
@@ -628,9 +640,14 @@ def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, mes
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, task_pk, exc_type, message, tb, attempt, t, os.getpid()))
 
 
-def _stale(job: ClaimedJob, worker_id: int) -> None:
-    log.warning("job %d of task %s: result of worker %d ignored, the job was taken back from it "
-                "(it was thought dead); it runs again elsewhere", job.id, job.task_id, worker_id)
+#: why a result is not recorded, by whether it is sent again after a write whose answer was lost
+_GONE = {False: "the worker no longer held those jobs (it was thought dead); they run again elsewhere",
+         True: "the worker no longer held those jobs (recorded by its write whose answer was lost, "
+               "or taken back while it was thought dead)"}
+
+
+def _stale(job: ClaimedJob, worker_id: int, again: bool = False) -> None:
+    log.warning("job %d of task %s: result of worker %d ignored: %s", job.id, job.task_id, worker_id, _GONE[again])
 
 
 def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running: int = 0, failed: int = 0,

@@ -247,6 +247,9 @@ class Worker:
         self._next_promote = float("inf")
         self._backoff = 0.0
         self._retry_at = 0.0
+        #: a write failed: it may have committed all the same (a connection lost during the commit),
+        #: so the next claim tells the database which jobs we really hold
+        self._unsure = False
         self._restarts: dict[int, float] = {}
         self.worker_id, self._lock = self._register()
         log.info("worker %d (pid %d): %d job process(es) serving %s on %s", self.worker_id, os.getpid(),
@@ -390,7 +393,7 @@ class Worker:
         while idle and self.handed:
             self._hand(idle.pop(), [self.handed.popleft()])
         wants = len(idle)
-        if not self._unwritten:
+        if not self._unwritten and not self._unsure:
             if not wants:
                 return
             if not engine.has_claimable(self.db, self.queues):
@@ -403,8 +406,9 @@ class Worker:
         outcomes, done = self.outcomes, self.done
         batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=self.give_back,
                                put_back=self.put_back, wants=wants, max_batch=self.options.batch, queues=self.queues,
-                               max_crashes=self.options.max_crashes)
+                               max_crashes=self.options.max_crashes, held=self._held() if self._unsure else None)
         self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
+        self._unsure = False
         if any(not o.ok for o in outcomes):
             self._watch_retries()
         for batch in batches:
@@ -412,6 +416,10 @@ class Worker:
                 self._hand(idle.pop(), batch)
             else:
                 self.handed.extend(batch)  # a finalizer handed to us while every process is busy
+
+    def _held(self) -> list[int]:
+        """The ids of the jobs this worker holds: those its job processes run, and finalizers in hand."""
+        return [j.id for p in self.procs for j in p.batch] + [j.id for j in self.handed]
 
     def _store_reports(self) -> None:
         """Store what running jobs reported of their progress since the last heartbeat (one write for
@@ -590,6 +598,7 @@ class Worker:
 
     def _storage_trouble(self, e: StorageError) -> None:
         # The results in hand stay in memory and are recorded once a write succeeds again.
+        self._unsure = True
         _tighten(self.db)
         self._backoff = min(max(self._backoff * 2, 0.25), 2.0)
         self._retry_at = monotonic() + self._backoff

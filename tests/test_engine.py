@@ -131,6 +131,29 @@ class TestStaleWorkers:
         E.record(store, rescuer, [Outcome(again, True)])
         assert progress(store, t).finished
 
+    def test_a_write_whose_answer_was_lost_is_made_good_by_the_next(self, store):
+        """The connection drops during a commit that went through: the worker never learns of the
+        batch it claimed, nor that its results were recorded. Its next write says what it holds."""
+        t = E.create_task(store, "t")
+        add(store, t, n=4)
+        E.mark_finalizable(store, t)
+        w = worker(store)
+        [first] = claim(store, w, 1)
+        store.connection().execute("UPDATE task SET avg_duration = 1e-6")
+        [lost] = E.claim(store, w, outcomes=[Outcome(first, True)], max_batch=2)  # answer never arrives
+        [kept] = claim(store, w, 1)  # a batch the worker did receive, still running
+        assert E.claim(store, w, outcomes=[Outcome(first, True)], wants=0, held=[kept.id]) == []
+        p = progress(store, t)
+        assert (p.completed_count, p.pending_count, p.running_count) == (1, 2, 1)
+        assert store.connection().execute(
+            f"SELECT count(*) FROM job WHERE state = {E.QUEUED} AND attempts = 0 AND id IN ({lost[0].id}, "
+            f"{lost[1].id})").fetchone() == (2,)
+        E.record(store, w, [Outcome(kept, True)])
+        for job in claim(store, w, 2):
+            E.record(store, w, [Outcome(job, True)])
+        assert progress(store, t).finished
+        assert [p for p in E.check(store) if p.kind != "dead-workers"] == []  # the test let go of w's lock
+
     def test_a_live_worker_whose_lock_file_vanished_makes_a_new_one(self, sqlite_store):
         store = sqlite_store
         w, lock = E.register_worker(store, "process", lease=1)

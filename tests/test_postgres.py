@@ -191,8 +191,12 @@ def test_the_server_restarting_mid_run_loses_nothing(private_server, log_path, s
     private_server.stop("immediate")  # as a crash or a power cut does: no goodbye to anyone
     time.sleep(2)
     private_server.start()
-    wait_for(lambda: lines(log_path)[-1:] == ["F2"] or any(x.startswith("F2") for x in lines(log_path)),
-             timeout=90, what="the task to finish after the restart")
+    try:
+        wait_for(lambda: any(x.startswith("F2") for x in lines(log_path)),
+                 timeout=90, what="the task to finish after the restart")
+    except AssertionError as e:
+        logs = "\n".join(f"--- worker {proc.pid}:\n{spawn.log(proc)}" for proc in workers)
+        raise AssertionError(f"{e}\njobs.log: {lines(log_path)}\n{logs}") from None
     tags = [line.split()[0] for line in lines(log_path)]
     assert {line.split()[1] for line in ended(log_path)} == {f"j{i}" for i in range(60)}
     assert tags.count("F1") == 1 and tags.count("F2") == 1 and tags[-2:] == ["F1", "F2"]
