@@ -85,7 +85,9 @@ def test_a_slow_job_in_a_batch_of_short_ones_hands_the_rest_back(db, log_path, s
     with MultiStepTask.create("mixed", db=db) as task:
         for i in range(400):
             if i == 300:
-                task.add_job(jobfuncs.slow_record, log_path, "slow", 1.5)
+                # long enough for the other process to run the rest even on a machine busy with
+                # other tests (one such ran only 35 jobs of a few milliseconds in 1.5 s)
+                task.add_job(jobfuncs.slow_record, log_path, "slow", 3)
             else:
                 task.add_job(jobfuncs.record, log_path, f"q{i}")
     assert spawn(db, "-c", "2", "--burst").wait(60) == 0
