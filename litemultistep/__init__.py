@@ -4,9 +4,9 @@ A task fans work out into jobs that worker processes run in parallel, keeps exac
 and once every job has succeeded runs its finalization jobs one after another, in order.
 """
 
-from .config import configure
-from .db import Database, NetworkFilesystemWarning
-from .embedding import Workers
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ArgumentNotSerializable,
     DatabaseBusy,
@@ -31,9 +31,47 @@ from .errors import (
     StorageError,
     WorkerCrashed,
 )
-from .runner import report, time_left
-from .task import JobHandle, JobSpec, MultiStepTask, current_task, job
-from .views import FailureInfo, JobResult, Progress
+
+# The rest is imported on first use (PEP 562): a job process, or ``litemultistep --help``, starts
+# without the modules it does not need.
+_LAZY = {
+    "configure": "config",
+    "Database": "db",
+    "NetworkFilesystemWarning": "db",
+    "Workers": "embedding",
+    "report": "runner",
+    "time_left": "runner",
+    "JobHandle": "task",
+    "JobSpec": "task",
+    "MultiStepTask": "task",
+    "current_task": "task",
+    "job": "task",
+    "FailureInfo": "views",
+    "JobResult": "views",
+    "Progress": "views",
+}
+
+if TYPE_CHECKING:
+    from .config import configure
+    from .db import Database, NetworkFilesystemWarning
+    from .embedding import Workers
+    from .runner import report, time_left
+    from .task import JobHandle, JobSpec, MultiStepTask, current_task, job
+    from .views import FailureInfo, JobResult, Progress
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'litemultistep' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

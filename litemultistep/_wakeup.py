@@ -8,7 +8,6 @@ a ``stat`` of the file every ``poll`` seconds tells the same thing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import select
 import sys
@@ -19,17 +18,23 @@ _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 
 
+def libc() -> ctypes.CDLL:
+    """The C library: on Linux its symbols are in the interpreter's own namespace, so no search for
+    it (ctypes.util.find_library runs a program, which would slow every job process's start)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _inotify_watch(path: str) -> int | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        c = libc()
+        fd = c.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     except (OSError, AttributeError):
         return None
     if fd < 0:
         return None
-    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+    if c.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
         os.close(fd)
         return None
     return int(fd)

@@ -11,6 +11,7 @@ never read as rich markup or emoji, and never wrapped when the output is not a t
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -21,23 +22,28 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from . import config, engine, views
 from .db import Database, is_url
 from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
 from .worker import WorkerOptions, run_worker
 
-# markup, emoji and highlighting off: a "[bold]" or ":ok:" in a slug or a message is shown as typed
-out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
-err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+
+@functools.cache
+def _console(stderr: bool = False) -> Console:
+    """Standard output's (or error's) rich console, made on first use: ``litemultistep worker`` draws
+    nothing, and starts sooner without importing rich."""
+    from rich.console import Console
+
+    # markup, emoji and highlighting off: a "[bold]" or ":ok:" in a slug or a message is shown as typed
+    return Console(stderr=stderr, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DB_ENV = "LITEMULTISTEP_DB"
@@ -91,20 +97,28 @@ def _safe(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def say(*parts: str | tuple[str, str], to: Console = out) -> None:
+def say(*parts: str | tuple[str, str], to: Console | None = None) -> None:
     """Print a line of user text: exactly as stored when piped; in a terminal, styled parts
     (``(text, style)``) with control characters escaped. Never markup, never wrapped."""
+    to = to or _console()
     if not to.is_terminal:
         print("".join(p if isinstance(p, str) else p[0] for p in parts), file=to.file, flush=True)
         return
+    from rich.text import Text
+
     to.print(Text.assemble(*[_safe(p) if isinstance(p, str) else (_safe(p[0]), p[1]) for p in parts]))
 
 
 def _table(title: str, columns: Sequence[str], rows: list[list[Any]], right: Sequence[str] = ()) -> None:
     """Rows as a table in a terminal; piped, as tab-separated lines (a header first), nothing cut."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     cells = [[c.plain if isinstance(c, Text) else str(c) for c in row if not isinstance(c, ProgressBar)]
              for row in rows]
     widest = sum(max((len(r[i]) for r in cells), default=0) + 3 for i in range(len(cells[0]))) if cells else 0
+    out = _console()
     if not out.is_terminal or widest > out.width:  # a cut or folded id could not be copied: plain lines
         print("\t".join(columns))
         for row in rows:
@@ -278,6 +292,8 @@ def status(args: Sequence[str], as_json: bool) -> None:
     if as_json:
         _emit_json(views.status_doc(database))
         return
+    from rich.progress_bar import ProgressBar
+
     active, finished = views.active_tasks(database), views.finished_tasks(database)
     now = time.time()
     if not active and not finished:
@@ -287,10 +303,10 @@ def status(args: Sequence[str], as_json: bool) -> None:
                                            "total", "age"],
            [[p.task_id, p.state,
              ProgressBar(total=max(p.total_job_count, 1), completed=p.completed_count, width=20)
-             if out.is_terminal else f"{p.percent:.0f}%",
+             if _console().is_terminal else f"{p.percent:.0f}%",
              p.completed_count, p.failed_count, p.pending_count, p.running_count, p.total_job_count,
              _age(now - p.created_at)] for p in active]
-           + [[p.task_id, "finished", "100%" if not out.is_terminal else
+           + [[p.task_id, "finished", "100%" if not _console().is_terminal else
                ProgressBar(total=1, completed=1, width=20), p.total_job_count, 0, 0, 0, p.total_job_count,
                f"finished {_age(now - (p.finished_at or now))} ago"] for p in finished],
            right=("done", "failed", "pending", "running", "total"))
@@ -346,6 +362,9 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
     database = _open(db)
     views.progress(database, task_id)  # an unknown id fails before any bar is drawn
     deadline = None if timeout is None else time.monotonic() + timeout
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = _console(stderr=True)
     bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}", markup=False), TimeRemainingColumn(), console=err,
                    transient=False, disable=not err.is_terminal)
@@ -363,6 +382,7 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
 
 def _watch_loop(database: Database, task_id: str, bar: Progress, deadline: float | None, timeout: float | None,
                 interval: float, interrupted: threading.Event) -> None:
+    err = _console(stderr=True)
     last_line = ""
     seen: set[int] = set()
     with bar:
@@ -492,6 +512,8 @@ def workers(args: Sequence[str], as_json: bool) -> None:
     if not rows:
         say("No workers.")
         return
+    from rich.text import Text
+
     held = {r.job_id: r for r in views.running_jobs(database)}
     now = time.time()
 
@@ -505,7 +527,7 @@ def workers(args: Sequence[str], as_json: bool) -> None:
     _table(f"Workers on {database.path}", ["id", "pid", "host", "kind", "processes", "since", "alive",
                                             "running jobs", "queues"],
            [[w.id, w.pid, w.hostname, w.kind, w.concurrency, _age(now - w.started_at) + " ago",
-             "yes" if w.alive else Text("no", "red") if out.is_terminal else "no", running(w), w.queues or "all"]
+             "yes" if w.alive else Text("no", "red") if _console().is_terminal else "no", running(w), w.queues or "all"]
             for w in rows])
 
 
@@ -636,7 +658,7 @@ def web(args: Sequence[str], host: str, port: int, allow_actions: bool, password
     sock = _listen(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    err.print(f"Serving {database.path} at http://{shown}:{bound}/ "
+    _console(stderr=True).print(f"Serving {database.path} at http://{shown}:{bound}/ "
               f"({'actions on' if allow_actions else 'read-only'}{', password required' if password else ''}); "
               "Ctrl-C stops.")
     config = uvicorn.Config(page, log_config=None, access_log=verbose, lifespan="off",

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 import warnings
@@ -21,9 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
-
-from filelock import FileLock
-from filelock import Timeout as LockTimeout
 
 from . import config
 from ._wakeup import WalWaiter
@@ -74,6 +72,28 @@ class JobKind(IntEnum):
 
 #: the schema's tables, in the order the models below define them
 TABLES = ("task", "job", "failure", "worker", "finished_task")
+
+
+#: the drivers peewee imports when it is imported, if they are installed
+_PEEWEE_DRIVERS = ("psycopg2cffi", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+
+
+def import_peewee_alone() -> None:
+    """Import peewee without the other databases' drivers it looks for at import (psycopg alone
+    takes a third of a second). Only for a process that opens SQLite files and runs no user code,
+    such as ``litemultistep worker`` on a file: in it, peewee's PostgreSQL and MySQL classes do not
+    work. A process that has imported peewee already is left as it is."""
+    if "peewee" in sys.modules:
+        return
+    blocked = [name for name in _PEEWEE_DRIVERS if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # what makes `import name` fail at once
+    try:
+        import peewee  # noqa: F401
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 @functools.cache
@@ -472,6 +492,9 @@ class Database:
             state = _schema_state(conn, self.path)
             if state == "current":
                 return
+            from filelock import FileLock
+            from filelock import Timeout as LockTimeout
+
             try:
                 lock = FileLock(self.lock_path, timeout=BUSY_TIMEOUT, mode=0o600)
                 lock.acquire()

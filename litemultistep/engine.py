@@ -43,9 +43,7 @@ import string
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
-
-from filelock import FileLock
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import config
 from .db import SQLITE, Connection, Database, Dialect, JobKind, JobState, TaskState, monotonic, now, translate_error
@@ -58,6 +56,9 @@ from .errors import (
     NoSuchMultiStepTask,
     NotReadyForFinalization,
 )
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 log = logging.getLogger("litemultistep")
 
@@ -818,6 +819,8 @@ class WorkerLock:
         self._lock, self._inode = self._take()
 
     def _take(self) -> tuple[FileLock, int]:
+        from filelock import FileLock  # here: a job process, which imports this module, never needs it
+
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         path = os.path.join(self._dir, f"{os.getpid()}-{secrets.token_hex(6)}.lock")
         lock = FileLock(path, timeout=0, mode=0o600, thread_local=False)

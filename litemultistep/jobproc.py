@@ -24,8 +24,6 @@ without a message per job: the id is positive while the job runs and negated onc
 from __future__ import annotations
 
 import _signal
-import ctypes
-import ctypes.util
 import json
 import logging
 import mmap
@@ -38,6 +36,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._wakeup import libc
 from .db import monotonic
 from .engine import ClaimedJob, Outcome
 from .jobs import allowed_or_why
@@ -96,8 +95,7 @@ def read_slot(page: mmap.mmap) -> tuple[int, float]:
 def _die_with_parent(parent: int) -> None:
     if sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the worker dies
+            libc().prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the worker dies
         except (OSError, AttributeError):
             pass
         else:

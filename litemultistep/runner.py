@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextvars
 import inspect
@@ -146,6 +145,8 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         args, kwargs = decode_args(job.args)
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
+            import asyncio  # here: most jobs are not coroutines, and asyncio is slow to import
+
             result = asyncio.run(_await(result))
     except catch as e:
         duration = time.perf_counter() - start

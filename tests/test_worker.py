@@ -7,6 +7,7 @@ import collections
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -317,3 +318,37 @@ def test_idle_worker_starts_a_new_job_quickly(db, log_path, spawn):
     assert proc.wait(30) == 0
     assert task.progress().finished
     assert os.path.exists(log_path)
+
+
+def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path, spawn):
+    """A job process imports neither peewee nor a database driver, rich, click nor asyncio: each
+    costs its start-up time, and a no-op job's whole run is a few microseconds."""
+    name = f"modules_seen_{os.getpid()}_{time.monotonic_ns()}"
+    (tmp_path / f"{name}.py").write_text(
+        "import os, sys\n"
+        "def seen(path):\n"
+        "    names = ('peewee', 'psycopg', 'rich', 'click', 'asyncio', 'filelock')\n"
+        "    with open(path, 'a') as f:\n"
+        "        f.write('loaded: ' + ' '.join(n for n in names if n in sys.modules) + '\\n')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+        with MultiStepTask.create("lean", db=db) as task:
+            task.add_job(module.seen, log_path)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+    assert spawn(db, "--burst", "--path", str(tmp_path)).wait(60) == 0
+    assert task.progress().finished
+    assert [line.strip() for line in lines(log_path)] == ["loaded:"]
+
+
+def test_peewee_alone_leaves_the_drivers_importable():
+    """What `litemultistep worker` on a SQLite file does: peewee without psycopg, which stays
+    importable for whoever needs it later."""
+    code = ("import sys; from litemultistep.db import import_peewee_alone; import_peewee_alone(); "
+            "import peewee; assert 'psycopg' not in sys.modules and peewee.psycopg is None; "
+            "import psycopg; print('ok')")
+    pytest.importorskip("psycopg", reason="this test needs psycopg: pip install -e '.[test,postgres]'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
