@@ -610,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the web page instead: page times with 10,000 tasks and 1,000,000 queued jobs, and "
                              "the drain with 20 pages watching live (pip install -e '.[web]')")
     args = parser.parse_args(argv)
+    LOAD_AT_START[:] = [os.getloadavg()[0]]
+    if LOAD_AT_START[0] > 0.25 * (os.cpu_count() or 1):
+        print(f"warning: this machine is already busy (load average {LOAD_AT_START[0]:.2f} over the last minute): "
+              "every figure will be low; stop what runs, or compare only figures of one run", file=sys.stderr)
     # Start-up is part of some figures: measure it as an installed package starts, from compiled
     # bytecode (pip compiles it at install; an editable checkout under PYTHONDONTWRITEBYTECODE=1
     # would compile every module at every start of every process).
@@ -953,9 +957,14 @@ def postgres_main(url: str, quick: bool, runs: int, compare: list[str]) -> int:
     return 0
 
 
+#: the machine's load average (1 minute) when the run began: a busy machine lowers every figure
+LOAD_AT_START: list[float] = []
+
+
 def report(figures: list[Figure], ratios: list[str], store: str) -> None:
+    load = f", load average {LOAD_AT_START[0]:.2f} at the start" if LOAD_AT_START else ""
     print(f"\nMachine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"{store}\n")
+          f"{store}{load}\n")
     print("| workload | result | unit | note |")
     print("| --- | --- | --- | --- |")
     for f in figures:
