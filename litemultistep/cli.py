@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import config, engine, views
-from .db import Database, is_url
+from .db import Database, import_peewee_alone, is_url
 from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
 from .worker import WorkerOptions, run_worker
 
@@ -257,6 +257,8 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
                             lease=lease, batch=batch, poll=poll, allow_modules=list(allow_modules),
                             timeout=timeout, shutdown_timeout=shutdown_timeout, max_crashes=max_crashes,
                             verbose=verbose, quiet=quiet)
+    if not is_url(db):
+        import_peewee_alone()  # this process runs no user code, and needs no PostgreSQL driver
     try:
         code = run_worker(options)
     except (DatabaseUnusable, InvalidSetting) as e:

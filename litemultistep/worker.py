@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection
 from types import FrameType
 
 from . import config, engine
-from .db import Database, import_peewee_alone, is_url, monotonic
+from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import InvalidSetting, StorageError
 from .jobproc import BROKEN, SLOT_SIZE, read_progress, read_slot
@@ -658,8 +658,6 @@ def run_worker(options: WorkerOptions) -> int:
     parent = os.environ.get(PARENT_PID_ENV)
     if parent and options.parent_pid is None:
         options.parent_pid = int(parent)
-    if not is_url(options.db):
-        import_peewee_alone()  # the worker runs no user code, and needs no PostgreSQL driver
     db = Database(options.db)
     options.db = db.target
     try:
