@@ -224,13 +224,17 @@ def serve(setup: dict[str, Any]) -> int:
             if crash_file:
                 _maybe_crash(crash_file, "after-claim", job, parent)
             PROGRESS.pack_into(page, PROGRESS_AT, job.id, -1.0, -1.0)
-            SLOT.pack_into(page, 0, monotonic(), job.id)
+            stamped = monotonic()
+            SLOT.pack_into(page, 0, stamped, job.id)
             refusal = allowed_or_why(job.func, setup["allow_modules"]) if setup["allow_modules"] else None
             if refusal is None:
                 result = execute(db, job, catch_all=True, timeout=job.timeout, reporter=_Reporter(page, job.id))
             else:
                 result = Result(Outcome(job, False, "litemultistep.JobNotAllowed", refusal))
             SLOT.pack_into(page, 0, 0.0, -job.id)
+            # timed from the stamp the worker reads, and after the page says it ended: a job the
+            # worker saw running past SLOW_JOB (it then gave the rest back) is slow here too, always
+            ran = monotonic() - stamped
             if not pipes_intact():
                 os._exit(BROKEN)  # this job closed our pipes: the worker blames it, as the page says
             baseline.restore()
@@ -248,7 +252,7 @@ def serve(setup: dict[str, Any]) -> int:
                 results.append([job.id, o.ok, o.exc_type, message, o.traceback, o.duration])
             # a slow job ends the batch (the rest go to idle processes); so does a failure, so that
             # its record is sent at once and cannot be lost with a later job that crashes this process
-            slow = o.duration > SLOW_JOB or not o.ok
+            slow = ran > SLOW_JOB or o.duration > SLOW_JOB or not o.ok
         # the whole time per job, this process's own part included: it is what a claim must plan for
         ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
         try:

@@ -40,7 +40,7 @@ from . import config, engine
 from .db import Database, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import InvalidSetting, StorageError
-from .jobproc import BROKEN, SLOT_SIZE, read_progress, read_slot
+from .jobproc import BROKEN, SLOT_SIZE, SLOW_JOB, read_progress, read_slot
 
 log = logging.getLogger("litemultistep")
 
@@ -345,6 +345,7 @@ class Worker:
             return False
         self._collect()
         self._enforce_time_limits(now)
+        self._release_rest(now)
         if now >= self._retry_at:
             try:
                 if self._backoff:
@@ -491,7 +492,8 @@ class Worker:
                 by_id = {j.id: j for j in proc.batch}
                 for job_id, ok, exc_type, text, tb, duration in message["results"]:
                     self.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration))
-            self.give_back += message["gave_back"]
+            held = {j.id for j in proc.batch}  # not those _release_rest gave back already
+            self.give_back += [job_id for job_id in message["gave_back"] if job_id in held]
             proc.batch = []
             took = True
             self._turn = index + 1
@@ -528,6 +530,25 @@ class Worker:
                                          "", now - start))
             self._return_rest(proc, job)
             self._replace(proc, "killed at its job's time limit")
+
+    def _release_rest(self, now: float) -> None:
+        """Give back at once the jobs queued behind a job that turned out slow, for an idle process
+        here or another worker, instead of holding them until it ends. Its process would give them
+        back once the job ends (a job past SLOW_JOB ends its batch, timed there from the stamp read
+        here), so they leave its batch now, and its answer's list of them is not sent twice."""
+        for proc in self.procs:
+            if len(proc.batch) < 2:
+                continue
+            job, start = proc.running()
+            if job is None or not start or now - start <= SLOW_JOB:
+                continue
+            at = proc.batch.index(job)
+            rest = proc.batch[at + 1:]
+            if rest:
+                proc.batch = proc.batch[:at + 1]
+                self.give_back += [j.id for j in rest]
+                log.debug("worker %d: job %d of %s is slow; %d job(s) queued behind it go back for others",
+                          self.worker_id, job.id, job.task_id, len(rest))
 
     def _replace(self, old: JobProcess, why: str) -> None:
         old.kill()
@@ -566,6 +587,10 @@ class Worker:
         now = monotonic()
         until = min(self._next_maintenance, self._next_heartbeat, self._stop_deadline, self._next_promote)
         for proc in self.procs:
+            if len(proc.batch) > 1:  # look again when its running job would turn slow (_release_rest)
+                job, start = proc.running()
+                if job is not proc.batch[-1]:  # None: its first job has not started yet
+                    until = min(until, (start if job is not None and start else now) + SLOW_JOB)
             if proc.busy and proc.limited:
                 job, start = proc.running()
                 if job is not None and start and job.timeout is not None:
