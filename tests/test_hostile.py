@@ -237,7 +237,7 @@ def test_chaos_of_timeouts_crashers_and_sigkills_loses_nothing(db, log_path, spa
             if i % 30 == 7:
                 task.add_job(jobfuncs.crash_once, str(tmp_path / f"marker-{tag}"), log_path, tag)
             else:
-                task.add_job(jobfuncs.work, log_path, tag, 0.02)
+                task.add_job(jobfuncs.work, log_path, tag, 0.08)  # seconds of work: time for 5 kills
         for tag in ("F0", "F1"):
             task.add_finalization_job(jobfuncs.work, log_path, tag, 0.01)
     with MultiStepTask.create("hung", db=db, timeout=1) as hung:
@@ -247,7 +247,7 @@ def test_chaos_of_timeouts_crashers_and_sigkills_loses_nothing(db, log_path, spa
     kills = 0
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline and not task.progress().finished:
-        time.sleep(rng.uniform(0.3, 0.7))
+        time.sleep(rng.uniform(0.2, 0.5))
         victim = workers.pop(rng.randrange(len(workers)))
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
