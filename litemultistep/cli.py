@@ -660,9 +660,9 @@ def web(args: Sequence[str], host: str, port: int, allow_actions: bool, password
     sock = _listen(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    _console(stderr=True).print(f"Serving {database.path} at http://{shown}:{bound}/ "
-              f"({'actions on' if allow_actions else 'read-only'}{', password required' if password else ''}); "
-              "Ctrl-C stops.")
+    _console(stderr=True).print(
+        f"Serving {database.path} at http://{shown}:{bound}/ "
+        f"({'actions on' if allow_actions else 'read-only'}{', password required' if password else ''}); Ctrl-C stops.")
     config = uvicorn.Config(page, log_config=None, access_log=verbose, lifespan="off",
                             timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])

@@ -642,9 +642,9 @@ def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, mes
 
 
 #: why a result is not recorded, by whether it is sent again after a write whose answer was lost
-_GONE = {False: "the worker no longer held those jobs (it was thought dead); they run again elsewhere",
-         True: "the worker no longer held those jobs (recorded by its write whose answer was lost, "
-               "or taken back while it was thought dead)"}
+_GONE = {False: "no longer held by that worker (it was thought dead); run again elsewhere",
+         True: "no longer held by that worker (recorded by its write whose answer was lost, or taken "
+               "back while it was thought dead)"}
 
 
 def _stale(job: ClaimedJob, worker_id: int, again: bool = False) -> None:
