@@ -520,17 +520,29 @@ def workers(args: Sequence[str], as_json: bool) -> None:
     now = time.time()
 
     def running(w: views.WorkerInfo) -> str:
-        parts = []
+        ages = []
         for job_id in w.running_job_ids:
             r = held.get(job_id)
-            parts.append(f"{job_id} ({_age(now - r.claimed_at)})" if r and r.claimed_at else str(job_id))
-        return ", ".join(parts) or "-"
+            ages.append((job_id, _age(now - r.claimed_at) if r and r.claimed_at else ""))
+        return _id_runs(ages)
 
     _table(f"Workers on {database.path}", ["id", "pid", "host", "kind", "processes", "since", "alive",
                                             "running jobs", "queues"],
            [[w.id, w.pid, w.hostname, w.kind, w.concurrency, _age(now - w.started_at) + " ago",
              "yes" if w.alive else Text("no", "red") if _console().is_terminal else "no", running(w), w.queues or "all"]
             for w in rows])
+
+
+def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:
+    """Job ids with how long each has been held, consecutive ids held as long joined into one run
+    (a batch of short jobs is one item, not a hundred): ``"656-798 (0s), 1195 (2m)"``."""
+    runs: list[list[Any]] = []
+    for job_id, age in sorted(jobs):
+        if runs and runs[-1][1] == job_id - 1 and runs[-1][2] == age:
+            runs[-1][1] = job_id
+        else:
+            runs.append([job_id, job_id, age])
+    return ", ".join(f"{a}{'' if a == b else f'-{b}'}{f' ({age})' if age else ''}" for a, b, age in runs) or "-"
 
 
 @cli.command(context_settings=CONTEXT)

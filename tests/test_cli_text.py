@@ -289,3 +289,11 @@ def test_wording(db, log_path):
     assert "1 failed job:" in result.stdout and "job(s)" not in result.stdout
     empty = MultiStepTask.create("nothing", db=db)
     assert empty.progress().percent == 0.0
+
+
+def test_a_batch_of_held_jobs_is_shown_as_one_run_of_ids():
+    from litemultistep.cli import _id_runs
+
+    batch = [(job_id, "0s") for job_id in range(656, 799)]
+    assert _id_runs([(1195, "2m"), *batch, (1196, "2m"), (1198, "")]) == "656-798 (0s), 1195-1196 (2m), 1198"
+    assert _id_runs([]) == "-"
