@@ -536,13 +536,8 @@ def workers(args: Sequence[str], as_json: bool) -> None:
 def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:
     """Job ids with how long each has been held, consecutive ids held as long joined into one run
     (a batch of short jobs is one item, not a hundred): ``"656-798 (0s), 1195 (2m)"``."""
-    runs: list[list[Any]] = []
-    for job_id, age in sorted(jobs):
-        if runs and runs[-1][1] == job_id - 1 and runs[-1][2] == age:
-            runs[-1][1] = job_id
-        else:
-            runs.append([job_id, job_id, age])
-    return ", ".join(f"{a}{'' if a == b else f'-{b}'}{f' ({age})' if age else ''}" for a, b, age in runs) or "-"
+    return ", ".join(f"{a}{'' if a == b else f'-{b}'}{f' ({age})' if age else ''}"
+                     for a, b, age in views.id_runs(jobs)) or "-"
 
 
 @cli.command(context_settings=CONTEXT)

@@ -7,9 +7,9 @@ whether a worker is alive takes its lock file for an instant, and removes the fi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
@@ -305,6 +305,21 @@ class RunningJob:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def id_runs(jobs: Sequence[tuple[int, K]]) -> list[tuple[int, int, K]]:
+    """Job ids as ``(first, last, key)`` runs of consecutive ids that share ``key`` (say, their task
+    and when they were claimed): a worker's batch of a hundred short jobs is one run, not a hundred."""
+    runs: list[tuple[int, int, K]] = []
+    for job_id, key in sorted(jobs, key=lambda j: j[0]):
+        if runs and runs[-1][1] == job_id - 1 and runs[-1][2] == key:
+            runs[-1] = (runs[-1][0], job_id, key)
+        else:
+            runs.append((job_id, job_id, key))
+    return runs
 
 
 def running_jobs(db: Any = None, task_id: str | None = None) -> list[RunningJob]:

@@ -23,6 +23,8 @@ import pytest
 from conftest import LMS, cli, env_for_workers, is_pg, wait_for
 
 from litemultistep import MultiStepTask
+from litemultistep import engine as E
+from litemultistep.config import resolve_db
 
 pytest.importorskip("starlette", reason="the web page needs the web extra: pip install -e '.[test,web]'")
 
@@ -375,6 +377,25 @@ def test_workers_page_shows_what_each_worker_runs(db, tmp_path, serve, spawn, pa
 
 
 # -- without a browser --------------------------------------------------------------------------------
+
+
+def test_a_held_batch_is_one_item_on_the_workers_page(db, serve):
+    """A worker holding a batch of short jobs shows it as one run of ids, as `litemultistep workers`
+    does, not one item per job."""
+    task = MultiStepTask.create("batch <b>", db=db)
+    for _ in range(40):
+        task.add_job(jobfuncs.noop)
+    task.mark_finalizable()
+    database = resolve_db(db)
+    database.connection().execute("UPDATE task SET avg_duration = 1e-6")  # known short: batches of many
+    worker_id, lock = E.register_worker(database, "inline")
+    [batch] = E.claim(database, worker_id, max_batch=32)
+    server = serve(db)
+    status, body, _ = server.get("/workers")
+    assert status == 200
+    assert f"{batch[0].id}–{batch[-1].id} of" in body and body.count('class="job"') == 1
+    assert "batch &lt;b&gt;" in body
+    lock.release()
 
 
 def _dump(db: str) -> list[str]:

@@ -263,8 +263,15 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
 
     def workers_page(request: Request) -> Response:
         doc = documents.get(("workers",), lambda: views.workers_doc(database))
-        running = documents.get(("running",), lambda: {r.job_id: r.as_dict() for r in views.running_jobs(database)})
-        return page(request, "workers.html", workers=doc["workers"], running=running)
+        running = documents.get(("running",), lambda: {r.job_id: r for r in views.running_jobs(database)})
+
+        def held(job_ids: list[int]) -> list[tuple[int, int, tuple[str, float | None] | None]]:
+            # one run per batch: consecutive ids of one task, claimed together
+            return views.id_runs([(j, (running[j].task_id, running[j].claimed_at) if j in running else None)
+                                  for j in job_ids])
+
+        return page(request, "workers.html", workers=doc["workers"],
+                    held={w["id"]: held(w["running_job_ids"]) for w in doc["workers"]})
 
     # -- the JSON API (the CLI's --json documents) --------------------------------------------------
 
