@@ -37,7 +37,7 @@ from .errors import (
 _LAZY = {
     "configure": "config",
     "Database": "db",
-    "NetworkFilesystemWarning": "db",
+    "NetworkFilesystemWarning": "sqlite",
     "Workers": "embedding",
     "report": "runner",
     "time_left": "runner",
@@ -53,9 +53,10 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .config import configure
-    from .db import Database, NetworkFilesystemWarning
+    from .db import Database
     from .embedding import Workers
     from .runner import report, time_left
+    from .sqlite import NetworkFilesystemWarning
     from .task import JobHandle, JobSpec, MultiStepTask, current_task, job
     from .views import FailureInfo, JobResult, Progress
 

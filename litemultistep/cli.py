@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import config, engine, views
-from .db import Database, import_peewee_alone, is_url
+from .db import Database, backend_for, is_url
 from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
 from .worker import WorkerOptions, run_worker
 
@@ -67,7 +67,7 @@ def _error(message: str) -> None:
 def _open(path: str) -> Database:
     """Open for a reading or steering command: a missing or empty file is an error, never created.
     Closed when the command ends (``main`` may run in a long-lived process)."""
-    database = Database(path, create=False)
+    database = Database.open(path, create=False)
     click.get_current_context().call_on_close(database.close)
     return database
 
@@ -257,9 +257,8 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
                             lease=lease, batch=batch, poll=poll, allow_modules=list(allow_modules),
                             timeout=timeout, shutdown_timeout=shutdown_timeout, max_crashes=max_crashes,
                             verbose=verbose, quiet=quiet)
-    if not is_url(db):
-        import_peewee_alone()  # this process runs no user code, and needs no PostgreSQL driver
     try:
+        backend_for(db).prepare_worker_process()
         code = run_worker(options)
     except (DatabaseUnusable, InvalidSetting) as e:
         _error(str(e))

@@ -1,41 +1,43 @@
-"""The database: the SQLite file (the embedded default) and what both backends share.
+"""The backend contract: what a litemultistep database must do, whichever server (or file) it lives on.
 
-The models describe the schema; the engine talks to the database with plain SQL on the connection that
-:meth:`Database.connection` returns, so the hot paths stay lean and every decision is reviewable in
-``engine.py``. ``Database(target)`` opens a SQLite file for a path and a PostgreSQL database for a
-``postgresql://`` URL (:mod:`litemultistep.pg`); both speak the same SQL, but for the few differences a
-:class:`Dialect` names.
+:class:`Database` names every operation the engine, the worker and the views need of a backend, and
+nothing above the backends asks which one it runs on. Two implement it:
+
+* :mod:`litemultistep.sqlite`: one SQLite file in WAL mode, the embedded default (any path);
+* :mod:`litemultistep.pg`: a PostgreSQL database, for workers on many hosts (a ``postgresql://`` URL).
+
+``Database(target)`` (or :meth:`Database.open`) is the one factory: it opens the backend the target
+names. Both backends speak the same SQL text, with ``?`` placeholders, on a connection that follows
+:class:`Connection`; the few things they say differently are named by its :class:`Dialect`. What
+differs beyond SQL is named here, once, as a method each backend implements:
+
+* **writes**: :meth:`Database.write` is one short transaction (``BEGIN IMMEDIATE`` on SQLite, row
+  locks taken as rows are touched on PostgreSQL);
+* **liveness**: a worker holds a lock while it lives (an OS ``flock`` on SQLite, a session advisory
+  lock on PostgreSQL); :meth:`~Database.register_worker`, :meth:`~Database.heartbeat`,
+  :meth:`~Database.dead_workers` and :meth:`~Database.end_session` are all the engine knows of it;
+* **wake-ups**: :meth:`Database.waiter` is what an idle worker sleeps on (an inotify watch of the
+  ``-wal`` file; ``LISTEN``), and :meth:`Connection.notify` what a transaction says to wake it;
+* **maintenance**: :meth:`~Database.tidy`, :meth:`~Database.checkpoint`, :meth:`~Database.integrity`.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
+import abc
 import os
-import sqlite3
-import sys
+import re
 import threading
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
-from . import config
-from ._wakeup import WalWaiter
-from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
+from .errors import DatabaseUnusable
 
-log = logging.getLogger("litemultistep")
-
-#: Schema version written to ``PRAGMA user_version``; an older file is upgraded, a newer one refused.
+#: Version of the schema this litemultistep writes; an older database is upgraded, a newer one refused.
 SCHEMA_VERSION = 4
-#: ``PRAGMA application_id`` of our files ("LMS1"), so another program's database is recognised.
-APPLICATION_ID = 0x4C4D5331
-SQLITE_HEADER = b"SQLite format 3\x00"
-#: Seconds a connection waits for another writer before giving up with a clear error.
-BUSY_TIMEOUT = 60
 
 
 class TaskState(IntEnum):
@@ -70,271 +72,8 @@ class JobKind(IntEnum):
     FINALIZE = 1
 
 
-#: the schema's tables, in the order the models below define them
+#: the schema's tables, the same on every backend
 TABLES = ("task", "job", "failure", "worker", "finished_task")
-
-
-#: the drivers peewee imports when it is imported, if they are installed
-_PEEWEE_DRIVERS = ("psycopg2cffi", "psycopg2", "psycopg", "pymysql", "MySQLdb")
-
-
-def import_peewee_alone() -> None:
-    """Import peewee without the other databases' drivers it looks for at import (psycopg alone
-    takes a third of a second). Only for a process that opens SQLite files and runs no user code,
-    such as ``litemultistep worker`` on a file: in it, peewee's PostgreSQL and MySQL classes do not
-    work. A process that has imported peewee already is left as it is."""
-    if "peewee" in sys.modules:
-        return
-    blocked = [name for name in _PEEWEE_DRIVERS if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None  # type: ignore[assignment]  # what makes `import name` fail at once
-    try:
-        import peewee  # noqa: F401
-    finally:
-        for name in blocked:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
-
-
-@functools.cache
-def models() -> list[type[Any]]:
-    """The peewee models the schema is created from, defined on first use: peewee (and with it every
-    database driver it finds installed, psycopg among them: a quarter of a second) is imported only
-    by a process that opens a SQLite file, never by a job process whose jobs do not touch the database.
-    """
-    import peewee as pw
-    from playhouse.sqlite_ext import AutoIncrementField
-
-    def _default(field: type[pw.Field], value: object) -> pw.Field:
-        """A field with a SQL ``DEFAULT``: the engine inserts rows with plain SQL, not through peewee."""
-        return field(default=value, constraints=[pw.SQL(f"DEFAULT {value}")])
-
-    class _Model(pw.Model):
-        class Meta:
-            database = None  # bound to one file at a time, when the schema is created
-            legacy_table_names = False
-
-    class Task(_Model):
-        id = pw.AutoField()
-        task_id = pw.TextField(unique=True)
-        slug = pw.TextField()
-        state = pw.IntegerField()
-        finalizable = _default(pw.BooleanField, 0)
-        normal_count = _default(pw.IntegerField, 0)
-        finalize_count = _default(pw.IntegerField, 0)
-        completed_count = _default(pw.IntegerField, 0)
-        failed_count = _default(pw.IntegerField, 0)
-        #: jobs in state QUEUED (claimable now)
-        pending_count = _default(pw.IntegerField, 0)
-        running_count = _default(pw.IntegerField, 0)
-        #: when a worker last claimed from this queue (ns); the least recently served queue goes first
-        last_served = _default(pw.IntegerField, 0)
-        max_retries = _default(pw.IntegerField, 0)
-        retry_delay = _default(pw.FloatField, 1.0)
-        created_at = pw.FloatField()
-        #: seconds one job of this task may run before it is stopped (NULL: the worker's ``--timeout``)
-        timeout = pw.FloatField(null=True)
-        #: a running mean of how long this task's jobs take (s); claims size their batches from it
-        avg_duration = pw.FloatField(null=True)
-        #: the process filling the task in its ``with`` block (to clean up after a crash)
-        builder_pid = pw.IntegerField(null=True)
-        #: 1: a normal job that succeeds is kept (state COMPLETED) with its return value, for the finalizers
-        keep_results = _default(pw.IntegerField, 0)
-        #: normal jobs kept with their result
-        result_count = _default(pw.IntegerField, 0)
-
-    class Job(_Model):
-        #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
-        id = AutoIncrementField()
-        task = pw.ForeignKeyField(Task, on_delete="CASCADE", index=False, column_name="task")
-        kind = pw.IntegerField()
-        #: order of a finalization job in its chain (0, 1, ...)
-        position = pw.IntegerField(null=True)
-        #: ``module:qualname`` of the callable
-        func = pw.TextField()
-        #: JSON ``[args, kwargs]``
-        args = pw.TextField()
-        state = pw.IntegerField()
-        attempts = _default(pw.IntegerField, 0)
-        worker = pw.IntegerField(null=True)
-        run_at = pw.FloatField(null=True)
-        enqueued_at = pw.FloatField()
-        #: when the worker holding it claimed it (wall clock), for "running for" in the status view
-        claimed_at = pw.FloatField(null=True)
-        #: how many times a worker process died while holding it; at the worker's limit it fails
-        crashes = _default(pw.IntegerField, 0)
-        #: this job's own time limit (s), over the task's
-        timeout = pw.FloatField(null=True)
-        #: JSON of its return value, for a normal job of a task that keeps results (state COMPLETED)
-        result = pw.TextField(null=True)
-        #: what the running job last reported of its own progress (litemultistep.report), if anything
-        progress_done = pw.FloatField(null=True)
-        progress_total = pw.FloatField(null=True)
-
-    class Failure(_Model):
-        id = pw.AutoField()
-        job = pw.ForeignKeyField(Job, on_delete="CASCADE", column_name="job")
-        task = pw.ForeignKeyField(Task, on_delete="CASCADE", column_name="task")
-        exc_type = pw.TextField()
-        message = pw.TextField()
-        traceback = pw.TextField()
-        attempt = pw.IntegerField()
-        failed_at = pw.FloatField()
-        worker_pid = pw.IntegerField(null=True)
-
-    class Worker(_Model):
-        #: AUTOINCREMENT: a worker id is never reused, so a stale worker never passes for a new one
-        id = AutoIncrementField()
-        pid = pw.IntegerField()
-        hostname = pw.TextField()
-        #: "process" (a worker process with a heartbeat) or "inline" (sync mode, drain)
-        kind = pw.TextField()
-        queues = pw.TextField(null=True)
-        started_at = pw.FloatField()
-        heartbeat_at = pw.FloatField()
-        #: end of the lease; NULL for inline runners, whose liveness is their lock alone
-        expires_at = pw.FloatField(null=True)
-        lock_path = pw.TextField()
-        #: ``CLOCK_MONOTONIC`` of the last heartbeat: shared by every process of the host and never
-        #: jumped by a clock change; consulted only when the worker's lock file has gone missing
-        heartbeat_mono = pw.FloatField(null=True)
-        #: processes running jobs for this worker
-        concurrency = _default(pw.IntegerField, 1)
-
-    class FinishedTask(_Model):
-        task_id = pw.TextField(primary_key=True)
-        slug = pw.TextField()
-        normal_count = pw.IntegerField()
-        finalize_count = pw.IntegerField()
-        created_at = pw.FloatField()
-        finished_at = pw.FloatField(index=True)
-
-    return [Task, Job, Failure, Worker, FinishedTask]
-
-
-# Partial indexes keep the claim and recovery paths to one index probe each. The claim query in
-# engine.py repeats the WHERE terms of task_claimable word for word, as SQLite requires.
-INDEXES = [
-    "CREATE INDEX task_claimable ON task (last_served) WHERE pending_count > 0 AND state IN (1, 2)",
-    "CREATE INDEX job_task_state ON job (task, state)",
-    "CREATE INDEX job_running ON job (worker) WHERE state = 2",
-    "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
-    # a task's finalization chain without a pass over its (maybe millions of) normal jobs
-    "CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1",
-]
-
-# One entry per schema version above 1: the statements that bring a file from version N-1 to N.
-MIGRATIONS: dict[int, list[str]] = {
-    2: [
-        "ALTER TABLE task ADD COLUMN timeout REAL",
-        "ALTER TABLE task ADD COLUMN avg_duration REAL",
-        "ALTER TABLE job ADD COLUMN claimed_at REAL",
-        "ALTER TABLE job ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE job ADD COLUMN timeout REAL",
-        "ALTER TABLE worker ADD COLUMN heartbeat_mono REAL",
-        "ALTER TABLE worker ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 1",
-    ],
-    3: [
-        "ALTER TABLE task ADD COLUMN keep_results INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE task ADD COLUMN result_count INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE job ADD COLUMN result TEXT",
-        "ALTER TABLE job ADD COLUMN progress_done REAL",
-        "ALTER TABLE job ADD COLUMN progress_total REAL",
-    ],
-    4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
-}
-
-
-class NetworkFilesystemWarning(UserWarning):
-    """The database is on a network filesystem, where SQLite's locks (and ours) are unreliable."""
-
-
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
-                       "gpfs", "fuse.sshfs", "fuse.s3fs", "fuse.rclone", "davfs", "fuse.glusterfs"}
-
-
-def filesystem_type(path: str, mounts: str = "/proc/self/mounts") -> str | None:
-    """The type of the filesystem holding ``path`` (Linux), from the longest matching mount point."""
-    try:
-        with open(mounts) as f:
-            table = [line.split() for line in f]
-    except OSError:
-        return None
-    best, kind = "", None
-    for fields in table:
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-            best, kind = point, fields[2]
-    return kind
-
-
-def _check_path(path: str, create: bool) -> str:
-    """Refuse, with a message naming the problem, a path SQLite would misuse or we must not touch."""
-    if path.startswith("file:") or path == ":memory:" or path == "":
-        raise DatabaseUnusable(
-            f"{path!r} is not a file path: litemultistep takes the path of a SQLite file "
-            "(workers in other processes must open the same file), not a SQLite URI or :memory:"
-        )
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise DatabaseUnusable(f"{path} is a directory: name a file in it, e.g. {path}/app.sqlite")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise DatabaseUnusable(f"cannot open {path}: its directory {parent} does not exist; create it first")
-    if os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                header = f.read(len(SQLITE_HEADER))
-        except OSError as e:
-            raise DatabaseUnusable(f"cannot read {path}: {e.strerror}") from None
-        if header and header != SQLITE_HEADER:
-            raise DatabaseUnusable(f"{path} is not a SQLite database (its first bytes say otherwise)")
-        if not header and not create:
-            raise DatabaseUnusable(f"{path} is empty: not a litemultistep database yet (a reading command "
-                                   "never turns a file into one); check the path, or create tasks first")
-        if not os.access(path, os.W_OK):
-            raise DatabaseUnusable(f"{path} is read-only: litemultistep writes to its database; "
-                                   "make the file writable by this user")
-    elif not create:
-        raise DatabaseUnusable(f"no database at {path} (a reading command never creates one); "
-                               "check the path, or create tasks first")
-    fs = filesystem_type(parent)
-    if fs in NETWORK_FILESYSTEMS:
-        warnings.warn(f"{path} is on a network filesystem ({fs}): SQLite's locking is not reliable there and "
-                      "workers on other hosts cannot share it; use a local disk", NetworkFilesystemWarning,
-                      stacklevel=4)
-    if not os.access(parent, os.W_OK):
-        raise DatabaseUnusable(f"the directory {parent} is read-only: SQLite creates {os.path.basename(path)}-wal "
-                               "and -shm beside the database; make the directory writable")
-    if not os.path.exists(path):
-        try:
-            # Created here, before SQLite sees it, so the file (and the -wal and -shm SQLite copies
-            # its mode to) is readable by its owner only, whatever the umask.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-        except FileExistsError:
-            pass  # another process created it at the same instant
-    return path
-
-
-class Cursor(Protocol):
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-class Connection(Protocol):
-    """What the engine needs of a connection: ``sqlite3.Connection`` has it, and so does
-    :class:`litemultistep.pg.PgConnection` (same SQL, ``?`` placeholders)."""
-
-    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
-
-    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -342,12 +81,12 @@ class Dialect:
     """What the engine's SQL says differently on each backend (everything else is the same text)."""
 
     name: str
+    #: the largest job id ever given out, even if that job is gone
+    max_job_id: str
     #: ends the sub-select that picks the jobs a claim takes: concurrent claims skip each other's rows
     skip_locked: str = ""
     #: ends a SELECT of a task row that a transaction decides from (and then changes)
     lock_row: str = ""
-    #: the largest job id ever given out, even if that job is gone
-    max_job_id: str = "SELECT seq FROM sqlite_sequence WHERE name = 'job'"
     #: seconds of work a claim takes at once (0: engine.CLAIM_WINDOW): more where a transaction costs more
     claim_window: float = 0.0
 
@@ -367,239 +106,227 @@ class Dialect:
         return list(range(last - len(rows) + 1, last + 1))
 
 
-SQLITE = Dialect("sqlite")
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
 
-POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the engine needs of a connection: the SQL (``?`` placeholders), its dialect, and a way to
+    wake idle workers."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
+
+    def notify(self) -> None:
+        """Wake idle workers once this transaction commits (jobs became claimable, or work ran out)."""
+
+
+class LivenessLock(Protocol):
+    """What a worker holds while it lives, and loses the instant it dies."""
+
+    @property
+    def path(self) -> str: ...
+
+    def intact(self) -> bool: ...
+
+    def renew(self) -> str: ...
+
+    def release(self) -> None: ...
+
+
+class Waiter(Protocol):
+    """What an idle worker sleeps on to learn that another process made work for it."""
+
+    def fileno(self) -> int | None:
+        """A descriptor readable when something changed, or None: look again every ``poll`` seconds."""
+
+    def changed(self) -> bool:
+        """Whether something changed since the last call (and drain what woke us)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeadWorker:
+    """A registered worker found dead: its id, its pid (on its own host) and its lock's name."""
+
+    id: int
+    pid: int
+    lock_path: str
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def url_scheme(target: object) -> str | None:
+    """The scheme of ``target`` if it is a URL (``postgresql``), else None (a file path)."""
+    if not isinstance(target, str):
+        return None
+    m = _SCHEME.match(target)
+    return m.group(1).lower() if m else None
 
 
 def is_url(target: object) -> bool:
-    """Whether ``target`` names a PostgreSQL database (a URL) rather than a SQLite file."""
-    return isinstance(target, str) and target.startswith(POSTGRES_URL_PREFIXES)
+    """Whether ``target`` is a URL (a database server) rather than the path of a SQLite file."""
+    return url_scheme(target) is not None
 
 
-class Database:
-    """One litemultistep database, opened in this process: a SQLite file, or, for a
-    ``postgresql://user@host/dbname`` URL, a PostgreSQL database (``pip install 'litemultistep[postgres]'``).
+def backend_for(target: str | os.PathLike[str]) -> type[Database]:
+    """The :class:`Database` class that opens ``target``: a path, or a URL whose scheme names a backend."""
+    scheme = url_scheme(os.fspath(target))
+    if scheme is None:
+        from .sqlite import SqliteDatabase
+
+        return SqliteDatabase
+    if scheme in ("postgresql", "postgres"):
+        from .pg import PostgresDatabase
+
+        return PostgresDatabase
+    raise DatabaseUnusable(f"unknown database URL scheme {scheme!r}: litemultistep opens a SQLite file (a path) "
+                           "or a PostgreSQL database (postgresql://user@host/dbname)")
+
+
+class Database(abc.ABC):
+    """One litemultistep database, opened in this process: ``Database("app.sqlite")`` opens a SQLite
+    file (created, owner-only, if missing); ``Database("postgresql://user@host/dbname")`` a PostgreSQL
+    database (``pip install 'litemultistep[postgres]'``).
 
     Each thread gets its own connection; a connection is never used across ``fork``: a child opens
-    fresh ones (the parent's are left untouched, never closed, as SQLite requires).
+    fresh ones (the parent's are left untouched).
 
-    :param path: the SQLite file (created, owner-only, if missing and ``create`` is true), or a URL.
-    :param create: when false, a missing file (or a PostgreSQL database without litemultistep's
-        tables) is an error: reading commands never create one.
+    :param target: the SQLite file's path, or a URL.
+    :param create: when false, a missing file (or a database without litemultistep's tables) is an
+        error: reading commands never create one.
     """
 
     #: the backend's SQL differences
-    dialect: Dialect = SQLITE
-    is_postgres = False
+    dialect: Dialect
     #: what another process opens to reach the same database (the path, or the full URL)
     target: str
     #: how messages name the database (the path, or the URL without its password)
     path: str
 
-    def __new__(cls, path: str | os.PathLike[str], *, create: bool = True) -> Database:
-        if cls is Database and is_url(path):
-            from .pg import PostgresDatabase
-
-            return object.__new__(PostgresDatabase)
+    def __new__(cls, target: str | os.PathLike[str], *, create: bool = True) -> Database:
+        if cls is Database:
+            cls = backend_for(target)
         return object.__new__(cls)
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = self.target = _check_path(os.fspath(path), create)
-        self.lock_path = self.path + ".lock"
-        self.workers_dir = self.path + ".workers"
-        sync = 2 if config.synchronous() == "full" else 1
-        import peewee as pw  # here, not at the top: see models()
-
-        #: what opening or reading the file raises when it is not a usable SQLite database
-        self._unusable = (sqlite3.DatabaseError, pw.DatabaseError)
-        self._pw = pw.SqliteDatabase(None)
-        self._pw.init(
-            self.path,
-            timeout=BUSY_TIMEOUT,
-            check_same_thread=False,
-            pragmas=[
-                ("synchronous", sync),
-                ("foreign_keys", 1),
-                ("cache_size", -16000),
-                ("temp_store", 2),
-                # after a checkpoint the -wal file is cut back to this size instead of staying large
-                ("journal_size_limit", 8 * 1024 * 1024),
-                # copy the -wal back every 1 MiB (SQLite's default: 4 MiB): as fast here, and a -wal
-                # that stays small never takes the space its own checkpoint needs on a nearly full disk
-                ("wal_autocheckpoint", 256),
-            ],
-        )
-        self._pid = os.getpid()
-        self._forsaken: list[Any] = []
-        self._ensure_schema()
+    @staticmethod
+    def open(target: str | os.PathLike[str], *, create: bool = True) -> Database:
+        """The one factory: open ``target`` with the backend it names (as ``Database(target)`` does)."""
+        return backend_for(target)(target, create=create)
 
     def __repr__(self) -> str:
         return f"<litemultistep.Database {self.path}>"
 
-    def waiter(self, poll: float) -> WalWaiter:
-        """What an idle worker waits on to learn that another process committed."""
-        return WalWaiter(self.path + "-wal", poll)
+    @classmethod  # noqa: B027 - most backends have nothing to trim
+    def prepare_worker_process(cls) -> None:
+        """Called once by ``litemultistep worker``, a process that runs no user code, before it opens
+        the database: a backend may trim what the process imports."""
 
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use (and reopened after a fork)."""
-        if os.getpid() != self._pid:
-            # Inherited across fork: keep the parent's connection object alive but unused; closing
-            # it here could release locks the parent still relies on.
-            self._forsaken.append(self._pw._state.conn)  # type: ignore[attr-defined]
-            self._pw._state.reset()  # type: ignore[attr-defined]
-            self._pid = os.getpid()
-        try:
-            return self._pw.connection()  # type: ignore[no-any-return]
-        except self._unusable as e:
-            raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
+    # -- connections and transactions ---------------------------------------------------------------
 
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A short ``BEGIN IMMEDIATE`` transaction: it takes the write lock at once, so it never
-        fails half-way with a lock upgrade error, and it commits when the block ends."""
-        conn = self.connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise translate_error(e, self.path) from None
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            self._rollback(conn)
-            raise
-        except sqlite3.DatabaseError as e:
-            self._rollback(conn)
-            raise translate_error(e, self.path) from None
-        except BaseException:
-            self._rollback(conn)
-            raise
+    @abc.abstractmethod
+    def connection(self) -> Connection:
+        """This thread's connection, opened on first use (and again after a fork, or once lost)."""
 
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+    @abc.abstractmethod
+    def write(self) -> AbstractContextManager[Connection]:
+        """A short write transaction, committed when the block ends and rolled back if it raises.
+        Errors come as :class:`~litemultistep.errors.StorageError` (a retry may cure them) or
+        :class:`~litemultistep.errors.DatabaseUnusable`."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Close this thread's connection (another use reopens it)."""
-        if os.getpid() == self._pid and not self._pw.is_closed():
-            self._pw.close()
 
-    def _ensure_schema(self) -> None:
-        conn = self.connection()
-        try:
-            state = _schema_state(conn, self.path)
-            if state == "current":
-                return
-            from filelock import FileLock
-            from filelock import Timeout as LockTimeout
+    @abc.abstractmethod
+    def still_there(self) -> bool:
+        """Whether the database this object opened is still the one its target names (a SQLite file
+        can be deleted or replaced under a process)."""
 
-            try:
-                lock = FileLock(self.lock_path, timeout=BUSY_TIMEOUT, mode=0o600)
-                lock.acquire()
-            except (OSError, LockTimeout) as e:
-                raise DatabaseUnusable(f"cannot take the schema lock {self.lock_path}: {e}") from None
-            try:
-                state = _schema_state(conn, self.path)  # another process may have done it meanwhile
-                if state == "new":
-                    self._create_schema(conn)
-                elif state == "old":
-                    self._upgrade_schema(conn)
-            finally:
-                lock.release()
-        except self._unusable as e:
-            self.close()
-            raise DatabaseUnusable(f"{self.path} is not a usable SQLite database: {e}") from None
+    # -- schema -------------------------------------------------------------------------------------
 
-    def _create_schema(self, conn: sqlite3.Connection) -> None:
-        # auto_vacuum must be chosen before the first table exists; WAL is persistent in the file.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise DatabaseUnusable(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
-                                   "use a local disk, not a network filesystem")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            with self._pw.bind_ctx(models()):
-                self._pw.create_tables(models(), safe=False)
-            for sql in INDEXES:
-                conn.execute(sql)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        log.debug("created litemultistep schema v%d in %s", SCHEMA_VERSION, self.path)
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The schema version stored in the database (:data:`SCHEMA_VERSION` once opened)."""
 
-    def _upgrade_schema(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for sql in MIGRATIONS[target]:
-                    conn.execute(sql)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        log.info("upgraded %s from schema v%d to v%d", self.path, version, SCHEMA_VERSION)
+    # -- waiting for work ---------------------------------------------------------------------------
 
+    @abc.abstractmethod
+    def waiter(self, poll: float) -> Waiter:
+        """What an idle worker waits on to learn that another process committed work."""
 
-def _schema_state(conn: sqlite3.Connection, path: str) -> str:
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if app_id == 0:
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if tables:
-            raise DatabaseUnusable(f"{path} is a SQLite database of another program (it has tables but "
-                                   "no litemultistep schema); litemultistep leaves it untouched")
-        return "new"
-    if app_id != APPLICATION_ID:
-        raise DatabaseUnusable(f"{path} belongs to another program (application_id {app_id:#x}); "
-                               "litemultistep leaves it untouched")
-    if version > SCHEMA_VERSION:
-        raise SchemaTooNew(f"{path} was written by a newer litemultistep (schema v{version}; this version "
-                           f"knows v{SCHEMA_VERSION}): upgrade litemultistep to use it")
-    # Touch every table's root page: a truncated file fails here, at open, not in the middle of work.
-    for table in TABLES:
-        conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchall()
-    return "current" if version == SCHEMA_VERSION else "old"
+    # -- worker liveness ----------------------------------------------------------------------------
 
+    @abc.abstractmethod
+    def register_worker(self, kind: str, queues: Sequence[str] | None = None, lease: float | None = None,
+                        concurrency: int = 1) -> tuple[int, LivenessLock]:
+        """Add a worker's row and take its lock, so that once others can see the row, its lock is
+        held; returns the worker's id and its lock. ``kind`` is ``"process"`` (a worker with a
+        heartbeat and a ``lease``) or ``"inline"`` (sync mode, ``drain``: its lock alone)."""
 
-def translate_error(error: sqlite3.DatabaseError, path: str) -> LiteMultiStepError:
-    """The litemultistep error, with its advice, for an error SQLite raised on ``path``."""
-    message = str(error)
-    if "locked" in message or "busy" in message:
-        return DatabaseBusy(f"{path} stayed locked by another writer for {BUSY_TIMEOUT:.0f} s: {message}")
-    if "full" in message:
-        return StorageError(f"cannot write to {path}: the disk is full ({message}); "
-                            "free some space, nothing stored was lost")
-    if "disk I/O error" in message:
-        return StorageError(f"cannot write to {path}: disk I/O error (the disk may be full or failing, or a "
-                            "file size limit was reached); nothing stored was lost")
-    if "readonly" in message:
-        return DatabaseUnusable(f"cannot write to {path}: {message}")
-    if "malformed" in message or "not a database" in message:
-        return DatabaseUnusable(f"{path} is corrupt ({message}); restore it from a backup, or run "
-                                "`litemultistep check` to see what SQLite finds")
-    return DatabaseUnusable(f"{path}: {message}")
+    @abc.abstractmethod
+    def heartbeat(self, worker_id: int, lease: float, lock: LivenessLock | None = None) -> bool:
+        """Renew the worker's heartbeat (and its lock, if it was lost); False when the worker's row
+        is gone: it was taken for dead, and the jobs it held are no longer its own."""
+
+    @abc.abstractmethod
+    def dead_workers(self, lease: float) -> list[DeadWorker]:
+        """Every registered worker that is dead. ``lease`` is the lease of workers that set none.
+        Only looks: it changes nothing."""
+
+    @abc.abstractmethod
+    def end_session(self, dead: DeadWorker) -> None:
+        """Make sure a worker found dead holds nothing any more, before its jobs are taken back (its
+        lingering connection is ended; its lock file removed)."""
+
+    def maintenance_every(self) -> float:
+        """Seconds between a worker's rounds of recovery (finding dead workers)."""
+        return 1.0
+
+    # -- maintenance --------------------------------------------------------------------------------
+
+    def tidy(self, idle: bool = False) -> None:  # noqa: B027 - a backend with nothing to tidy keeps it
+        """Give back space no longer used; ``idle``: work is done, shrink what can shrink."""
+
+    def checkpoint(self) -> bool:
+        """Make every commit durable in the main store and shrink the log; whether it got through."""
+        return True
+
+    def tighten(self) -> None:  # noqa: B027 - only a store that can fill its own disk has work here
+        """After a full disk: keep the log small from now on."""
+
+    def integrity(self) -> list[str]:
+        """What the backend's own integrity check finds wrong (nothing: an empty list)."""
+        return []
+
+    @abc.abstractmethod
+    def builder_gone(self, pid: int) -> bool:
+        """Whether the process (of this host) that was filling a task in its ``with`` block is gone."""
 
 
 _open: dict[str, Database] = {}
 _open_lock = threading.Lock()
 
 
-def open_database(path: str | os.PathLike[str]) -> Database:
-    """The :class:`Database` for ``path`` (or URL), opened once per process and shared."""
-    key = os.fspath(path) if is_url(path) else os.path.abspath(os.fspath(path))
+def open_database(target: str | os.PathLike[str]) -> Database:
+    """The :class:`Database` for ``target`` (a path or a URL), opened once per process and shared."""
+    key = os.fspath(target) if is_url(target) else os.path.abspath(os.fspath(target))
     db = _open.get(key)
-    if db is not None and (db.is_postgres or os.path.exists(key)):
+    if db is not None and db.still_there():
         return db
     with _open_lock:
-        db = Database(path)
+        db = Database.open(target)
         _open[key] = db
         return db
 
@@ -611,5 +338,5 @@ def now() -> float:
 
 def monotonic() -> float:
     """``CLOCK_MONOTONIC`` seconds: one clock for every process of this host, which neither a clock
-    change nor a suspend makes jump; the only time base liveness decisions use."""
+    change nor a suspend makes jump; the only time base liveness decisions on one host use."""
     return time.clock_gettime(time.CLOCK_MONOTONIC) if hasattr(time, "clock_gettime") else time.monotonic()

@@ -14,7 +14,7 @@ from typing import Any
 from .config import resolve_db
 from .worker import PARENT_PID_ENV, WorkerOptions
 
-log = logging.getLogger("litemultistep")
+log = logging.getLogger(__name__)
 
 
 class Workers:

@@ -33,22 +33,18 @@ The rules a reader can check in this file:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import secrets
-import socket
-import sqlite3
 import string
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from . import config
-from .db import SQLITE, Connection, Database, Dialect, JobKind, JobState, TaskState, monotonic, now, translate_error
+from .db import Connection, Database, JobKind, JobState, TaskState, now
 from .errors import (
-    DatabaseBusy,
     FinalizationAlreadyBegun,
     JobNotFailed,
     LiteMultiStepError,
@@ -57,10 +53,7 @@ from .errors import (
     NotReadyForFinalization,
 )
 
-if TYPE_CHECKING:
-    from filelock import FileLock
-
-log = logging.getLogger("litemultistep")
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, COMPLETED, FAILED, SCHEDULED, WAITING = (
     JobState.QUEUED, JobState.RUNNING, JobState.COMPLETED, JobState.FAILED, JobState.SCHEDULED,
@@ -163,23 +156,11 @@ def begin_building(db: Database, task_id: str) -> None:
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization; it cannot be refilled")
 
 
-def _dialect(c: Connection) -> Dialect:
-    return getattr(c, "dialect", SQLITE)
-
-
-def _wake(c: Connection) -> None:
-    """Tell idle workers that this transaction, once committed, matters to them: jobs became claimable,
-    or work ran out. On SQLite every commit wakes them through the ``-wal`` file already."""
-    notify = getattr(c, "notify", None)
-    if notify is not None:
-        notify()
-
-
 def _task_row(c: Connection, task_id: str) -> tuple[int, int, int, int, int, int, int]:
     """The task's row, locked for the rest of the transaction (a decision is made from it)."""
     row = c.execute(
         "SELECT id, state, finalizable, normal_count, completed_count, failed_count, finalize_count "
-        "FROM task WHERE task_id = ?" + _dialect(c).lock_row, (task_id,)).fetchone()
+        "FROM task WHERE task_id = ?" + c.dialect.lock_row, (task_id,)).fetchone()
     if row is None:
         raise NoSuchMultiStepTask(f"no task {task_id!r}: it never existed, finished, or was nuked")
     return row  # type: ignore[no-any-return]
@@ -219,7 +200,7 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
                   "timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         claimed: list[ClaimedJob] = []
         if claim_for is None:
-            ids = _dialect(c).insert_many(c, insert, rows)
+            ids = c.dialect.insert_many(c, insert, rows)
         else:
             ids = []
             keep = bool(c.execute("SELECT keep_results FROM task WHERE id = ?", (pk,)).fetchone()[0])
@@ -236,7 +217,7 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
             "pending_count = pending_count + ?, running_count = running_count + ? WHERE id = ?",
             (n_normal, finalize_count, n_normal - running, running, pk))
         if n_normal > running and state != BUILDING:
-            _wake(c)
+            c.notify()
         return Added(ids, claimed)
 
 
@@ -250,7 +231,7 @@ def mark_finalizable(db: Database, task_id: str, claim_for: int | None = None) -
         pk, state, _, normal, completed, failed, _ = _task_row(c, task_id)
         if state == BUILDING:
             state = ACTIVE
-            _wake(c)  # the jobs added in the with block are claimable from now on
+            c.notify()  # the jobs added in the with block are claimable from now on
         c.execute("UPDATE task SET finalizable = 1, state = ?, builder_pid = NULL WHERE id = ?",
                   (state, pk))
         if state == ACTIVE and completed >= normal and failed == 0:
@@ -296,7 +277,7 @@ def _advance_chain(c: Connection, pk: int, task_id: str,
     if claim_for is None:
         c.execute("UPDATE job SET state = ? WHERE id = ?", (QUEUED, job_id))
         c.execute("UPDATE task SET pending_count = pending_count + 1 WHERE id = ?", (pk,))
-        _wake(c)
+        c.notify()
         return None
     c.execute("UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id = ?",
               (RUNNING, claim_for, now(), job_id))
@@ -356,7 +337,7 @@ def nuke(db: Database, task_id: str) -> None:
 def _queue_filter(c: Connection, queues: Sequence[str] | None) -> tuple[str, list[str]]:
     if not queues:
         return "", []
-    terms = [_dialect(c).glob(q) for q in queues]
+    terms = [c.dialect.glob(q) for q in queues]
     return " AND (" + " OR ".join(sql for sql, _ in terms) + ")", [p for _, p in terms]
 
 
@@ -415,15 +396,15 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
         if outcomes or done:
             _record(c, worker_id, outcomes, done, max_crashes, tally, again=held is not None)
         if give_back:
-            ids, params = _dialect(c).among("id", give_back)
+            ids, params = c.dialect.among("id", give_back)
             _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
                      unstarted=True, tally=tally)
         if put_back:
-            ids, params = _dialect(c).among("id", put_back)
+            ids, params = c.dialect.among("id", put_back)
             _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
                      tally=tally)
         if held is not None:
-            ids, params = _dialect(c).among("id", held)
+            ids, params = c.dialect.among("id", held)
             lost = _requeue(c, f"worker = ? AND NOT ({ids})", [worker_id, *params], unstarted=True, tally=tally)
             if lost:
                 log.warning("worker %d: %d job(s) claimed by a write whose answer was lost went back to their "
@@ -431,7 +412,7 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
         batches = _claim(c, worker_id, wants, max_batch, queues, tally)
         handed = _apply(c, tally, worker_id)
         if (outcomes or done) and len(batches) < wants:
-            _wake(c)  # work is running out: an idle --burst worker may be done now
+            c.notify()  # work is running out: an idle --burst worker may be done now
         return [[job] for job in handed] + batches
 
 
@@ -502,10 +483,10 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
         rows = c.execute(
             "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ?, progress_done = NULL, "
             "progress_total = NULL WHERE id IN "
-            f"(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?{_dialect(c).skip_locked}) "
+            f"(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?{c.dialect.skip_locked}) "
             "RETURNING id, kind, position, func, args, attempts, timeout",
             (RUNNING, worker_id, now(), pk, QUEUED,
-             batch_size(avg_duration, max_batch, _dialect(c).claim_window or CLAIM_WINDOW))).fetchall()
+             batch_size(avg_duration, max_batch, c.dialect.claim_window or CLAIM_WINDOW))).fetchall()
         if not rows:
             empty.add(pk)
             continue
@@ -531,7 +512,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
     they are sent a second time, after a write whose answer was lost (which may have recorded them)."""
     t = now()
     retry_rules: dict[int, tuple[int, float] | None] = {}
-    among = _dialect(c).among
+    among = c.dialect.among
     for d in done:
         # The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was
         # taken back in the meantime are not deleted, and so not counted: exact either way.
@@ -675,7 +656,7 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
                          (QUEUED, RUNNING, *params)).fetchall()
         _shift(c, (pk for (pk,) in rows), running=-1, pending=1, tally=tally)
         if rows:
-            _wake(c)
+            c.notify()
         return len(rows)
     why, limit = crashed
     rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
@@ -689,7 +670,7 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     if tally is None:
         _apply(c, own)
     if back:
-        _wake(c)
+        c.notify()
     t = now()
     for job_id, pk, _, crashes, attempt in failed:
         _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed",
@@ -736,7 +717,7 @@ def promote_scheduled(db: Database, due_by: float | None = None) -> int:
                          "RETURNING task", (QUEUED, t)).fetchall()
         _shift(c, (pk for (pk,) in rows), pending=1)
         if rows:
-            _wake(c)
+            c.notify()
     return len(rows)
 
 
@@ -762,7 +743,7 @@ def retry_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
         for job_id in job_ids:
             row = c.execute("SELECT state FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                top = c.execute(_dialect(c).max_job_id).fetchone()
+                top = c.execute(c.dialect.max_job_id).fetchone()
                 if top is not None and 0 < job_id <= top[0]:
                     raise NoSuchJob(f"job {job_id} is no longer stored: it completed (or its task finished or "
                                     "was nuked), so there is nothing to retry")
@@ -798,146 +779,11 @@ def _retry_where(c: Connection, where: str, params: list[object]) -> list[int]:
     _shift(c, (pk for _, pk in due), pending=1, tally=tally)
     _apply(c, tally)
     if rows or due:
-        _wake(c)
+        c.notify()
     return sorted(r[0] for r in rows + due)
 
 
 # -- workers and recovery ---------------------------------------------------------------------------
-
-
-class WorkerLock:
-    """The OS lock (``flock``) a worker holds while it lives: the kernel drops it the instant the
-    process dies, so a free lock proves death, however long a zombie lingers in the process table.
-
-    Its file lives in ``DB.workers/``. Should the file vanish (someone cleaned the folder), the owner
-    makes a new one at its next heartbeat (:meth:`renew`); meanwhile others take it for alive while
-    its monotonic heartbeat is fresh.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self._dir = db.workers_dir
-        self._lock, self._inode = self._take()
-
-    def _take(self) -> tuple[FileLock, int]:
-        from filelock import FileLock  # here: a job process, which imports this module, never needs it
-
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self._dir, f"{os.getpid()}-{secrets.token_hex(6)}.lock")
-        lock = FileLock(path, timeout=0, mode=0o600, thread_local=False)
-        lock.acquire()
-        return lock, os.stat(path).st_ino
-
-    @property
-    def path(self) -> str:
-        return str(self._lock.lock_file)
-
-    def intact(self) -> bool:
-        """Whether the file at :attr:`path` is still the one this lock holds."""
-        try:
-            return os.stat(self.path).st_ino == self._inode
-        except OSError:
-            return False
-
-    def renew(self) -> str:
-        """Take a fresh lock file (the old one was removed); returns its path."""
-        old = self._lock
-        self._lock, self._inode = self._take()
-        old.release()
-        return self.path
-
-    def release(self) -> None:
-        if self._lock.is_locked:
-            # Removed while still held: lock names are never reused, so no one can be waiting on it.
-            _unlink(self.path)
-            self._lock.release()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def lock_state(path: str) -> bool | None:
-    """Whether a live process holds the worker lock at ``path``: True, False (its owner is dead), or
-    None when the file is missing. Only looks: it never creates or removes a file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return True  # cannot look (permissions): do not take the owner for dead
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's own lock, if it took one
-    return False
-
-
-def worker_alive(lock_path: str, heartbeat_mono: float | None, lease: float) -> bool:
-    """A worker is alive while its lock is held; if its lock file has vanished, while its monotonic
-    heartbeat is younger than ``lease`` (a live worker makes a new lock file within a second)."""
-    state = lock_state(lock_path)
-    if state is not None:
-        return state
-    return heartbeat_mono is not None and monotonic() - heartbeat_mono < lease
-
-
-class LivenessLock(Protocol):
-    """What a worker holds while it lives: a :class:`WorkerLock` on SQLite, an advisory lock of its
-    connection on PostgreSQL (:class:`litemultistep.pg.AdvisoryLock`)."""
-
-    @property
-    def path(self) -> str: ...
-
-    def intact(self) -> bool: ...
-
-    def renew(self) -> str: ...
-
-    def release(self) -> None: ...
-
-
-def register_worker(db: Database, kind: str, queues: Sequence[str] | None = None,
-                    lease: float | None = None, concurrency: int = 1) -> tuple[int, LivenessLock]:
-    """Take a worker lock, then add the worker's row (in that order, so a live row's lock is held)."""
-    if db.is_postgres:
-        from . import pg
-
-        return pg.register_worker(db, kind, queues, lease, concurrency)
-    lock = WorkerLock(db)
-    t = now()
-    try:
-        with db.write() as c:
-            worker_id = c.execute(
-                "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
-                "heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
-                 t + lease if lease else None, lock.path, monotonic(), concurrency)).lastrowid
-    except BaseException:
-        lock.release()
-        raise
-    return int(worker_id), lock  # type: ignore[arg-type]
-
-
-def heartbeat(db: Database, worker_id: int, lease: float, lock: LivenessLock | None = None) -> bool:
-    """Renew the worker's heartbeat (and its lock, if it was lost); False when the worker's row
-    is gone: it was taken for dead, and the jobs it held are no longer its own."""
-    if db.is_postgres:
-        from . import pg
-
-        return pg.heartbeat(db, worker_id, lease, lock)
-    t = now()
-    path = lock.renew() if lock is not None and not lock.intact() else None
-    with db.write() as c:
-        if path is not None:
-            c.execute("UPDATE worker SET lock_path = ? WHERE id = ?", (path, worker_id))
-        return c.execute("UPDATE worker SET heartbeat_at = ?, expires_at = ?, heartbeat_mono = ? WHERE id = ?",
-                         (t, t + lease, monotonic(), worker_id)).rowcount == 1
 
 
 def worker_count(db: Database) -> int:
@@ -952,35 +798,20 @@ def unregister_worker(db: Database, worker_id: int) -> None:
         c.execute("DELETE FROM worker WHERE id = ?", (worker_id,))
 
 
-def dead_workers(db: Database, lease: float) -> list[tuple[int, int, str]]:
-    """``(id, pid, lock_path)`` of every registered worker that is dead."""
-    if db.is_postgres:
-        from . import pg
-
-        return [(w, pid, path) for w, pid, path, _ in pg.dead_workers(db, lease)]
-    rows = db.connection().execute("SELECT id, pid, lock_path, heartbeat_mono FROM worker").fetchall()
-    return [(w, pid, path) for w, pid, path, mono in rows if not worker_alive(path, mono, lease)]
-
-
 def recover(db: Database, me: int | None = None, lease: float = 30.0,
             max_crashes: int = DEFAULT_MAX_CRASHES) -> int:
     """Requeue the jobs of dead workers, and of worker ids that are no longer registered at all;
     each counts as a crash of the job. Returns how many jobs went back (or failed at the crash limit)."""
     total = 0
-    for worker_id, pid, lock_path in dead_workers(db, lease):
-        if worker_id == me:
+    for dead in db.dead_workers(lease):
+        if dead.id == me:
             continue
-        if db.is_postgres:
-            from . import pg
-
-            pg.end_session(db, worker_id)  # its heartbeat is too old but its connection lives: cut it
+        db.end_session(dead)
         with db.write() as c:
-            n = _requeue(c, "worker = ?", [worker_id], crashed=(f"worker pid {pid} died", max_crashes))
-            c.execute("DELETE FROM worker WHERE id = ?", (worker_id,))
-        if not db.is_postgres:
-            _unlink(lock_path)
+            n = _requeue(c, "worker = ?", [dead.id], crashed=(f"worker pid {dead.pid} died", max_crashes))
+            c.execute("DELETE FROM worker WHERE id = ?", (dead.id,))
         total += n
-        log.warning("worker %d (pid %d) is dead; %d job(s) it held went back to their queues", worker_id, pid, n)
+        log.warning("worker %d (pid %d) is dead; %d job(s) it held went back to their queues", dead.id, dead.pid, n)
     conn = db.connection()
     if conn.execute(f"SELECT 1 FROM job WHERE state = {RUNNING} AND (worker IS NULL OR worker NOT IN "
                     "(SELECT id FROM worker)) LIMIT 1").fetchone() is not None:
@@ -990,57 +821,6 @@ def recover(db: Database, me: int | None = None, lease: float = 30.0,
         total += n
         log.warning("%d job(s) held under worker ids no longer registered went back to their queues", n)
     return total
-
-
-#: the longest a checkpoint that cuts the -wal file back waits for readers, holding the write lock
-CHECKPOINT_WAIT_MS = 50
-
-
-def tidy(db: Database, idle: bool = False) -> None:
-    """Give free pages back to the filesystem once they are over a quarter of the file, and, when
-    ``idle``, cut the ``-wal`` file back to nothing, so the files shrink when work is done.
-
-    The checkpoint that cuts the ``-wal`` holds the write lock while it waits for readers, so it
-    waits at most :data:`CHECKPOINT_WAIT_MS` and simply tries again at the next idle moment.
-    """
-    if db.is_postgres:
-        return  # the server's autovacuum does this
-    conn = db.connection()
-    while True:
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        if free <= 256 or free * 4 <= pages:
-            break
-        # Bounded steps, each its own transaction, so no other writer waits long. executescript,
-        # because execute() steps this pragma once and frees a single page.
-        conn.executescript("BEGIN IMMEDIATE; PRAGMA incremental_vacuum(4096); COMMIT;")
-    if idle:
-        try:
-            wal = os.path.getsize(db.path + "-wal")
-        except OSError:
-            return
-        if wal:
-            checkpoint(db)
-
-
-def checkpoint(db: Database) -> bool:
-    """Copy the ``-wal`` into the database and cut it back to nothing, waiting for readers at most
-    :data:`CHECKPOINT_WAIT_MS`; returns whether it got through. (Nothing to do on PostgreSQL.)"""
-    if db.is_postgres:
-        return True
-    conn = db.connection()
-    busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
-    try:
-        blocked = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    except sqlite3.OperationalError as e:
-        error = translate_error(e, db.path)
-        if isinstance(error, DatabaseBusy):
-            return False
-        raise error from None  # a full disk: the caller waits for space before writing anything
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {busy}")
-    return not blocked
 
 
 # -- checking and repairing -------------------------------------------------------------------------
@@ -1062,21 +842,17 @@ def check(db: Database, repair: bool = False, lease: float = 30.0,
     finalizations and abandoned ``with`` blocks, run SQLite's integrity check; with ``repair``, fix them.
     """
     conn = db.connection()
-    problems: list[Problem] = []
-    if not db.is_postgres:
-        for (line,) in conn.execute("PRAGMA integrity_check").fetchall():
-            if line != "ok":
-                problems.append(Problem("integrity", None, line))
-    dead = dead_workers(db, lease)
-    dead_ids = {w for w, _, _ in dead}
+    problems = [Problem("integrity", None, line) for line in db.integrity()]
+    dead = db.dead_workers(lease)
+    dead_ids = {w.id for w in dead}
     held = conn.execute(f"SELECT worker, count(*) FROM job WHERE state = {RUNNING} GROUP BY worker").fetchall()
-    registered = {w for (w,) in conn.execute("SELECT id FROM worker")}
+    registered = {w for (w,) in conn.execute("SELECT id FROM worker").fetchall()}
     orphans = sum(n for w, n in held if w is None or w in dead_ids or w not in registered)
     if orphans:
         problems.append(Problem("dead-claims", None, f"{orphans} job(s) held by workers that are gone", repair))
     if dead:
         problems.append(Problem("dead-workers", None, f"{len(dead)} dead worker(s) still registered: "
-                                + ", ".join(f"id {w} (pid {pid})" for w, pid, _ in dead), repair))
+                                + ", ".join(f"id {w.id} (pid {w.pid})" for w in dead), repair))
     if repair and (orphans or dead):
         recover(db, lease=lease, max_crashes=max_crashes)
     for pk, task_id in conn.execute("SELECT id, task_id FROM task ORDER BY id").fetchall():
@@ -1089,7 +865,7 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
     with db.write() as c:  # one snapshot to compare, and to fix in
         row = c.execute("SELECT state, finalizable, normal_count, finalize_count, completed_count, failed_count, "
                         "pending_count, running_count, builder_pid, result_count FROM task WHERE id = ?"
-                        + _dialect(c).lock_row, (pk,)).fetchone()
+                        + c.dialect.lock_row, (pk,)).fetchone()
         if row is None:
             return []
         state, finalizable, normal, finalize, completed, failed, pending, running, builder, results = row
@@ -1117,8 +893,7 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
             if repair:
                 c.execute("UPDATE task SET " + ", ".join(f"{k} = ?" for k in wrong) + " WHERE id = ?",
                           (*[b for _, b in wrong.values()], pk))
-        # (a builder on PostgreSQL may be on another host, where its pid says nothing)
-        if state == BUILDING and builder is not None and not db.is_postgres and not _pid_alive(builder):
+        if state == BUILDING and builder is not None and db.builder_gone(builder):
             problems.append(Problem("abandoned", task_id, f"its with block never ended (process {builder} is "
                                     "gone); repair removes it", repair))
             if repair:
@@ -1135,12 +910,3 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
                 _advance_chain(c, pk, task_id, None)
     return problems
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

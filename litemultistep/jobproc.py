@@ -42,7 +42,7 @@ from .engine import ClaimedJob, Outcome
 from .jobs import allowed_or_why
 from .runner import Result, execute
 
-log = logging.getLogger("litemultistep")
+log = logging.getLogger(__name__)
 
 SLOT = struct.Struct("<dq")  # start (monotonic seconds), job id
 #: after SLOT: what the running job last reported (litemultistep.report): job id, done, total (-1: none)

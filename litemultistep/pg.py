@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import select
 import socket
@@ -34,13 +35,13 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .db import SCHEMA_VERSION, Database, Dialect, now
+from .db import SCHEMA_VERSION, Database, DeadWorker, Dialect, LivenessLock, now
 from .errors import DatabaseBusy, DatabaseUnavailable, DatabaseUnusable, SchemaTooNew, StorageError
 
 if TYPE_CHECKING:
     import psycopg
 
-log = logging.getLogger("litemultistep")
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "install the PostgreSQL driver: pip install 'litemultistep[postgres]'"
 
@@ -87,9 +88,9 @@ class _PostgresDialect(Dialect):
 
 POSTGRES = _PostgresDialect(
     "postgresql",
+    max_job_id="SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM job_id_seq",
     skip_locked=" FOR UPDATE SKIP LOCKED",
     lock_row=" FOR UPDATE",
-    max_job_id="SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM job_id_seq",
     # a transaction here is a few round trips to a server: a claim takes 10 ms of work, not 3, which
     # is still what a job process runs before it gives the rest of a batch back (worker.GIVE_BACK_AFTER)
     claim_window=0.010,
@@ -147,6 +148,10 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
 }
+
+_LOCKS = ("LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+          "AND l.classid = ?::int4::oid AND l.objid = w.id::int4::oid "
+          "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
 
 #: the liveness clock: the server's, so workers on hosts with different clocks agree
 SERVER_CLOCK = "extract(epoch from clock_timestamp())"
@@ -244,7 +249,6 @@ class PostgresDatabase(Database):
     """A litemultistep database on a PostgreSQL server (see :class:`litemultistep.Database`)."""
 
     dialect = POSTGRES
-    is_postgres = True
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         try:
@@ -270,8 +274,14 @@ class PostgresDatabase(Database):
         self.channel = f"litemultistep_{self.lock_key}"
         self._prepare_schema(create)
 
-    def __repr__(self) -> str:
-        return f"<litemultistep.Database {self.path}>"
+    def still_there(self) -> bool:
+        return True
+
+    def builder_gone(self, pid: int) -> bool:
+        return False  # the builder may be on another host, where its pid says nothing
+
+    def schema_version(self) -> int:
+        return int(self.connection().execute("SELECT max(version) FROM litemultistep_schema").fetchone()[0])
 
     def _connect(self) -> psycopg.Connection[Any]:
         import psycopg
@@ -287,7 +297,7 @@ class PostgresDatabase(Database):
         except psycopg.Error as e:
             raise _translate(e, self.path) from None
 
-    def connection(self) -> PgConnection:  # type: ignore[override]
+    def connection(self) -> PgConnection:
         """This thread's connection, opened on first use, after a fork, and after it was lost."""
         if os.getpid() != self._pid:
             # Inherited across fork: never close them here (that would end the parent's sessions).
@@ -311,7 +321,7 @@ class PostgresDatabase(Database):
                 self._conns.pop(ident).raw.close()
 
     @contextmanager
-    def write(self) -> Iterator[PgConnection]:  # type: ignore[override]
+    def write(self) -> Iterator[PgConnection]:
         """A short transaction, committed when the block ends."""
         import psycopg
 
@@ -331,7 +341,7 @@ class PostgresDatabase(Database):
             conn.raw.close()
         self._close_orphans()
 
-    def waiter(self, poll: float) -> PgWaiter:  # type: ignore[override]
+    def waiter(self, poll: float) -> PgWaiter:
         return PgWaiter(self, poll)
 
     # -- schema -------------------------------------------------------------------------------------
@@ -381,6 +391,65 @@ class PostgresDatabase(Database):
                 log.info("upgraded %s from schema v%d to v%d", self.path, version, SCHEMA_VERSION)
 
 
+    # -- liveness -----------------------------------------------------------------------------------
+
+    def register_worker(self, kind: str, queues: Sequence[str] | None = None, lease: float | None = None,
+                        concurrency: int = 1) -> tuple[int, AdvisoryLock]:
+        # the row and the lock in one transaction: once others see the row, its lock is held
+        t = now()
+        with self.write() as c:
+            (worker_id,) = c.execute(
+                "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
+                f"heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {SERVER_CLOCK}, ?) RETURNING id",
+                (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
+                 t + lease if lease else None, AdvisoryLock.path, concurrency)).fetchone()
+            # session-level: it outlives this transaction, and is released only by unlock or disconnect
+            c.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", (self.lock_key, worker_id))
+        return int(worker_id), AdvisoryLock(self, int(worker_id))
+
+    def heartbeat(self, worker_id: int, lease: float, lock: LivenessLock | None = None) -> bool:
+        """Renew the heartbeat on the server's clock (and the lock, on a new connection)."""
+        if lock is not None and not lock.intact():
+            lock.renew()
+        t = now()
+        with self.write() as c:
+            return c.execute(f"UPDATE worker SET heartbeat_at = ?, expires_at = ?, heartbeat_mono = {SERVER_CLOCK} "
+                             "WHERE id = ?", (t, t + lease, worker_id)).rowcount == 1
+
+    def dead_workers(self, lease: float) -> list[DeadWorker]:
+        """Workers whose lock is free, or whose heartbeat is older than their own lease (inline
+        runners, with no lease, live by their lock alone)."""
+        rows = self.connection().execute(
+            f"SELECT w.id, w.pid, w.lock_path, l.pid, {SERVER_CLOCK} - w.heartbeat_mono, "
+            f"w.expires_at - w.heartbeat_at, w.kind FROM worker w {_LOCKS} ORDER BY w.id", (self.lock_key,)).fetchall()
+        dead = []
+        for wid, pid, path, backend, age, own_lease, kind in rows:
+            limit = own_lease if own_lease else lease
+            if backend is None or (kind != "inline" and age is not None and float(age) > limit):
+                dead.append(DeadWorker(wid, pid, path))
+        return dead
+
+    def end_session(self, dead: DeadWorker) -> None:
+        """End the connection still holding a dead worker's lock, if any (its heartbeat ran out), so
+        it cannot go on as if it still held its jobs."""
+        try:
+            self.connection().execute(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.objsubid = 2 AND l.classid = ?::int4::oid AND l.objid = ?::int4::oid "
+                "AND l.pid <> pg_backend_pid() "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                (self.lock_key, dead.id)).fetchall()
+        except DatabaseUnusable as e:
+            log.warning("could not end the session of dead worker %d: %s", dead.id, e)
+
+    def maintenance_every(self) -> float:
+        """Each round asks the server's lock table, so a pool of n workers shares the duty: each worker
+        looks every n/4 seconds (give or take a fifth, so they do not look together), and a dead worker
+        is still found within about a second."""
+        (n,) = self.connection().execute("SELECT count(*) FROM worker").fetchone()
+        return max(1.0, int(n) / 4) * random.uniform(0.8, 1.2)
+
+
 # -- liveness -----------------------------------------------------------------------------------------
 
 
@@ -416,64 +485,6 @@ class AdvisoryLock:
             conn.execute("SELECT pg_advisory_unlock(?::int4, ?::int4)", (self._db.lock_key, self.worker_id))
         except (StorageError, DatabaseUnusable):
             pass  # the connection is gone, and the lock with it
-
-
-def register_worker(db: Any, kind: str, queues: Sequence[str] | None, lease: float | None,
-                    concurrency: int) -> tuple[int, AdvisoryLock]:
-    """Add the worker's row and take its lock in one transaction: once others see the row, it is held."""
-    t = now()
-    with db.write() as c:
-        (worker_id,) = c.execute(
-            "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
-            f"heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {SERVER_CLOCK}, ?) RETURNING id",
-            (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
-             t + lease if lease else None, AdvisoryLock.path, concurrency)).fetchone()
-        # session-level: it outlives this transaction, and is released only by unlock or disconnect
-        c.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", (db.lock_key, worker_id))
-    return int(worker_id), AdvisoryLock(db, int(worker_id))
-
-
-def heartbeat(db: Any, worker_id: int, lease: float, lock: Any) -> bool:
-    """Renew the heartbeat on the server's clock (and the lock, on a new connection); False when the
-    worker's row is gone."""
-    if lock is not None and not lock.intact():
-        lock.renew()
-    t = now()
-    with db.write() as c:
-        return c.execute(f"UPDATE worker SET heartbeat_at = ?, expires_at = ?, heartbeat_mono = {SERVER_CLOCK} "
-                         "WHERE id = ?", (t, t + lease, worker_id)).rowcount == 1
-
-
-_LOCKS = ("LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
-          "AND l.classid = ?::int4::oid AND l.objid = w.id::int4::oid "
-          "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
-
-
-def dead_workers(db: Any, lease: float) -> list[tuple[int, int, str, int | None]]:
-    """``(id, pid, lock_path, backend pid or None)`` of every dead worker: its lock is free, or its
-    heartbeat is older than its own lease (inline runners, with no lease, live by their lock alone).
-    ``lease`` is the lease of workers that registered none."""
-    rows = db.connection().execute(
-        f"SELECT w.id, w.pid, w.lock_path, l.pid, {SERVER_CLOCK} - w.heartbeat_mono, "
-        f"w.expires_at - w.heartbeat_at, w.kind FROM worker w {_LOCKS} ORDER BY w.id", (db.lock_key,)).fetchall()
-    dead = []
-    for wid, pid, path, backend, age, own_lease, kind in rows:
-        limit = own_lease if own_lease else lease
-        if backend is None or (kind != "inline" and age is not None and float(age) > limit):
-            dead.append((wid, pid, path, backend))
-    return dead
-
-
-def end_session(db: Any, worker_id: int) -> None:
-    """End the connection still holding a dead worker's lock, if any (its heartbeat ran out)."""
-    try:
-        db.connection().execute(
-            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.objsubid = 2 AND l.classid = ?::int4::oid AND l.objid = ?::int4::oid AND l.pid <> pg_backend_pid() "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (db.lock_key, worker_id)).fetchall()
-    except DatabaseUnusable as e:
-        log.warning("could not end the session of dead worker %d: %s", worker_id, e)
 
 
 # -- waiting ------------------------------------------------------------------------------------------

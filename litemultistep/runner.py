@@ -23,7 +23,7 @@ from .engine import ClaimedJob, Outcome
 from .errors import InvalidSetting, NotInJob, ResultNotSerializable
 from .jobs import decode_args, describe_call, encode_result, resolve
 
-log = logging.getLogger("litemultistep")
+log = logging.getLogger(__name__)
 
 #: (database, task id) of the job running in this context, for ``current_task()``
 current_job: contextvars.ContextVar[tuple[Database | str, str] | None] = contextvars.ContextVar(
@@ -192,7 +192,7 @@ class InlineRunner:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.worker_id, self._lock = engine.register_worker(db, "inline")
+        self.worker_id, self._lock = db.register_worker("inline")
 
     @classmethod
     def for_db(cls, db: Database) -> InlineRunner:

@@ -1,7 +1,7 @@
 """Reading the file: progress snapshots, task and failure listings, live workers.
 
 Nothing here changes the database; every decision about who runs what is in ``engine.py``. (Telling
-whether a worker is alive takes its lock file for an instant, and removes the file of a dead one.)
+whether a worker is alive on SQLite takes its lock file for an instant, without creating or removing it.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
-from .engine import dead_workers
 from .errors import NoResult, NoSuchMultiStepTask
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
@@ -385,7 +384,7 @@ def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:
     """Registered workers, with whether each is alive now (its OS lock held). Only looks."""
     db = resolve_db(db)
     conn = db.connection()
-    dead = {w for w, _, _ in dead_workers(db, lease)}
+    dead = {w.id for w in db.dead_workers(lease)}
     out = []
     for wid, pid, host, kind, queues, started, beat, expires, concurrency in conn.execute(
             "SELECT id, pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, concurrency "

@@ -23,10 +23,8 @@ import json
 import logging
 import mmap
 import os
-import random
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -37,21 +35,18 @@ from multiprocessing.connection import Connection
 from types import FrameType
 
 from . import config, engine
-from .db import Database, monotonic
+from .db import Database, LivenessLock, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import InvalidSetting, StorageError
 from .jobproc import BROKEN, SLOT_SIZE, SLOW_JOB, read_progress, read_slot
 
-log = logging.getLogger("litemultistep")
+log = logging.getLogger(__name__)
 
 #: environment variable naming a process whose death stops the worker (set by ``Workers``)
 PARENT_PID_ENV = "LITEMULTISTEP_PARENT_PID"
 #: seconds between heartbeats and between rounds of recovery
 HEARTBEAT_EVERY = 2.0
-MAINTENANCE_EVERY = 1.0
 TIDY_EVERY = 1.0
-#: -wal pages between automatic checkpoints once the disk has been full (256 otherwise, see db.py)
-TIGHT_AUTOCHECKPOINT = 64
 #: a job process gives back the rest of a batch once it has run this long (a claim plans for
 #: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
 GIVE_BACK_AFTER = 0.01
@@ -192,17 +187,6 @@ class JobProcess:
         self.page.close()
 
 
-def _tighten(db: Database) -> None:
-    """After a full disk: copy the -wal back every 64 pages from now on. On a nearly full disk, a
-    -wal left to grow takes the space its own checkpoint needs, and everything stops again."""
-    if db.is_postgres:
-        return
-    try:
-        db.connection().execute(f"PRAGMA wal_autocheckpoint = {TIGHT_AUTOCHECKPOINT}")
-    except sqlite3.Error:
-        pass
-
-
 def _how_it_died(code: int | None) -> str:
     if code is None:
         return "it stopped answering"
@@ -257,19 +241,19 @@ class Worker:
 
     # -- membership ---------------------------------------------------------------------------------
 
-    def _register(self) -> tuple[int, engine.LivenessLock]:
+    def _register(self) -> tuple[int, LivenessLock]:
         backoff = 0.5
         while True:
             try:
-                return engine.register_worker(self.db, "process", self.queues, self.options.lease,
-                                              self.options.concurrency)
+                return self.db.register_worker("process", self.queues, self.options.lease,
+                                               self.options.concurrency)
             except StorageError as e:  # a full disk or a long lock is transient: wait, do not exit
                 log.error("worker (pid %d) cannot register: %s; trying again in %.1f s", os.getpid(), e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                _tighten(self.db)
+                self.db.tighten()
                 try:
-                    engine.checkpoint(self.db)  # see step(): no write may grow the -wal before this
+                    self.db.checkpoint()  # see step(): no write may grow the -wal before this
                 except StorageError:
                     pass
 
@@ -351,7 +335,7 @@ class Worker:
                 if self._backoff:
                     # After a full disk, copy the -wal into the database and cut it back before any
                     # new write: otherwise the -wal grows into the space just freed, and stays stuck.
-                    engine.checkpoint(self.db)
+                    self.db.checkpoint()
                 self._write(now)
                 self._backoff = 0.0
             except StorageError as e:
@@ -380,11 +364,11 @@ class Worker:
     def _write(self, now: float) -> None:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_EVERY
-            if not engine.heartbeat(self.db, self.worker_id, self.options.lease, self._lock):
+            if not self.db.heartbeat(self.worker_id, self.options.lease, self._lock):
                 self._rejoin()
             self._store_reports()
         if now >= self._next_maintenance:  # busy or not: dead workers' jobs come back within a second
-            self._next_maintenance = now + self._maintenance_every()
+            self._next_maintenance = now + self.db.maintenance_every()
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
             self._next_promote = 0.0
         if now >= self._next_promote:
@@ -402,7 +386,7 @@ class Worker:
                     # nothing to do: give back space and cut the -wal back, at most once a second (a
                     # checkpoint that meets a long reader holds the write lock for a moment each time)
                     self._next_tidy = now + TIDY_EVERY
-                    engine.tidy(self.db, idle=True)
+                    self.db.tidy(idle=True)
                 return
         outcomes, done = self.outcomes, self.done
         batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=self.give_back,
@@ -433,16 +417,6 @@ class Worker:
                     reports.append(got)
                     proc.reported = got
         engine.report_progress(self.db, self.worker_id, reports)
-
-    def _maintenance_every(self) -> float:
-        """Seconds to the next round of recovery. On SQLite, every second: a few local reads. On
-        PostgreSQL each round asks the server's lock table, so a pool of n workers shares the duty:
-        each worker looks every n/4 seconds (give or take a fifth, so they do not look together), and
-        a dead worker is still found within about a second."""
-        if not self.db.is_postgres:
-            return MAINTENANCE_EVERY
-        n = engine.worker_count(self.db)
-        return MAINTENANCE_EVERY * max(1.0, n / 4) * random.uniform(0.8, 1.2)
 
     def _watch_retries(self) -> None:
         due = engine.next_scheduled(self.db)
@@ -578,7 +552,7 @@ class Worker:
                         "--burst does not wait for them: `litemultistep retry` runs them now",
                         self.worker_id, BURST_RETRY_HORIZON, time.strftime("%Y-%m-%d %H:%M:%S",
                                                                            time.localtime(later)))
-        engine.tidy(self.db, idle=True)
+        self.db.tidy(idle=True)
         return True
 
     def _wait(self) -> None:
@@ -624,7 +598,7 @@ class Worker:
     def _storage_trouble(self, e: StorageError) -> None:
         # The results in hand stay in memory and are recorded once a write succeeds again.
         self._unsure = True
-        _tighten(self.db)
+        self.db.tighten()
         self._backoff = min(max(self._backoff * 2, 0.25), 2.0)
         self._retry_at = monotonic() + self._backoff
         log.error("worker %d: %s; trying again in %.2f s", self.worker_id, e, self._backoff)
@@ -683,7 +657,7 @@ def run_worker(options: WorkerOptions) -> int:
     parent = os.environ.get(PARENT_PID_ENV)
     if parent and options.parent_pid is None:
         options.parent_pid = int(parent)
-    db = Database(options.db)
+    db = Database.open(options.db)
     options.db = db.target
     try:
         return Worker(db, options).run()

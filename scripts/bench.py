@@ -574,7 +574,7 @@ def results_read(db: str, n: int) -> tuple[float, float]:
         for start in range(0, {n}, 20000):
             E.add_jobs(db, task.task_id, [(JobKind.NORMAL, "bench_jobs:echo", json.dumps([[i], {{}}]), None)
                                           for i in range(start, min(start + 20000, {n}))])
-        w, _ = E.register_worker(db, "inline")
+        w, _ = db.register_worker("inline")
         with db.write() as c:
             c.execute("UPDATE task SET avg_duration = 1e-9")  # as if its jobs were instant: big claims
         while batches := E.claim(db, w, max_batch=20000, wants=1):

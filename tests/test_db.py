@@ -99,6 +99,7 @@ class TestBadPaths:
         code = textwrap.dedent(f"""
             import os
             from litemultistep import Database, DatabaseUnusable  # imported while the stdlib is readable
+            import litemultistep.sqlite
             if os.geteuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
@@ -113,7 +114,7 @@ class TestBadPaths:
 
     def test_network_filesystem_warns(self, tmp_path, monkeypatch):
         from litemultistep import NetworkFilesystemWarning
-        from litemultistep import db as dbmod
+        from litemultistep import sqlite as dbmod
         mounts = tmp_path / "mounts"
         mounts.write_text(f"/dev/vda / ext4 rw 0 0\nserver:/export {tmp_path} nfs4 rw 0 0\n")
         assert dbmod.filesystem_type(str(tmp_path / "x"), str(mounts)) == "nfs4"
@@ -172,7 +173,7 @@ class TestFile:
         conn.close()
 
     def test_older_schema_is_upgraded_under_the_lock(self, db, monkeypatch):
-        from litemultistep import db as dbmod
+        from litemultistep import sqlite as dbmod
         task = MultiStepTask.create("old", db=db)
         monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
         monkeypatch.setitem(dbmod.MIGRATIONS, SCHEMA_VERSION + 1, ["CREATE TABLE upgraded (x)"])

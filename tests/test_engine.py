@@ -21,6 +21,7 @@ from litemultistep.db import Database, JobKind, open_database
 from litemultistep.engine import Outcome
 from litemultistep.errors import DatabaseUnavailable
 from litemultistep.pg import AdvisoryLock
+from litemultistep.sqlite import SqliteDatabase, lock_state
 from litemultistep.views import failures, progress
 
 NOOP = ("jobfuncs:noop", "[[],{}]", None)
@@ -58,7 +59,7 @@ def die(lock) -> None:
 
 
 def worker(store: Database, lease: float = 1000.0):
-    worker_id, lock = E.register_worker(store, "process", lease=lease)
+    worker_id, lock = store.register_worker("process", lease=lease)
     return worker_id
 
 
@@ -103,13 +104,13 @@ class TestStaleWorkers:
         store = sqlite_store
         t = E.create_task(store, "t")
         add(store, t)
-        paused, lock = E.register_worker(store, "process", lease=1)
+        paused, lock = store.register_worker("process", lease=1)
         [job] = claim(store, paused, 1)
         # as if stopped (SIGSTOP, a laptop's sleep, a clock jump) for a day: its lock is still held
         store.connection().execute("UPDATE worker SET expires_at = 0, heartbeat_mono = heartbeat_mono - 86400, "
                                    "heartbeat_at = 0 WHERE id = ?", (paused,))
         assert E.recover(store, worker(store), lease=1) == 0
-        assert E.heartbeat(store, paused, 1, lock) is True
+        assert store.heartbeat(paused, 1, lock) is True
         E.record(store, paused, [Outcome(job, True)])
         assert progress(store, t).completed_count == 1
 
@@ -117,12 +118,12 @@ class TestStaleWorkers:
         t = E.create_task(store, "t")
         add(store, t)
         E.mark_finalizable(store, t)
-        slow, lock = E.register_worker(store, "process", lease=1)
+        slow, lock = store.register_worker("process", lease=1)
         [job] = claim(store, slow, 1)
         die(lock)
         rescuer = worker(store)
         assert E.recover(store, rescuer, lease=1) == 1
-        assert E.heartbeat(store, slow, 10) is False
+        assert store.heartbeat(slow, 10) is False
         assert E.record(store, slow, [Outcome(job, True)]) == []
         p = progress(store, t)
         assert (p.completed_count, p.pending_count, p.running_count) == (0, 1, 0)
@@ -156,13 +157,13 @@ class TestStaleWorkers:
 
     def test_a_live_worker_whose_lock_file_vanished_makes_a_new_one(self, sqlite_store):
         store = sqlite_store
-        w, lock = E.register_worker(store, "process", lease=1)
+        w, lock = store.register_worker("process", lease=1)
         os.unlink(lock.path)
         assert not lock.intact()
         assert E.recover(store, worker(store), lease=1) == 0  # heartbeat still fresh: alive
-        assert E.heartbeat(store, w, 1, lock) is True and lock.intact()
+        assert store.heartbeat(w, 1, lock) is True and lock.intact()
         path = store.connection().execute("SELECT lock_path FROM worker WHERE id = ?", (w,)).fetchone()[0]
-        assert path == lock.path and E.lock_state(path) is True
+        assert path == lock.path and lock_state(path) is True
 
     def test_jobs_held_under_an_unregistered_worker_id_come_back(self, store):
         t = E.create_task(store, "t")
@@ -177,7 +178,7 @@ class TestStaleWorkers:
         t = E.create_task(store, "t")
         add(store, t)
         for _ in range(3):
-            dead, lock = E.register_worker(store, "process")
+            dead, lock = store.register_worker("process")
             [job] = claim(store, dead, 1)
             die(lock)
             assert E.recover(store, worker(store), max_crashes=3) == 1
@@ -191,7 +192,7 @@ class TestStaleWorkers:
     def test_dead_worker_is_found_by_its_free_lock(self, store):
         t = E.create_task(store, "t")
         add(store, t, n=2)
-        dead_id, lock = E.register_worker(store, "process", lease=1000)
+        dead_id, lock = store.register_worker("process", lease=1000)
         claim(store, dead_id, 2)
         die(lock)
         assert E.recover(store, worker(store)) == 2
@@ -236,7 +237,7 @@ class TestPostgresLiveness:
         # the lock held on another connection, as a worker on another host holds it
         other = Database(pg.target)
         try:
-            w, _ = E.register_worker(other, "process", lease=5)
+            w, _ = other.register_worker("process", lease=5)
             claim(other, w, 2)
             assert E.recover(pg, worker(pg)) == 0  # lock held, heartbeat fresh: alive
             # its heartbeat, on the server's clock, is older than its own lease (a host gone silent)
@@ -258,14 +259,14 @@ class TestPostgresLiveness:
             other.close()
 
     def test_a_cut_connection_is_noticed_and_the_worker_takes_its_lock_again(self, pg):
-        w, lock = E.register_worker(pg, "process", lease=30)
+        w, lock = pg.register_worker("process", lease=30)
         backend = pg.connection().execute("SELECT pg_backend_pid()").fetchone()[0]
         admin = Database(pg.target)
         try:
             assert E.recover(admin, None) == 0
             admin.connection().execute("SELECT pg_terminate_backend(?)", (backend,))
             assert not lock.intact()  # a new connection, without the lock
-            assert E.heartbeat(pg, w, 30, lock) is True and lock.intact()
+            assert pg.heartbeat(w, 30, lock) is True and lock.intact()
             assert E.recover(admin, None) == 0
         finally:
             admin.close()
@@ -325,7 +326,7 @@ class EngineModel(RuleBasedStateMachine):
     def setup(self) -> None:
         self.db = self.open()
         self.tasks: dict[str, dict] = {}  # task id -> model
-        self.workers = [E.register_worker(self.db, "process", lease=1000) for _ in range(3)]
+        self.workers = [self.db.register_worker("process", lease=1000) for _ in range(3)]
         self.claims: dict[int, list] = {w: [] for w, _ in self.workers}  # worker id -> claimed jobs
         self.orphans: list[tuple[int, E.ClaimedJob]] = []  # claims of crashed workers
 
@@ -489,11 +490,11 @@ class EngineModel(RuleBasedStateMachine):
             # a job whose worker died with it three times fails (WorkerCrashed) instead of running again
             mj.update(state="failed" if mj["crashes"] >= 3 else "queued", worker=None)
             self.orphans.append((worker_id, job))
-        self.workers[w] = E.register_worker(self.db, "process", lease=1000)
+        self.workers[w] = self.db.register_worker("process", lease=1000)
         self.claims[self.workers[w][0]] = []
 
     # On PostgreSQL a worker past its lease is dead, whatever its lock says (TestPostgresLiveness).
-    @precondition(lambda self: not self.db.is_postgres)
+    @precondition(lambda self: isinstance(self.db, SqliteDatabase))
     @rule(w=st.integers(0, 2))
     def pause(self, w) -> None:
         """A worker is stopped far past its lease (SIGSTOP, a laptop's sleep, a clock jump): its OS
@@ -507,7 +508,7 @@ class EngineModel(RuleBasedStateMachine):
     def resume(self, w) -> None:
         """The paused worker goes on: it is still registered, its claims are still its own."""
         worker_id, lock = self.workers[w]
-        assert E.heartbeat(self.db, worker_id, 1000, lock) is True
+        assert self.db.heartbeat(worker_id, 1000, lock) is True
 
     @precondition(lambda self: self.orphans)
     @rule(index=st.integers(0, 10), ok=st.booleans())

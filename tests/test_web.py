@@ -388,7 +388,7 @@ def test_a_held_batch_is_one_item_on_the_workers_page(db, serve):
     task.mark_finalizable()
     database = resolve_db(db)
     database.connection().execute("UPDATE task SET avg_duration = 1e-6")  # known short: batches of many
-    worker_id, lock = E.register_worker(database, "inline")
+    worker_id, lock = database.register_worker("inline")
     [batch] = E.claim(database, worker_id, max_batch=32)
     server = serve(db)
     status, body, _ = server.get("/workers")

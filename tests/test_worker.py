@@ -346,7 +346,7 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
 def test_peewee_alone_leaves_the_drivers_importable():
     """What `litemultistep worker` on a SQLite file does: peewee without psycopg, which stays
     importable for whoever needs it later."""
-    code = ("import sys; from litemultistep.db import import_peewee_alone; import_peewee_alone(); "
+    code = ("import sys; from litemultistep.sqlite import import_peewee_alone; import_peewee_alone(); "
             "import peewee; assert 'psycopg' not in sys.modules and peewee.psycopg is None; "
             "import psycopg; print('ok')")
     pytest.importorskip("psycopg", reason="this test needs psycopg: pip install -e '.[test,postgres]'")
