@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from . import config
+from . import config, rules
 from .db import Connection, Database, JobKind, JobState, TaskState, now
 from .errors import (
     FinalizationAlreadyBegun,
@@ -64,13 +64,8 @@ NORMAL, FINALIZE = JobKind.NORMAL, JobKind.FINALIZE
 
 #: rows written or deleted per transaction in bulk work, so no writer waits long behind it
 CHUNK = 20_000
-#: a claim takes as many of a task's jobs as its mean duration says will run in this many seconds,
-#: so a worker never sits on jobs another worker could start
-CLAIM_WINDOW = 0.003
-#: the longest wait before an automatic retry, however many attempts came before
-MAX_RETRY_DELAY = 7 * 86400.0
-#: crashes of a job's process before the job fails with WorkerCrashed (a worker's --max-crashes)
-DEFAULT_MAX_CRASHES = 3
+CLAIM_WINDOW = rules.CLAIM_WINDOW
+DEFAULT_MAX_CRASHES = rules.DEFAULT_MAX_CRASHES
 _NONCE_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -196,27 +191,19 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
             else:
                 rows.append((pk, FINALIZE, finalize_count, func, args, WAITING, 0, None, t, timeout))
                 finalize_count += 1
-        insert = ("INSERT INTO job (task, kind, position, func, args, state, attempts, worker, enqueued_at, "
-                  "timeout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        ids = c.dialect.insert_many(
+            c, "INSERT INTO job (task, kind, position, func, args, state, attempts, worker, enqueued_at, timeout) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         claimed: list[ClaimedJob] = []
-        if claim_for is None:
-            ids = c.dialect.insert_many(c, insert, rows)
-        else:
-            ids = []
-            keep = bool(c.execute("SELECT keep_results FROM task WHERE id = ?", (pk,)).fetchone()[0])
-            for row in rows:
-                if row[1] == NORMAL:
-                    row = (*row[:5], RUNNING, 1, claim_for, t, row[9])
-                (job_id,) = c.execute(insert + " RETURNING id", row).fetchone()
-                ids.append(job_id)
-                if row[1] == NORMAL:
-                    claimed.append(ClaimedJob(job_id, pk, task_id, NORMAL, None, row[3], row[4], 1, row[9], keep))
-        running = len(claimed)
+        if claim_for is not None and n_normal:
+            normal_ids = [i for i, row in zip(ids, rows, strict=True) if row[1] == NORMAL]
+            among, params = c.dialect.among("id", normal_ids)
+            claimed = _take(c, claim_for, _task_info(c, pk), f"{among} AND state = {QUEUED}", params)
         c.execute(
             "UPDATE task SET normal_count = normal_count + ?, finalize_count = ?, "
             "pending_count = pending_count + ?, running_count = running_count + ? WHERE id = ?",
-            (n_normal, finalize_count, n_normal - running, running, pk))
-        if n_normal > running and state != BUILDING:
+            (n_normal, finalize_count, n_normal - len(claimed), len(claimed), pk))
+        if n_normal > len(claimed) and state != BUILDING:
             c.notify()
         return Added(ids, claimed)
 
@@ -234,7 +221,7 @@ def mark_finalizable(db: Database, task_id: str, claim_for: int | None = None) -
             c.notify()  # the jobs added in the with block are claimable from now on
         c.execute("UPDATE task SET finalizable = 1, state = ?, builder_pid = NULL WHERE id = ?",
                   (state, pk))
-        if state == ACTIVE and completed >= normal and failed == 0:
+        if state == ACTIVE and rules.may_finalize(True, normal, completed, failed):
             return _begin_finalization(c, pk, task_id, claim_for)
         return None
 
@@ -248,11 +235,9 @@ def finalize(db: Database, task_id: str, claim_for: int | None = None) -> Claime
             raise FinalizationAlreadyBegun(f"task {task_id} is gone: it finished (or was nuked)") from None
         if state == FINALIZING:
             raise FinalizationAlreadyBegun(f"task {task_id} has already begun finalization")
-        if not finalizable or completed < normal or failed:
-            raise NotReadyForFinalization(
-                f"task {task_id} is not ready for finalization: "
-                + ("it is not finalizable yet" if not finalizable else
-                   f"{failed} job(s) failed" if failed else f"{completed} of {normal} normal jobs done"))
+        why = rules.why_not_finalizable(bool(finalizable), normal, completed, failed)
+        if why is not None:
+            raise NotReadyForFinalization(f"task {task_id} is not ready for finalization: {why}")
         return _begin_finalization(c, pk, task_id, claim_for)
 
 
@@ -265,24 +250,22 @@ def _begin_finalization(c: Connection, pk: int, task_id: str,
 
 def _advance_chain(c: Connection, pk: int, task_id: str,
                    claim_for: int | None) -> ClaimedJob | None:
-    """Move the finalization chain to its next WAITING job, or finish the task if none is left."""
-    row = c.execute(
-        "SELECT j.id, j.position, j.func, j.args, j.attempts, coalesce(j.timeout, t.timeout) FROM job j "
-        "JOIN task t ON t.id = j.task WHERE j.task = ? AND j.state = ? ORDER BY j.position LIMIT 1",
-        (pk, WAITING)).fetchone()
+    """Move the finalization chain to its next WAITING job (claimed for ``claim_for``, or queued for
+    any worker), or finish the task if none is left."""
+    # kind as a literal: only then may the database use the partial index job_finalizers
+    row = c.execute(f"SELECT id FROM job WHERE task = ? AND kind = {FINALIZE} AND state = ? ORDER BY position LIMIT 1",
+                    (pk, WAITING)).fetchone()
     if row is None:
         _finish_task(c, pk, task_id)
         return None
-    job_id, position, func, args, attempts, timeout = row
     if claim_for is None:
-        c.execute("UPDATE job SET state = ? WHERE id = ?", (QUEUED, job_id))
+        c.execute("UPDATE job SET state = ? WHERE id = ?", (QUEUED, row[0]))
         c.execute("UPDATE task SET pending_count = pending_count + 1 WHERE id = ?", (pk,))
         c.notify()
         return None
-    c.execute("UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id = ?",
-              (RUNNING, claim_for, now(), job_id))
+    [job] = _take(c, claim_for, _task_info(c, pk), f"id = ? AND state = {WAITING}", [row[0]])
     c.execute("UPDATE task SET running_count = running_count + 1 WHERE id = ?", (pk,))
-    return ClaimedJob(job_id, pk, task_id, FINALIZE, position, func, args, attempts + 1, timeout)
+    return job
 
 
 def _finish_task(c: Connection, pk: int, task_id: str) -> None:
@@ -453,13 +436,6 @@ def next_scheduled(db: Database) -> float | None:
     return None if row is None else row[0]
 
 
-def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM_WINDOW) -> int:
-    """How many jobs of a task one claim takes: what runs within ``window`` (:data:`CLAIM_WINDOW`)."""
-    if avg_duration is None or max_batch <= 1:
-        return 1
-    return max(1, min(max_batch, int(window / max(avg_duration, 1e-7))))
-
-
 def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Sequence[str] | None,
            tally: _Tally) -> list[list[ClaimedJob]]:
     """Up to ``wants`` batches, taken in turn from the least recently served tasks with queued jobs."""
@@ -469,122 +445,148 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
     # A few more candidates than batches: on PostgreSQL another worker may be emptying one right now.
     # None for a worker taken for dead: its heartbeat notices and it joins again; it takes nothing meanwhile.
     tasks = c.execute(
-        f"SELECT id, task_id, avg_duration, timeout, keep_results FROM task WHERE pending_count > 0 "
+        f"SELECT id, task_id, timeout, keep_results, avg_duration FROM task WHERE pending_count > 0 "
         f"AND state IN (1, 2){where} AND EXISTS (SELECT 1 FROM worker WHERE id = ?) ORDER BY last_served LIMIT ?",
         (*params, worker_id, wants + 2)).fetchall()
     batches: list[list[ClaimedJob]] = []
     empty: set[int] = set()
     turn = 0
+    window = c.dialect.claim_window or CLAIM_WINDOW
     while len(batches) < wants and len(empty) < len(tasks):
-        pk, task_id, avg_duration, task_timeout, keep = tasks[turn % len(tasks)]
+        pk, task_id, timeout, keep, avg_duration = tasks[turn % len(tasks)]
         turn += 1
         if pk in empty:
             continue
-        rows = c.execute(
-            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ?, progress_done = NULL, "
-            "progress_total = NULL WHERE id IN "
-            f"(SELECT id FROM job WHERE task = ? AND state = ? ORDER BY id LIMIT ?{c.dialect.skip_locked}) "
-            "RETURNING id, kind, position, func, args, attempts, timeout",
-            (RUNNING, worker_id, now(), pk, QUEUED,
-             batch_size(avg_duration, max_batch, c.dialect.claim_window or CLAIM_WINDOW))).fetchall()
-        if not rows:
+        jobs = _take(c, worker_id, _TaskInfo(pk, task_id, timeout, bool(keep)),
+                     f"id IN (SELECT id FROM job WHERE task = ? AND state = {QUEUED} ORDER BY id LIMIT ?"
+                     f"{c.dialect.skip_locked})", [pk, rules.batch_size(avg_duration, max_batch, window)])
+        if not jobs:
             empty.add(pk)
             continue
         d = tally.of(pk, task_id)
-        d.pending -= len(rows)
-        d.running += len(rows)
+        d.pending -= len(jobs)
+        d.running += len(jobs)
         d.served = time.time_ns()
-        rows.sort()
-        batches.append([ClaimedJob(r[0], pk, task_id, r[1], r[2], r[3], r[4], r[5],
-                                   r[6] if r[6] is not None else task_timeout, bool(keep) and r[1] == NORMAL)
-                        for r in rows])
+        batches.append(jobs)
     return batches
 
 
-def retry_wait(delay: float, attempt: int) -> float:
-    """Seconds before automatic retry number ``attempt``: ``delay`` doubling each time, capped."""
-    return min(delay * 2.0 ** min(attempt - 1, 64), MAX_RETRY_DELAY)  # 2**64: far past the cap, no overflow
+class _TaskInfo(NamedTuple):
+    """What a claimed job carries of its task."""
+
+    pk: int
+    task_id: str
+    timeout: float | None
+    keep: bool
+
+
+def _task_info(c: Connection, pk: int) -> _TaskInfo:
+    task_id, timeout, keep = c.execute("SELECT task_id, timeout, keep_results FROM task WHERE id = ?",
+                                       (pk,)).fetchone()
+    return _TaskInfo(pk, task_id, timeout, bool(keep))
+
+
+def _take(c: Connection, worker_id: int, task: _TaskInfo, where: str, params: Sequence[Any]) -> list[ClaimedJob]:
+    """Claim the jobs of ``task`` that match ``where`` for ``worker_id``: the one claim every path
+    takes (workers, finalization hand-offs, sync mode, a retry run inline). The caller counts them
+    in the task's counters; each claim is an attempt."""
+    rows = c.execute(
+        f"UPDATE job SET state = {RUNNING}, worker = ?, attempts = attempts + 1, claimed_at = ?, "
+        f"progress_done = NULL, progress_total = NULL WHERE {where} "
+        "RETURNING id, kind, position, func, args, attempts, timeout", (worker_id, now(), *params)).fetchall()
+    rows.sort()
+    return [ClaimedJob(r[0], task.pk, task.task_id, r[1], r[2], r[3], r[4], r[5],
+                       r[6] if r[6] is not None else task.timeout, task.keep and r[1] == NORMAL) for r in rows]
 
 
 def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
             max_crashes: int, tally: _Tally, again: bool = False) -> None:
     """Write the outcomes to the job rows; what they change in the tasks goes to ``tally``. ``again``:
-    they are sent a second time, after a write whose answer was lost (which may have recorded them)."""
-    t = now()
-    retry_rules: dict[int, tuple[int, float] | None] = {}
-    among = c.dialect.among
+    they are sent a second time, after a write whose answer was lost (which may have recorded them).
+
+    Every write is guarded by ``worker = ? AND state = RUNNING``: a result about a job no longer held
+    by this worker (taken back while it was thought dead) changes nothing, and is not counted."""
     for d in done:
-        # The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was
-        # taken back in the meantime are not deleted, and so not counted: exact either way.
-        if d.values is None:
-            ids, params = among("id", d.job_ids)
-            n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND {ids}",
-                          (worker_id, *params)).rowcount
-        else:  # kept, with their results, for the finalizers
-            n = c.executemany(f"UPDATE job SET state = {COMPLETED}, worker = NULL, result = ? WHERE id = ? "
-                              f"AND worker = ? AND state = {RUNNING}",
-                              [(value, job_id, worker_id) for job_id, value in zip(d.job_ids, d.values, strict=True)]
-                              ).rowcount
-        if n != len(d.job_ids):
-            log.warning("%d result(s) of task %s from worker %d ignored: %s", len(d.job_ids) - n, d.task_id,
-                        worker_id, _GONE[again])
-        change = tally.of(d.task_pk, d.task_id)
-        change.completed += n
-        change.running -= n
-        change.results += n if d.values is not None else 0
-        change.decide = change.decide or n > 0
-        change.ran += len(d.job_ids)
-        change.seconds += d.seconds
+        _record_done(c, worker_id, d, tally, again)
+    retry_rules: dict[int, tuple[int, float] | None] = {}
     for o in outcomes:
         job = o.job
         if o.crashed:
-            n = _requeue(c, "id = ? AND worker = ?", [job.id, worker_id], crashed=(o.message, max_crashes),
-                         tally=tally)
-            if not n:
+            if not _requeue(c, "id = ? AND worker = ?", [job.id, worker_id], crashed=(o.message, max_crashes),
+                            tally=tally):
                 _stale(job, worker_id, again)
             continue
+        if job.task_pk not in retry_rules:
+            retry_rules[job.task_pk] = c.execute(
+                "SELECT max_retries, retry_delay FROM task WHERE id = ?", (job.task_pk,)).fetchone()
+        rules_of_task = retry_rules[job.task_pk]
+        if rules_of_task is None or not (_record_success(c, worker_id, o) if o.ok else
+                                          _record_failure(c, worker_id, o, *rules_of_task)):
+            _stale(job, worker_id, again)  # the task is gone, or the job is no longer ours
+            continue
+        change = tally.of(job.task_pk, job.task_id)
+        change.running -= 1
         if o.ok:
-            if job.kind == NORMAL and o.result is not None:
-                cur = c.execute("UPDATE job SET state = ?, worker = NULL, result = ? WHERE id = ? AND worker = ? "
-                                "AND state = ?", (COMPLETED, o.result, job.id, worker_id, RUNNING))
-            elif job.kind == NORMAL:
-                cur = c.execute("DELETE FROM job WHERE id = ? AND worker = ? AND state = ?",
-                                (job.id, worker_id, RUNNING))
-            else:
-                cur = c.execute("UPDATE job SET state = ?, worker = NULL WHERE id = ? AND worker = ? "
-                                "AND state = ?", (COMPLETED, job.id, worker_id, RUNNING))
-            if cur.rowcount != 1:
-                _stale(job, worker_id, again)
-                continue
-            change = tally.of(job.task_pk, job.task_id)
             change.completed += 1
             change.results += 1 if job.kind == NORMAL and o.result is not None else 0
             change.decide = True
             change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
-        else:
-            if job.task_pk not in retry_rules:
-                retry_rules[job.task_pk] = c.execute(
-                    "SELECT max_retries, retry_delay FROM task WHERE id = ?", (job.task_pk,)).fetchone()
-            rules = retry_rules[job.task_pk]
-            if rules is None:  # the task is gone: this late report is stale
-                _stale(job, worker_id, again)
-                continue
-            max_retries, delay = rules
-            retry = job.attempt <= max_retries
-            new_state = SCHEDULED if retry else FAILED
-            run_at = t + retry_wait(delay, job.attempt) if retry else None
-            cur = c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ? AND worker = ? "
-                            "AND state = ?", (new_state, run_at, job.id, worker_id, RUNNING))
-            if cur.rowcount != 1:
-                _stale(job, worker_id, again)
-                continue
-            _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
-            change = tally.of(job.task_pk, job.task_id)
-            change.failed += 0 if retry else 1
-        change.running -= 1
+        elif not rules.retries(job.attempt, rules_of_task[0]):
+            change.failed += 1
         if job.kind == NORMAL:
             change.ran += 1
             change.seconds += o.duration
+
+
+def _record_done(c: Connection, worker_id: int, d: Done, tally: _Tally, again: bool) -> None:
+    """The hot path: one statement for a batch of succeeded normal jobs. Those whose claim was taken
+    back in the meantime are not deleted, and so not counted: exact either way."""
+    if d.values is None:
+        ids, params = c.dialect.among("id", d.job_ids)
+        n = c.execute(f"DELETE FROM job WHERE worker = ? AND state = {RUNNING} AND {ids}",
+                      (worker_id, *params)).rowcount
+    else:  # kept, with their results, for the finalizers
+        n = c.executemany(f"UPDATE job SET state = {COMPLETED}, worker = NULL, result = ? WHERE id = ? "
+                          f"AND worker = ? AND state = {RUNNING}",
+                          [(value, job_id, worker_id) for job_id, value in zip(d.job_ids, d.values, strict=True)]
+                          ).rowcount
+    if n != len(d.job_ids):
+        log.warning("%d result(s) of task %s from worker %d ignored: %s", len(d.job_ids) - n, d.task_id,
+                    worker_id, _GONE[again])
+    change = tally.of(d.task_pk, d.task_id)
+    change.completed += n
+    change.running -= n
+    change.results += n if d.values is not None else 0
+    change.decide = change.decide or n > 0
+    change.ran += len(d.job_ids)
+    change.seconds += d.seconds
+
+
+def _record_success(c: Connection, worker_id: int, o: Outcome) -> bool:
+    """A job that returned: a normal job is deleted (or kept with its result), a finalizer kept
+    COMPLETED for the status view. Whether the job was still ours."""
+    job = o.job
+    params: tuple[Any, ...] = ()
+    if job.kind == NORMAL and o.result is None:
+        sql = "DELETE FROM job"
+    else:
+        sql, params = f"UPDATE job SET state = {COMPLETED}, worker = NULL, result = ?", (o.result,)
+    return bool(c.execute(f"{sql} WHERE id = ? AND worker = ? AND state = {RUNNING}",
+                          (*params, job.id, worker_id)).rowcount == 1)
+
+
+def _record_failure(c: Connection, worker_id: int, o: Outcome, max_retries: int, delay: float) -> bool:
+    """A job that raised: its automatic retry is scheduled, or it stands failed; its failure is
+    kept either way. Whether the job was still ours."""
+    job, t = o.job, now()
+    retry = rules.retries(job.attempt, max_retries)
+    cur = c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ? AND worker = ? AND state = ?",
+                    (SCHEDULED if retry else FAILED, t + rules.retry_wait(delay, job.attempt) if retry else None,
+                     job.id, worker_id, RUNNING))
+    if cur.rowcount != 1:
+        return False
+    _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
+    return True
 
 
 def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[ClaimedJob]:
@@ -606,7 +608,7 @@ def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[C
             continue
         task_id, state, finalizable, normal, completed_now, failed_now = row
         nxt = None
-        if state == ACTIVE and finalizable and completed_now >= normal and not failed_now:
+        if state == ACTIVE and rules.may_finalize(bool(finalizable), normal, completed_now, failed_now):
             nxt = _begin_finalization(c, pk, task_id, worker_id)
         elif state == FINALIZING and d.finalizer_completed:
             nxt = _advance_chain(c, pk, task_id, worker_id)
@@ -682,18 +684,13 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
 def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | None:
     """Claim one given QUEUED job (used to run a retried job inline in sync mode)."""
     with db.write() as c:
-        row = c.execute(
-            "UPDATE job SET state = ?, worker = ?, attempts = attempts + 1, claimed_at = ? WHERE id = ? "
-            "AND state = ? RETURNING id, task, kind, position, func, args, attempts, timeout",
-            (RUNNING, worker_id, now(), job_id, QUEUED)).fetchone()
+        row = c.execute(f"SELECT task FROM job WHERE id = ? AND state = {QUEUED}", (job_id,)).fetchone()
         if row is None:
             return None
+        jobs = _take(c, worker_id, _task_info(c, row[0]), f"id = ? AND state = {QUEUED}", [job_id])
         c.execute("UPDATE task SET pending_count = pending_count - 1, running_count = running_count + 1 "
-                  "WHERE id = ?", (row[1],))
-        task_id, task_timeout, keep = c.execute("SELECT task_id, timeout, keep_results FROM task WHERE id = ?",
-                                                (row[1],)).fetchone()
-        return ClaimedJob(row[0], row[1], task_id, row[2], row[3], row[4], row[5], row[6],
-                          row[7] if row[7] is not None else task_timeout, bool(keep) and row[2] == NORMAL)
+                  "WHERE id = ?", (row[0],))
+        return jobs[0]
 
 
 def report_progress(db: Database, worker_id: int, reports: Sequence[tuple[int, float, float | None]]) -> None:
@@ -900,7 +897,7 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
                 c.execute("DELETE FROM task WHERE id = ?", (pk,))
             return problems
         failed_now = actual["failed_count"]
-        if state == ACTIVE and finalizable and actual["completed_count"] >= normal and not failed_now:
+        if state == ACTIVE and rules.may_finalize(bool(finalizable), normal, actual["completed_count"], failed_now):
             problems.append(Problem("stalled", task_id, "ready, but finalization never began", repair))
             if repair:
                 _begin_finalization(c, pk, task_id, None)

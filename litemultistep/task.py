@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
-from . import config, engine, views
+from . import config, engine, rules, views
 from .db import Database, JobKind
 from .errors import (
     FinalizationAlreadyBegun,
@@ -334,7 +334,7 @@ class MultiStepTask:
     def ready_for_finalization(self) -> bool:
         """Finalizable and every normal job completed (the gem's ``ready_for_finalization?``)."""
         p = self.progress()
-        return p.finalizable and p.completed_count >= p.normal_job_count
+        return rules.ready_for_finalization(p.finalizable, p.normal_job_count, p.completed_count)
 
     @property
     def incomplete_because_of_errors(self) -> bool:

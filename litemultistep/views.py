@@ -11,6 +11,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import rules
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
 from .errors import NoResult, NoSuchMultiStepTask
@@ -102,14 +103,8 @@ def duration(seconds: float) -> str:
 def _progress_from_row(row: tuple[Any, ...]) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
      created_at, scheduled, keep, results, reported_done, reported_total) = row
-    if state == TaskState.BUILDING:
-        label = "building"
-    elif failed and not queued and not running and not scheduled:
-        label = "blocked"
-    elif state == TaskState.FINALIZING:
-        label = "finalizing"
-    else:
-        label = "running"
+    label = rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, failed, queued, running,
+                             scheduled)
     pending = normal + finalize - completed - failed - running
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
                     running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total)

@@ -18,7 +18,7 @@ import pytest
 from conftest import cli, env_for_workers, fill_disk, lines, wait_for
 
 import litemultistep
-from litemultistep import MultiStepTask
+from litemultistep import MultiStepTask, rules
 from litemultistep.config import resolve_db
 from litemultistep.engine import check
 
@@ -170,7 +170,7 @@ def test_many_automatic_retries_never_overflow(db, spawn, tmp_path):
     assert spawn(db, "--burst", "-q").wait(120) == 0
     [failure] = task.failures()
     assert failure.attempt == 1001 and failure.message == "failure 1001 of 1001"
-    assert litemultistep.engine.retry_wait(1.0, 5000) == litemultistep.engine.MAX_RETRY_DELAY
+    assert rules.retry_wait(1.0, 5000) == rules.MAX_RETRY_DELAY
 
 
 def test_a_retry_scheduled_far_ahead_is_seen_and_can_be_run_now(db, log_path, spawn, tmp_path):

@@ -1,0 +1,67 @@
+"""The rules that do not depend on a backend: when a task may finalize, when a failed job is tried
+again and after how long, how many jobs one claim takes, and what state a task is in.
+
+Pure functions of plain values: the engine decides with them inside its transactions, the views
+describe with them, and they have unit tests of their own. Nothing here reads or writes a database.
+"""
+
+from __future__ import annotations
+
+#: a claim takes as many of a task's jobs as its mean duration says will run in this many seconds,
+#: so a worker never sits on jobs another worker could start
+CLAIM_WINDOW = 0.003
+#: the longest wait before an automatic retry, however many attempts came before
+MAX_RETRY_DELAY = 7 * 86400.0
+#: crashes of a job's process before the job fails with WorkerCrashed (a worker's --max-crashes)
+DEFAULT_MAX_CRASHES = 3
+
+
+def ready_for_finalization(finalizable: bool, normal: int, completed: int) -> bool:
+    """The gem's ``ready_for_finalization?``: finalizable, and every normal job completed."""
+    return bool(finalizable) and completed >= normal
+
+
+def may_finalize(finalizable: bool, normal: int, completed: int, failed: int) -> bool:
+    """Whether finalization starts now: ready for it, and no job stands failed (the gem's
+    ``ready_for_finalization? && !incomplete_because_of_errors?``)."""
+    return ready_for_finalization(finalizable, normal, completed) and not failed
+
+
+def why_not_finalizable(finalizable: bool, normal: int, completed: int, failed: int) -> str | None:
+    """Why ``finalize()`` cannot start finalization, or None when it can."""
+    if not finalizable:
+        return "it is not finalizable yet"
+    if failed:
+        return f"{failed} job(s) failed"
+    if completed < normal:
+        return f"{completed} of {normal} normal jobs done"
+    return None
+
+
+def retry_wait(delay: float, attempt: int) -> float:
+    """Seconds before automatic retry number ``attempt``: ``delay`` doubling each time, capped at
+    :data:`MAX_RETRY_DELAY`."""
+    return min(delay * 2.0 ** min(attempt - 1, 64), MAX_RETRY_DELAY)  # 2**64: far past the cap, no overflow
+
+
+def retries(attempt: int, max_retries: int) -> bool:
+    """Whether a job whose attempt number ``attempt`` failed is tried again automatically."""
+    return attempt <= max_retries
+
+
+def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM_WINDOW) -> int:
+    """How many jobs of a task one claim takes: what its mean job duration says runs within
+    ``window``, at most ``max_batch``; one while the mean is not known yet."""
+    if avg_duration is None or max_batch <= 1:
+        return 1
+    return max(1, min(max_batch, int(window / max(avg_duration, 1e-7))))
+
+
+def task_state(building: bool, finalizing: bool, failed: int, queued: int, running: int, scheduled: int) -> str:
+    """A task's state for people: ``building``, ``blocked`` (failed jobs stop it and nothing else is
+    queued, running or scheduled), ``finalizing`` or ``running``."""
+    if building:
+        return "building"
+    if failed and not queued and not running and not scheduled:
+        return "blocked"
+    return "finalizing" if finalizing else "running"
