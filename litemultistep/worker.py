@@ -13,8 +13,12 @@ results, enforcing time limits or answering a stop signal. The worker's loop:
   replaces any that died (the job's crash is counted; at the crash limit it fails with
   ``WorkerCrashed``);
 * every second, whether busy or not, gives back the jobs of dead workers and queues due retries;
-* sleeps in one ``select`` on its job processes' pipes, the ``-wal`` file's inotify watch and a
-  signal pipe, so it wakes on exactly the events that matter.
+* sleeps in one ``select`` on its job processes' pipes, the database's waiter (an inotify watch of
+  the ``-wal`` file on SQLite, ``LISTEN`` on PostgreSQL) and a signal pipe, so it wakes on exactly
+  the events that matter.
+
+Its state is a few small objects: the results and returns in hand (:class:`Pending`), when each timed
+duty is due (:class:`Schedule`), and its job processes (:class:`JobProcess`).
 """
 
 from __future__ import annotations
@@ -200,10 +204,62 @@ def _how_it_died(code: int | None) -> str:
     return f"exit code {code}"
 
 
+@dataclass
+class Pending:
+    """What the worker has in hand and must write: results of its job processes and jobs to return.
+    Written in the next claim's transaction (group commit), and kept, on a failed write, for the one
+    after."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    done: list[Done] = field(default_factory=list)
+    #: held jobs never started (their claim is undone)
+    give_back: list[int] = field(default_factory=list)
+    #: started jobs whose result is lost (they run again)
+    put_back: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.outcomes or self.done or self.give_back or self.put_back)
+
+    def take(self) -> Pending:
+        """Everything in hand, leaving this empty."""
+        taken = Pending(self.outcomes, self.done, self.give_back, self.put_back)
+        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
+        return taken
+
+    def restore(self, taken: Pending) -> None:
+        """Put back what :meth:`take` took (its write failed), before what came in since."""
+        self.outcomes[:0] = taken.outcomes
+        self.done[:0] = taken.done
+        self.give_back[:0] = taken.give_back
+        self.put_back[:0] = taken.put_back
+
+
+@dataclass
+class Schedule:
+    """When each timed duty of the worker is next due, on the monotonic clock of :meth:`Worker.step`."""
+
+    heartbeat: float = 0.0
+    maintenance: float = 0.0
+    tidy: float = 0.0
+    #: the next automatic retry (it is queued then, not a second later)
+    promote: float = float("inf")
+    #: a graceful stop ends running jobs then
+    stop: float = float("inf")
+    #: after a failed write: the next one is tried then, and the back-off that led there
+    write: float = 0.0
+    backoff: float = 0.0
+
+    def next_duty(self) -> float:
+        return min(self.heartbeat, self.maintenance, self.promote, self.stop)
+
+
 class Worker:
     """A worker: registers itself, runs ``concurrency`` job processes, and serves until stopped.
 
-    :meth:`run` is the loop; :meth:`step` is one round of it, so tests can drive a worker.
+    :meth:`run` is the loop: :meth:`step`, then :meth:`wait` for the next event. :meth:`step` is one
+    round of decisions (record, claim, hand out, enforce limits, heartbeat, recover) taken at the
+    time it is given, so tests drive a real worker round by round, with a clock of their own,
+    without sleeping.
     """
 
     def __init__(self, db: Database, options: WorkerOptions) -> None:
@@ -213,28 +269,21 @@ class Worker:
         self.signals = 0
         self.stopping = False
         self.forced = False
-        self._stop_deadline = float("inf")
-        self.outcomes: list[Outcome] = []
-        self.done: list[Done] = []
-        #: held jobs never started (their claim is undone), and started ones whose result is lost
-        self.give_back: list[int] = []
-        self.put_back: list[int] = []
+        self.pending = Pending()
+        self.schedule = Schedule()
+        #: finalizers handed to this worker while every job process was busy
         self.handed: deque[ClaimedJob] = deque()
         self.procs: list[JobProcess] = []
         #: the job process whose answer is looked for first next round
         self._turn = 0
         self._waiter = db.waiter(options.poll)
-        self._next_maintenance = 0.0
-        self._next_heartbeat = 0.0
-        self._next_tidy = 0.0
-        #: when the next automatic retry is due (monotonic): it is queued then, not a second later
-        self._next_promote = float("inf")
-        self._backoff = 0.0
-        self._retry_at = 0.0
         #: a write failed: it may have committed all the same (a connection lost during the commit),
         #: so the next claim tells the database which jobs we really hold
         self._unsure = False
         self._restarts: dict[int, float] = {}
+        self._signal_fd: int | None = None
+        #: the time of the round in progress (monotonic seconds)
+        self._now = monotonic()
         self.worker_id, self._lock = self._register()
         log.info("worker %d (pid %d): %d job process(es) serving %s on %s", self.worker_id, os.getpid(),
                  options.concurrency, " ".join(options.queues) or "all queues", db.path)
@@ -266,7 +315,7 @@ class Worker:
             if proc.busy:
                 proc.kill()
                 proc.batch = []
-        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
+        self.pending.take()
         self.handed.clear()
         self._lock.release()
         self.worker_id, self._lock = self._register()
@@ -278,7 +327,7 @@ class Worker:
         name = signal.Signals(signum).name
         if self.signals == 1:
             self.request_stop(f"got {name}")
-        else:
+        elif self.signals == 2:
             log.warning("worker %d: got %s again; stopping running jobs now (they go back to their queues)",
                         self.worker_id, name)
 
@@ -286,7 +335,7 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
-        self._stop_deadline = monotonic() + self.options.shutdown_timeout
+        self.schedule.stop = monotonic() + self.options.shutdown_timeout
         busy = sum(p.busy for p in self.procs)
         if busy:
             log.info("worker %d: %s; letting %d running job(s) finish (at most %g s), then exiting",
@@ -296,6 +345,11 @@ class Worker:
 
     # -- the loop -----------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the job processes (once)."""
+        if not self.procs:
+            self.procs = [JobProcess(self.options, i) for i in range(self.options.concurrency)]
+
     def run(self) -> int:
         """Serve until stopped; returns the exit status (0: every job that started finished)."""
         rfd, wfd = os.pipe()
@@ -303,44 +357,49 @@ class Worker:
         os.set_blocking(rfd, False)
         self._signal_fd = rfd
         old_wakeup = signal.set_wakeup_fd(wfd)
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
+        old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.procs = [JobProcess(self.options, i) for i in range(self.options.concurrency)]
+            self.start()
             while self.step():
-                pass
+                self.wait()
         finally:
+            # Our handler stays in place until the worker has left: a signal during the shutdown
+            # only counts, it never kills the worker half-way through giving its jobs back.
+            self.shutdown()
             signal.set_wakeup_fd(old_wakeup)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._shutdown()
+            for s, handler in old_handlers.items():
+                signal.signal(s, handler)
+            self._signal_fd = None
             os.close(rfd)
             os.close(wfd)
         return 1 if self.forced else 0
 
-    def step(self) -> bool:
-        """One round: act on what happened, then wait for the next event. False once done."""
-        now = monotonic()
+    def step(self, now: float | None = None) -> bool:
+        """One round at ``now`` (monotonic seconds; default: the clock): take in what the job
+        processes sent, enforce time limits, write results and claim work, do the timed duties.
+        Never waits. False once the worker is done (stopped, or ``--burst`` found nothing left)."""
+        self.start()
+        now = self._now = monotonic() if now is None else now
         parent = self.options.parent_pid
         if parent is not None and os.getppid() != parent:
             self.request_stop(f"its parent process {parent} is gone")
-        if self.signals >= 2 or (self.stopping and now >= self._stop_deadline and self._busy()):
+        if self.signals >= 2 or (self.stopping and now >= self.schedule.stop and self._busy()):
             self._force_stop()
             return False
         self._collect()
         self._enforce_time_limits(now)
         self._release_rest(now)
-        if now >= self._retry_at:
+        if now >= self.schedule.write:
             try:
-                if self._backoff:
+                if self.schedule.backoff:
                     # After a full disk, copy the -wal into the database and cut it back before any
                     # new write: otherwise the -wal grows into the space just freed, and stays stuck.
                     self.db.checkpoint()
                 self._write(now)
-                self._backoff = 0.0
+                self.schedule.backoff = 0.0
             except StorageError as e:
                 self._storage_trouble(e)
-        if self.stopping and not self._busy() and not self._unwritten:
+        if self.stopping and not self._busy() and not self.pending:
             return False
         try:
             burst_done = self._burst_done()
@@ -350,51 +409,51 @@ class Worker:
         if burst_done:
             log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
             return False
-        self._wait()
         return True
 
     def _busy(self) -> bool:
         return any(p.busy for p in self.procs)
 
-    @property
-    def _unwritten(self) -> bool:
-        """Results or returned jobs in hand, not yet written to the database."""
-        return bool(self.outcomes or self.done or self.give_back or self.put_back)
-
     def _write(self, now: float) -> None:
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + HEARTBEAT_EVERY
+        due = self.schedule
+        if now >= due.heartbeat:
+            due.heartbeat = now + HEARTBEAT_EVERY
             if not self.db.heartbeat(self.worker_id, self.options.lease, self._lock):
                 self._rejoin()
             self._store_reports()
-        if now >= self._next_maintenance:  # busy or not: dead workers' jobs come back within a second
-            self._next_maintenance = now + self.db.maintenance_every()
+        if now >= due.maintenance:  # busy or not: dead workers' jobs come back within a second
+            due.maintenance = now + self.db.maintenance_every()
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
-            self._next_promote = 0.0
-        if now >= self._next_promote:
+            due.promote = 0.0
+        if now >= due.promote:
             engine.promote_scheduled(self.db)
             self._watch_retries()
         idle = [] if self.stopping else [p for p in self.procs if not p.busy]
         while idle and self.handed:
             self._hand(idle.pop(), [self.handed.popleft()])
         wants = len(idle)
-        if not self._unwritten and not self._unsure:
+        if not self.pending and not self._unsure:
             if not wants:
                 return
             if not engine.has_claimable(self.db, self.queues):
-                if not self._busy() and now >= self._next_tidy:
+                if not self._busy() and now >= due.tidy:
                     # nothing to do: give back space and cut the -wal back, at most once a second (a
                     # checkpoint that meets a long reader holds the write lock for a moment each time)
-                    self._next_tidy = now + TIDY_EVERY
+                    due.tidy = now + TIDY_EVERY
                     self.db.tidy(idle=True)
                 return
-        outcomes, done = self.outcomes, self.done
-        batches = engine.claim(self.db, self.worker_id, outcomes=outcomes, done=done, give_back=self.give_back,
-                               put_back=self.put_back, wants=wants, max_batch=self.options.batch, queues=self.queues,
-                               max_crashes=self.options.max_crashes, held=self._held() if self._unsure else None)
-        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
+        taken = self.pending.take()
+        try:
+            batches = engine.claim(self.db, self.worker_id, outcomes=taken.outcomes, done=taken.done,
+                                   give_back=taken.give_back, put_back=taken.put_back, wants=wants,
+                                   max_batch=self.options.batch, queues=self.queues,
+                                   max_crashes=self.options.max_crashes,
+                                   held=self._held() if self._unsure else None)
+        except BaseException:
+            self.pending.restore(taken)  # kept in memory, and written once a write succeeds again
+            raise
         self._unsure = False
-        if any(not o.ok for o in outcomes):
+        if any(not o.ok for o in taken.outcomes):
             self._watch_retries()
         for batch in batches:
             if idle:
@@ -420,7 +479,7 @@ class Worker:
 
     def _watch_retries(self) -> None:
         due = engine.next_scheduled(self.db)
-        self._next_promote = float("inf") if due is None else monotonic() + max(0.0, due - time.time())
+        self.schedule.promote = float("inf") if due is None else self._now + max(0.0, due - time.time())
 
     def _hand(self, proc: JobProcess, batch: list[ClaimedJob]) -> None:
         default = self.options.timeout
@@ -460,14 +519,14 @@ class Worker:
                 continue
             if message["ok"]:
                 first = proc.batch[0]
-                self.done.append(Done(first.task_pk, first.task_id, message["ok"], message["seconds"],
+                self.pending.done.append(Done(first.task_pk, first.task_id, message["ok"], message["seconds"],
                                       message.get("values")))
             if message["results"]:
                 by_id = {j.id: j for j in proc.batch}
                 for job_id, ok, exc_type, text, tb, duration in message["results"]:
-                    self.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration))
+                    self.pending.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration))
             held = {j.id for j in proc.batch}  # not those _release_rest gave back already
-            self.give_back += [job_id for job_id in message["gave_back"] if job_id in held]
+            self.pending.give_back += [job_id for job_id in message["gave_back"] if job_id in held]
             proc.batch = []
             took = True
             self._turn = index + 1
@@ -477,8 +536,8 @@ class Worker:
         their results are lost; those after it never started."""
         batch, proc.batch = proc.batch, []
         at = batch.index(job) if job is not None else -1
-        self.put_back += [j.id for j in batch[:max(at, 0)]]
-        self.give_back += [j.id for j in batch[at + 1:]]
+        self.pending.put_back += [j.id for j in batch[:max(at, 0)]]
+        self.pending.give_back += [j.id for j in batch[at + 1:]]
 
     def _crashed(self, proc: JobProcess, how: str) -> None:
         job, _ = proc.running()
@@ -486,7 +545,7 @@ class Worker:
         if job is not None:
             log.error("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
                       job.task_id, how)
-            self.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
+            self.pending.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
         self._replace(proc, how)
 
     def _enforce_time_limits(self, now: float) -> None:
@@ -499,7 +558,7 @@ class Worker:
             proc.kill()
             log.error("worker %d: job %d of %s ran longer than its %g s limit; its process was killed",
                       self.worker_id, job.id, job.task_id, job.timeout)
-            self.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
+            self.pending.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
                                          f"ran longer than its {job.timeout:g} s limit; its process was killed",
                                          "", now - start))
             self._return_rest(proc, job)
@@ -520,7 +579,7 @@ class Worker:
             rest = proc.batch[at + 1:]
             if rest:
                 proc.batch = proc.batch[:at + 1]
-                self.give_back += [j.id for j in rest]
+                self.pending.give_back += [j.id for j in rest]
                 log.debug("worker %d: job %d of %s is slow; %d job(s) queued behind it go back for others",
                           self.worker_id, job.id, job.task_id, len(rest))
 
@@ -540,7 +599,7 @@ class Worker:
         self.procs[self.procs.index(old)] = JobProcess(self.options, old.slot)
 
     def _burst_done(self) -> bool:
-        if not self.options.burst or self._busy() or self._unwritten or self.handed:
+        if not self.options.burst or self._busy() or self.pending or self.handed:
             return False
         if engine.has_claimable(self.db, self.queues):
             return False
@@ -555,11 +614,11 @@ class Worker:
         self.db.tidy(idle=True)
         return True
 
-    def _wait(self) -> None:
-        """Sleep until a job process answers, the file changes (when we could use work), a signal
+    def wait(self) -> None:
+        """Sleep until a job process answers, the database changes (when we could use work), a signal
         comes, or the next timed duty."""
         now = monotonic()
-        until = min(self._next_maintenance, self._next_heartbeat, self._stop_deadline, self._next_promote)
+        until = self.schedule.next_duty()
         for proc in self.procs:
             if len(proc.batch) > 1:  # look again when its running job would turn slow (_release_rest)
                 job, start = proc.running()
@@ -571,22 +630,23 @@ class Worker:
                     until = min(until, start + job.timeout)
                 else:
                     until = min(until, now + 0.05)  # between two jobs of a limited batch: look again soon
-        fds: list[int] = [self._signal_fd]
-        fds += [p.fileno() for p in self.procs if p.busy]
+        fds = [p.fileno() for p in self.procs if p.busy]
+        if self._signal_fd is not None:
+            fds.append(self._signal_fd)
         idle = not self.stopping and (any(not p.busy for p in self.procs) or self.options.burst)
         wal = self._waiter.fileno() if idle else None
         if wal is not None:
             fds.append(wal)
         elif idle:
             until = min(until, now + self.options.poll)
-        if self._unwritten:
-            until = now if now >= self._retry_at else self._retry_at
+        if self.pending:
+            until = now if now >= self.schedule.write else self.schedule.write
         timeout = max(0.0, until - now)
         try:
             ready, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
-        if self._signal_fd in ready:
+        if self._signal_fd is not None and self._signal_fd in ready:
             try:
                 while os.read(self._signal_fd, 512):
                     pass
@@ -599,9 +659,9 @@ class Worker:
         # The results in hand stay in memory and are recorded once a write succeeds again.
         self._unsure = True
         self.db.tighten()
-        self._backoff = min(max(self._backoff * 2, 0.25), 2.0)
-        self._retry_at = monotonic() + self._backoff
-        log.error("worker %d: %s; trying again in %.2f s", self.worker_id, e, self._backoff)
+        self.schedule.backoff = min(max(self.schedule.backoff * 2, 0.25), 2.0)
+        self.schedule.write = self._now + self.schedule.backoff
+        log.error("worker %d: %s; trying again in %.2f s", self.worker_id, e, self.schedule.backoff)
 
     def _stop_running(self, proc: JobProcess) -> None:
         """Kill a busy job process and put every job it held back in its queue."""
@@ -609,7 +669,7 @@ class Worker:
         proc.kill()
         self._return_rest(proc, job)
         if job is not None:
-            self.put_back.append(job.id)
+            self.pending.put_back.append(job.id)
         log.warning("worker %d: stopped job %s%s; it goes back to its queue", self.worker_id,
                     job.id if job else "?", f" of {job.task_id}" if job else "")
         self.forced = True
@@ -620,7 +680,7 @@ class Worker:
                 self._stop_running(proc)
         self.forced = True
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         """Record what is done, put back what is not, end the job processes, leave the worker table."""
         for proc in self.procs:
             if proc.busy:
@@ -636,11 +696,15 @@ class Worker:
         try:
             for attempt in range(20):
                 try:
-                    if self._unwritten:
-                        engine.claim(self.db, self.worker_id, outcomes=self.outcomes, done=self.done,
-                                     give_back=self.give_back, put_back=self.put_back, wants=0,
-                                     max_crashes=self.options.max_crashes)
-                        self.outcomes, self.done, self.give_back, self.put_back = [], [], [], []
+                    if self.pending:
+                        taken = self.pending.take()
+                        try:
+                            engine.claim(self.db, self.worker_id, outcomes=taken.outcomes, done=taken.done,
+                                         give_back=taken.give_back, put_back=taken.put_back, wants=0,
+                                         max_crashes=self.options.max_crashes)
+                        except BaseException:
+                            self.pending.restore(taken)
+                            raise
                     engine.unregister_worker(self.db, self.worker_id)
                     break
                 except StorageError as e:

@@ -148,6 +148,17 @@ def is_pg(target: str) -> bool:
     return target.startswith("postgresql://")
 
 
+def die(lock: object) -> None:
+    """What happens to a worker's lock when its process dies: the kernel drops the flock (the file
+    stays); the server drops the advisory lock with the connection."""
+    from litemultistep.pg import AdvisoryLock
+
+    if isinstance(lock, AdvisoryLock):
+        lock.release()
+    else:
+        lock._lock.release()  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def log_path(tmp_path: Path) -> str:
     return str(tmp_path / "jobs.log")

@@ -10,7 +10,7 @@ import os
 import tempfile
 
 import pytest
-from conftest import need_postgres
+from conftest import die, need_postgres
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -20,7 +20,6 @@ from litemultistep import engine as E
 from litemultistep.db import Database, JobKind, open_database
 from litemultistep.engine import Outcome
 from litemultistep.errors import DatabaseUnavailable
-from litemultistep.pg import AdvisoryLock
 from litemultistep.sqlite import SqliteDatabase, lock_state
 from litemultistep.views import failures, progress
 
@@ -47,15 +46,6 @@ def claim(store: Database, w: int, limit: int, queues: list[str] | None = None) 
     store.connection().execute("UPDATE task SET avg_duration = 1e-6")
     batches = E.claim(store, w, max_batch=limit, queues=queues)
     return batches[0] if batches else []
-
-
-def die(lock) -> None:
-    """What happens to a worker's lock when its process dies: the kernel drops the flock (the file
-    stays); the server drops the advisory lock with the connection."""
-    if isinstance(lock, AdvisoryLock):
-        lock.release()
-    else:
-        lock._lock.release()
 
 
 def worker(store: Database, lease: float = 1000.0):
