@@ -1,4 +1,4 @@
-"""litemultistep: multi-step tasks on one SQLite file, no server.
+"""litemultistep: multi-step tasks on one SQLite file, no server (or on PostgreSQL, for many hosts).
 
 A task fans work out into jobs that worker processes run in parallel, keeps exact progress counters,
 and once every job has succeeded runs its finalization jobs one after another, in order.
@@ -30,6 +30,7 @@ from .errors import (
     SchemaTooNew,
     StorageError,
     WorkerCrashed,
+    WorkersNotStarted,
 )
 
 # The rest is imported on first use (PEP 562): a job process, or ``litemultistep --help``, starts
@@ -107,6 +108,7 @@ __all__ = [
     "SchemaTooNew",
     "StorageError",
     "WorkerCrashed",
+    "WorkersNotStarted",
     "Workers",
     "configure",
     "current_task",

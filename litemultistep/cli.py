@@ -1,4 +1,5 @@
-"""The ``litemultistep`` command: run workers, see and steer tasks, all on the SQLite file.
+"""The ``litemultistep`` command: run workers, see and steer tasks, on the SQLite file (or the
+PostgreSQL database) the tasks live in.
 
 Every reading command takes ``--json``: standard output then holds the JSON alone (shapes in
 docs/cli.md); logs and progress go to standard error. A user's mistake gets a message and a

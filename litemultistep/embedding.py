@@ -12,19 +12,20 @@ from types import TracebackType
 from typing import Any
 
 from .config import resolve_db
+from .errors import WorkersNotStarted
 from .worker import PARENT_PID_ENV, WorkerOptions
 
 log = logging.getLogger(__name__)
 
 
 class Workers:
-    """Real ``litemultistep worker`` processes, started and stopped by an application.
+    """A real ``litemultistep worker``, started and stopped by an application.
 
-    The processes are spawned (a fresh interpreter each, safe from GUI toolkits and threads) in a
-    process group of their own, and stop by themselves if the application dies.
+    It is spawned (a fresh interpreter, safe from GUI toolkits and threads) in a process group of
+    its own, with its job processes, and stops by itself if the application dies.
 
-    :param db: the database path (or :class:`litemultistep.Database`); default: the configured one.
-    :param concurrency: worker processes.
+    :param db: the database path or URL (or :class:`litemultistep.Database`); default: the configured one.
+    :param concurrency: job processes, each running one job at a time (``worker -c``).
     :param queues: globs of task queues to serve (default: all).
     :param burst: the workers exit once nothing is queued or running.
     :param options: any other ``WorkerOptions`` field (``lease``, ``batch``, ``poll``, ``paths``,
@@ -63,7 +64,7 @@ class Workers:
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the workers to exit by themselves (with ``burst``); returns the exit status."""
         if self.process is None:
-            raise RuntimeError("the workers were never started")
+            raise WorkersNotStarted("the workers were never started: call start() first, or use a with block")
         return self.process.wait(timeout)
 
     def stop(self, timeout: float | None = None) -> int | None:

@@ -59,6 +59,10 @@ class JobNotAllowed(LiteMultiStepError):
     """Recorded as a job's failure when the worker's ``--allow-module`` does not allow its callable."""
 
 
+class WorkersNotStarted(LiteMultiStepError, RuntimeError):
+    """:class:`litemultistep.Workers` were asked about processes they never started."""
+
+
 class InvalidSetting(LiteMultiStepError, ValueError):
     """A setting (an argument, an option or a ``LITEMULTISTEP_*`` variable) has a value that cannot work."""
 

@@ -1,4 +1,4 @@
-"""``MultiStepTask``: the gem's API, on one SQLite file."""
+"""``MultiStepTask``: the gem's API, on either backend (a SQLite file or a PostgreSQL database)."""
 
 from __future__ import annotations
 

@@ -138,3 +138,8 @@ def test_async_def_job_runs_in_a_worker(db, log_path):
         assert workers.wait(60) == 0
     [line] = lines(log_path)
     assert line.startswith("aio ") and line.split()[1] != str(os.getpid())
+
+
+def test_waiting_for_workers_never_started_is_a_clear_error(db):
+    with pytest.raises(litemultistep.WorkersNotStarted, match="never started"):
+        litemultistep.Workers(db).wait()
