@@ -18,6 +18,8 @@ import litemultistep
 from litemultistep import config
 
 TESTS = Path(__file__).resolve().parent
+#: the project's root (README.md, scripts/)
+ROOT = TESTS.parent
 LMS = shutil.which("litemultistep", path=os.path.dirname(sys.executable)) or "litemultistep"
 
 

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import jobfuncs
 import pytest
-from conftest import LMS, cli, env_for_workers, is_pg, wait_for
+from conftest import LMS, ROOT, cli, env_for_workers, is_pg, wait_for
 
 from litemultistep import MultiStepTask
 from litemultistep import engine as E
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(120)
 
 CHROMIUM = os.environ.get("LITEMULTISTEP_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 #: where the screenshots of each page go, to be looked at
-SHOTS = Path(os.environ.get("LITEMULTISTEP_SCREENSHOTS") or Path(__file__).resolve().parent.parent / "screenshots")
+SHOTS = Path(os.environ.get("LITEMULTISTEP_SCREENSHOTS") or ROOT / "screenshots")
 XSS = '<script>window.__xss=1</script>"><img src=x onerror="window.__xss=2">[bold]{{7*7}}\U0001F389'
 
 

@@ -16,7 +16,7 @@ from litemultistep import MultiStepTask
 from litemultistep.db import monotonic, open_database
 from litemultistep.engine import ClaimedJob
 from litemultistep.views import progress
-from litemultistep.worker import Pending, Schedule, Worker, WorkerOptions
+from litemultistep.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -138,26 +138,3 @@ def test_burst_rounds_end_once_nothing_is_left(any_db, make_worker, log_path):
         assert rounds < 10_000, "--burst never ended"
         time.sleep(0.002)
     assert progress(w.db, task.task_id).finished
-
-
-# -- the worker's state objects -------------------------------------------------------------------
-
-
-def test_pending_takes_everything_and_restores_it_in_order():
-    pending = Pending(give_back=[1, 2], put_back=[3])
-    assert pending
-    taken = pending.take()
-    assert not pending and taken.give_back == [1, 2] and taken.put_back == [3]
-    pending.give_back.append(9)
-    pending.restore(taken)
-    assert pending.give_back == [1, 2, 9] and pending.put_back == [3]
-
-
-def test_schedule_names_the_next_duty():
-    s = Schedule(heartbeat=5.0, maintenance=3.0)
-    assert s.next_duty() == 3.0  # no retry scheduled, no stop asked for
-    s.stop = 4.0
-    s.maintenance = 9.0
-    assert s.next_duty() == 4.0
-    s.promote = 1.0
-    assert s.next_duty() == 1.0

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+BENCH = ROOT / "scripts" / "bench.py"
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(300)
 def test_bench_quick_runs_and_prints_its_table():
     out = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=280)
@@ -22,6 +23,7 @@ def test_bench_quick_runs_and_prints_its_table():
     assert all(" - |" not in line for line in table[2:]), "a workload printed no figure"
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(300)
 def test_bench_of_the_web_page_runs():
     pytest.importorskip("starlette", reason="the web page needs the web extra: pip install -e '.[test,web]'")

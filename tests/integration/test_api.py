@@ -1,5 +1,5 @@
-"""The gem's behaviour, example by example, on a real SQLite file (async mode drained in-process,
-and sync mode)."""
+"""The gem's behaviour, example by example, on each backend in turn: a real SQLite file and a real
+PostgreSQL database (async mode drained in-process, and sync mode)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ from litemultistep import (
 )
 from litemultistep.config import resolve_db
 from litemultistep.runner import drain
+
+
+@pytest.fixture
+def db(any_db: str) -> str:
+    """Every test here runs on both backends."""
+    return any_db
 
 
 def run_all(db: str, raise_on_failure: bool = False):

@@ -4,11 +4,10 @@ the fixtures on SQLite files and on PostgreSQL (``--litemultistep-postgres``).""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import xdist  # noqa: F401  (part of the test extra: its absence must fail, not skip)
-from conftest import need_postgres
+from conftest import ROOT, need_postgres
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -18,7 +17,7 @@ def backend(request: pytest.FixtureRequest) -> list[str]:
     """The inner pytest's arguments: the plugin's fixtures on SQLite files, then on PostgreSQL."""
     return [] if request.param == "sqlite" else ["--litemultistep-postgres", need_postgres()]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 
 def readme_example() -> dict[str, str]:
