@@ -24,6 +24,7 @@ differs beyond SQL is named here, once, as a method each backend implements:
 from __future__ import annotations
 
 import abc
+import functools
 import os
 import re
 import threading
@@ -290,6 +291,13 @@ class Database(abc.ABC):
         """Make sure a worker found dead holds nothing any more, before its jobs are taken back (its
         lingering connection is ended; its lock file removed)."""
 
+    def fence_after(self, lease: float) -> float | None:
+        """Seconds after the start of a worker's last confirmed heartbeat by which, if it could not
+        confirm its lease since, it must have stopped every job it runs (and its job processes stop
+        themselves should the worker be paused): others may take its jobs once its lease runs out,
+        whether it lives or not. None where a live worker can never be taken for dead (an OS lock)."""
+        return None
+
     def maintenance_every(self) -> float:
         """Seconds between a worker's rounds of recovery (finding dead workers)."""
         return 1.0
@@ -329,6 +337,44 @@ def open_database(target: str | os.PathLike[str]) -> Database:
         db = Database.open(target)
         _open[key] = db
         return db
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host lives: a zombie (dead, not yet reaped by its parent) does
+    not, although ``kill(pid, 0)`` still finds it. A process we may not signal counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): kill(pid, 0) is all we know
+    return state not in (b"Z", b"X")
+
+
+@functools.cache
+def host_identity() -> str:
+    """What names this host's processes uniquely: its boot and its pid namespace (two containers
+    on one kernel share the boot but not the pids), else its name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"boot {boot} pids {os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        import socket
+
+        return f"host {socket.gethostname()}"
+
+
+def boottime() -> float:
+    """Seconds on a clock that counts the time a host spends suspended (``CLOCK_BOOTTIME``), for
+    deadlines that must hold across a laptop's sleep; the monotonic clock elsewhere."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock) if clock is not None else monotonic()
 
 
 def now() -> float:

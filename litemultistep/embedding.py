@@ -47,7 +47,7 @@ class Workers:
         """Start the processes (returns at once)."""
         if self.alive:
             return self
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**os.environ, **self.options.env(), PARENT_PID_ENV: str(os.getpid())}
         self.process = subprocess.Popen(self.options.argv(), start_new_session=True, env=env)
         return self
 

@@ -621,7 +621,8 @@ def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, mes
                     tb: str, attempt: int, t: float) -> None:
     c.execute(
         "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, worker_pid) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, task_pk, exc_type, message, tb, attempt, t, os.getpid()))
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, task_pk, *map(rules.storable_text, (exc_type, message, tb)),
+                                             attempt, t, os.getpid()))
 
 
 #: why a result is not recorded, by whether it is sent again after a write whose answer was lost
@@ -691,6 +692,19 @@ def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | No
         c.execute("UPDATE task SET pending_count = pending_count - 1, running_count = running_count + 1 "
                   "WHERE id = ?", (row[0],))
         return jobs[0]
+
+
+def forgive_crashes(db: Database, job_ids: Sequence[int]) -> int:
+    """Take back the crash counted for each of these jobs when their worker was taken for dead: it
+    lived (cut off from the database, or paused past its lease) and stopped them itself, or never
+    started them. A job that already failed at its crash limit stays failed (``retry`` runs it).
+    Returns how many crash counts were taken back."""
+    if not job_ids:
+        return 0
+    with db.write() as c:
+        ids, params = c.dialect.among("id", job_ids)
+        return int(c.execute(f"UPDATE job SET crashes = crashes - 1 WHERE crashes > 0 AND state <> {FAILED} "
+                             f"AND {ids}", params).rowcount)
 
 
 def report_progress(db: Database, worker_id: int, reports: Sequence[tuple[int, float, float | None]]) -> None:

@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ._wakeup import libc
-from .db import monotonic
+from .db import boottime, monotonic
 from .engine import ClaimedJob, Outcome
 from .jobs import allowed_or_why
 from .runner import Result, execute
@@ -48,12 +48,21 @@ SLOT = struct.Struct("<dq")  # start (monotonic seconds), job id
 #: after SLOT: what the running job last reported (litemultistep.report): job id, done, total (-1: none)
 PROGRESS = struct.Struct("<qdd")
 PROGRESS_AT = 16
+#: after PROGRESS: the fence (on PostgreSQL): the CLOCK_BOOTTIME by which this process stops a running job
+#: unless its worker has confirmed its lease since (0: none), and 1 once it stopped one so
+FENCE = struct.Struct("<dq")
+FENCE_AT = 48
+#: how often a job process looks at its fence while a job runs
+FENCE_LOOK = 0.05
 SLOT_SIZE = 4096
 #: a job that ran longer than this ends its batch: the jobs after it go back to the queue
 SLOW_JOB = 0.005
 #: the child's exit code when it can no longer talk to its worker (a job closed its pipes)
 BROKEN = 3
 NOT_IMPORTABLE = "litemultistep.errors.JobNotImportable"
+
+#: the environment variable a job process gets its setup from (a worker sets it)
+SETUP_ENV = "LITEMULTISTEP_JOBPROC"
 
 #: test hook: a file whose first line is "POINT module:qualname [worker]" makes the first job process to
 #: reach POINT (after-claim, after-run) in a job of that callable die at once, as a crash would; with
@@ -90,6 +99,31 @@ def read_slot(page: mmap.mmap) -> tuple[int, float]:
         second = SLOT.unpack_from(page, 0)
         if first == second:
             return first[1], first[0]
+
+
+def set_fence(page: mmap.mmap, deadline: float) -> None:
+    """The worker confirmed its lease: a running job may go on until ``deadline`` (CLOCK_BOOTTIME)."""
+    FENCE.pack_into(page, FENCE_AT, deadline, 0)
+
+
+def fenced(page: mmap.mmap) -> bool:
+    """Whether the job process stopped its job itself, its worker having gone silent."""
+    return bool(FENCE.unpack_from(page, FENCE_AT)[1])
+
+
+def _watch_fence(page: mmap.mmap) -> None:
+    """The job process's own fence: a thread that ends the process, and every process it started that
+    stayed in its group, once a job runs past the deadline its worker last set. A worker that cannot
+    confirm its lease (its host cut off from the server, or the worker itself paused) is taken for
+    dead when the lease runs out, and its jobs run elsewhere: by then they must have stopped here."""
+    while True:
+        deadline = FENCE.unpack_from(page, FENCE_AT)[0]
+        if deadline and SLOT.unpack_from(page, 0)[1] > 0 and boottime() >= deadline:
+            FENCE.pack_into(page, FENCE_AT, deadline, 1)
+            os.write(2, f"litemultistep job process {os.getpid()}: its worker has not confirmed its lease; "
+                        "stopping the running job (it runs again elsewhere)\n".encode())
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        time.sleep(FENCE_LOOK)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -202,6 +236,8 @@ def serve(setup: dict[str, Any]) -> int:
         except OSError:
             return False
 
+    if setup.get("fence"):
+        threading.Thread(target=_watch_fence, args=(page,), name="litemultistep-fence", daemon=True).start()
     crash_file = os.environ.get(CRASH_FILE_ENV)
     baseline = _Baseline()
     while True:
@@ -264,8 +300,8 @@ def serve(setup: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    """Entry point of a job process, started by a worker only, with its setup as JSON in argv."""
-    code = serve(json.loads(sys.argv[1]))
+    """Entry point of a job process, started by a worker only, with its setup as JSON in the environment."""
+    code = serve(json.loads(os.environ.pop(SETUP_ENV)))  # not left for the jobs' own children
     sys.stdout.flush()
     os._exit(code)  # no interpreter teardown: a job's threads or atexit hooks cannot hold us
 

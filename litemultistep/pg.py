@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .db import SCHEMA_VERSION, Database, DeadWorker, Dialect, LivenessLock, now
+from . import rules
+from .db import SCHEMA_VERSION, Database, DeadWorker, Dialect, LivenessLock, host_identity, now, process_alive
 from .errors import DatabaseBusy, DatabaseUnavailable, DatabaseUnusable, SchemaTooNew, StorageError
 
 if TYPE_CHECKING:
@@ -158,9 +159,28 @@ SERVER_CLOCK = "extract(epoch from clock_timestamp())"
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    url = re.sub(r"(://[^:/@?]*):[^@/?]*@", r"\1@", url)
-    return re.sub(r"([?&])password=[^&]*&?", r"\1", url).rstrip("?&")
+    """The URL without its password, for messages and logs: parsed as libpq parses it (a password may
+    hold ``?``, ``/`` or ``@``), then written again without the password."""
+    from urllib.parse import quote, urlencode
+
+    scheme = url.partition("://")[0]
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        given = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - no driver, or a URL libpq refuses: show no more than the scheme
+        return f"{scheme}://..."
+    if "password" not in given:
+        return url
+    params = {k: str(v) for k, v in given.items() if k != "password"}
+    user = params.pop("user", "")
+    host = params.pop("host", "") if not params.get("host", "").startswith("/") else ""  # a socket: in the query
+    port = params.pop("port", "")
+    dbname = params.pop("dbname", "")
+    netloc = (quote(user, safe="") + "@" if user else "") + (f"[{host}]" if ":" in host else quote(host, safe=""))
+    netloc += f":{port}" if port else ""
+    query = "?" + urlencode(params, safe="/=") if params else ""
+    return f"{scheme}://{netloc}/{quote(dbname, safe='')}{query}"
 
 
 def schema_key(schema: str) -> int:
@@ -180,6 +200,9 @@ def _translate(error: Exception, path: str) -> StorageError | DatabaseUnusable:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if state in ("40P01", "40001", "55P03"):
         return DatabaseBusy(f"{path}: {message} (another transaction was in the way; nothing was written: try again)")
+    if state == "57014":
+        return DatabaseBusy(f"{path}: {message} (the server cancelled the statement: its statement_timeout, or "
+                            "an administrator; nothing was written: try again)")
     if state.startswith("53"):
         return StorageError(f"the server of {path} is out of resources ({message}); nothing stored was lost")
     if state.startswith(("08", "57P")) or isinstance(error, psycopg.OperationalError) and not state:
@@ -402,7 +425,7 @@ class PostgresDatabase(Database):
                 "INSERT INTO worker (pid, hostname, kind, queues, started_at, heartbeat_at, expires_at, lock_path, "
                 f"heartbeat_mono, concurrency) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {SERVER_CLOCK}, ?) RETURNING id",
                 (os.getpid(), socket.gethostname(), kind, " ".join(queues) if queues else None, t, t,
-                 t + lease if lease else None, AdvisoryLock.path, concurrency)).fetchone()
+                 t + lease if lease else None, _lock_name(), concurrency)).fetchone()
             # session-level: it outlives this transaction, and is released only by unlock or disconnect
             c.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", (self.lock_key, worker_id))
         return int(worker_id), AdvisoryLock(self, int(worker_id))
@@ -417,17 +440,28 @@ class PostgresDatabase(Database):
                              "WHERE id = ?", (t, t + lease, worker_id)).rowcount == 1
 
     def dead_workers(self, lease: float) -> list[DeadWorker]:
-        """Workers whose lock is free, or whose heartbeat is older than their own lease (inline
-        runners, with no lease, live by their lock alone)."""
+        """Workers whose heartbeat, on the server's clock, is older than their own lease: a worker
+        cut off from the server has stopped its jobs by then (:meth:`fence_after`). A free lock alone
+        proves nothing (a dropped connection frees it while the worker and its jobs run on), unless
+        the worker's process, on this very host, is gone. Inline runners (sync mode, ``drain``), with
+        no heartbeat, live by their lock alone."""
         rows = self.connection().execute(
             f"SELECT w.id, w.pid, w.lock_path, l.pid, {SERVER_CLOCK} - w.heartbeat_mono, "
             f"w.expires_at - w.heartbeat_at, w.kind FROM worker w {_LOCKS} ORDER BY w.id", (self.lock_key,)).fetchall()
         dead = []
+        here = _lock_name()
         for wid, pid, path, backend, age, own_lease, kind in rows:
-            limit = own_lease if own_lease else lease
-            if backend is None or (kind != "inline" and age is not None and float(age) > limit):
+            if kind == "inline":
+                gone = backend is None
+            else:
+                gone = (age is not None and float(age) > (own_lease or lease)) or (
+                    backend is None and path == here and not process_alive(pid))
+            if gone:
                 dead.append(DeadWorker(wid, pid, path))
         return dead
+
+    def fence_after(self, lease: float) -> float | None:
+        return rules.fence_after(lease)
 
     def end_session(self, dead: DeadWorker) -> None:
         """End the connection still holding a dead worker's lock, if any (its heartbeat ran out), so
@@ -453,15 +487,19 @@ class PostgresDatabase(Database):
 # -- liveness -----------------------------------------------------------------------------------------
 
 
+def _lock_name() -> str:
+    """The ``lock_path`` of a worker's row: its lock, and the host its pid belongs to."""
+    return f"advisory lock, {host_identity()}"
+
+
 class AdvisoryLock:
     """A worker's session-level advisory lock: held by its connection, dropped by the server the
     instant that connection dies."""
 
-    path = "advisory lock"
-
     def __init__(self, db: PostgresDatabase, worker_id: int) -> None:
         self._db = db
         self.worker_id = worker_id
+        self.path = _lock_name()
 
     def intact(self) -> bool:
         """Whether this thread's connection still holds the lock (a lost one does not, nor a new one)."""
@@ -474,9 +512,16 @@ class AdvisoryLock:
             return False
 
     def renew(self) -> str:
-        """Take the lock again, on a new connection (the old one was lost)."""
-        self._db.connection().execute("SELECT pg_try_advisory_lock(?::int4, ?::int4)",
-                                      (self._db.lock_key, self.worker_id))
+        """Take the lock again, on a new connection (the old one was lost). A session of ours that
+        the server still thinks alive (its client vanished mid-network) is ended first: it is ours."""
+        conn = self._db.connection()
+        args = (self._db.lock_key, self.worker_id)
+        if not conn.execute("SELECT pg_try_advisory_lock(?::int4, ?::int4)", args).fetchone()[0]:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                         "AND classid = ?::int4::oid AND objid = ?::int4::oid AND objsubid = 2 "
+                         "AND pid <> pg_backend_pid()", args).fetchall()
+            conn.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", args)
+        log.warning("worker %d took its lock again on a new connection to %s", self.worker_id, self._db.path)
         return self.path
 
     def release(self) -> None:

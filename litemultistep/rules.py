@@ -57,6 +57,30 @@ def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM
     return max(1, min(max_batch, int(window / max(avg_duration, 1e-7))))
 
 
+def heartbeat_every(lease: float) -> float:
+    """Seconds between a worker's heartbeats: every 2 s, and five times within its lease."""
+    return min(2.0, lease / 5)
+
+
+def fence_after(lease: float) -> float:
+    """Seconds after the start of its last confirmed heartbeat by which a worker that cannot confirm
+    its lease again has stopped every job it runs: far enough inside the lease (a quarter of it, at
+    least a second) that the jobs have stopped before anyone else may take them."""
+    return max(lease - max(1.0, lease / 4), lease / 2)
+
+
+def storable_text(text: str) -> str:
+    """``text`` as both backends store it alike: a NUL byte (which PostgreSQL's text refuses) and a lone
+    surrogate (not UTF-8) become visible escapes (``\\x00``, ``\\udc80``); everything else is kept."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def task_state(building: bool, finalizing: bool, failed: int, queued: int, running: int, scheduled: int) -> str:
     """A task's state for people: ``building``, ``blocked`` (failed jobs stop it and nothing else is
     queued, running or scheduled), ``finalizing`` or ``running``."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import engine
+from . import engine, rules
 from .db import Database
 from .engine import ClaimedJob, Outcome
 from .errors import InvalidSetting, NotInJob, ResultNotSerializable
@@ -99,7 +99,8 @@ class ThrottledReport:
 
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return clean_text(str(name))  # a hostile class may name itself anything
 
 
 def _text(exc: BaseException) -> str:
@@ -110,9 +111,7 @@ def _text(exc: BaseException) -> str:
         return f"<str() of this {type(exc).__name__} raised {type(e).__name__}>"
 
 
-def clean_text(text: str) -> str:
-    """Text SQLite can store: a lone surrogate (from a hostile message) becomes an escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+clean_text = rules.storable_text
 
 
 def _traceback() -> str:

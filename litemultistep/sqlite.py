@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from ._wakeup import WalWaiter
-from .db import SCHEMA_VERSION, TABLES, Database, DeadWorker, Dialect, monotonic, now
+from .db import SCHEMA_VERSION, TABLES, Database, DeadWorker, Dialect, monotonic, now, process_alive
 from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ class SqliteDatabase(Database):
         return _identity(self.path) == self._identity
 
     def builder_gone(self, pid: int) -> bool:
-        return not _pid_alive(pid)
+        return not process_alive(pid)
 
     def waiter(self, poll: float) -> WalWaiter:
         return WalWaiter(self.path + "-wal", poll)
@@ -692,12 +692,3 @@ def worker_alive(lock_path: str, heartbeat_mono: float | None, lease: float) -> 
     return heartbeat_mono is not None and monotonic() - heartbeat_mono < lease
 
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

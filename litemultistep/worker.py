@@ -38,18 +38,18 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from types import FrameType
 
-from . import config, engine
-from .db import Database, LivenessLock, monotonic
+from . import config, engine, rules
+from .db import Database, LivenessLock, boottime, monotonic
 from .engine import ClaimedJob, Done, Outcome
 from .errors import InvalidSetting, StorageError
-from .jobproc import BROKEN, SLOT_SIZE, SLOW_JOB, read_progress, read_slot
+from .jobproc import BROKEN, SETUP_ENV, SLOT_SIZE, SLOW_JOB, fenced, read_progress, read_slot, set_fence
 
 log = logging.getLogger(__name__)
 
 #: environment variable naming a process whose death stops the worker (set by ``Workers``)
 PARENT_PID_ENV = "LITEMULTISTEP_PARENT_PID"
-#: seconds between heartbeats and between rounds of recovery
-HEARTBEAT_EVERY = 2.0
+#: the database, when it is not on the command line
+DB_ENV = "LITEMULTISTEP_DB"
 TIDY_EVERY = 1.0
 #: a job process gives back the rest of a batch once it has run this long (a claim plans for
 #: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
@@ -104,8 +104,9 @@ class WorkerOptions:
                 raise InvalidSetting(f"--path {p}: no such directory")
 
     def argv(self) -> list[str]:
-        """The ``litemultistep worker`` command line for these options."""
-        argv = [sys.executable, "-m", "litemultistep", "worker", self.db, "-c", str(self.concurrency),
+        """The ``litemultistep worker`` command line for these options; the database goes in the
+        environment (:meth:`env`), so that a URL's password never shows in the process list."""
+        argv = [sys.executable, "-m", "litemultistep", "worker", "-c", str(self.concurrency),
                 "--lease", repr(self.lease), "--batch", str(self.batch), "--poll", repr(self.poll),
                 "--shutdown-timeout", repr(self.shutdown_timeout), "--max-crashes", str(self.max_crashes)]
         if self.timeout is not None:
@@ -124,11 +125,15 @@ class WorkerOptions:
             argv.append("-q")
         return argv
 
+    def env(self) -> dict[str, str]:
+        """The environment variables that go with :meth:`argv`."""
+        return {DB_ENV: self.db}
+
 
 class JobProcess:
     """One child that runs jobs, and what the worker knows of it."""
 
-    def __init__(self, options: WorkerOptions, slot: int) -> None:
+    def __init__(self, options: WorkerOptions, slot: int, fence: float | None = None) -> None:
         self.slot = slot
         self.options = options
         self.batch: list[ClaimedJob] = []
@@ -145,16 +150,20 @@ class JobProcess:
         level = logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO
         setup = {"parent": os.getpid(), "inbox": inbox_r, "outbox": outbox_w, "page": page_fd, "db": options.db,
                  "paths": [os.path.abspath(p) for p in [os.getcwd(), *options.paths]], "log_level": level,
-                 "allow_modules": options.allow_modules}
+                 "allow_modules": options.allow_modules, "fence": fence is not None}
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", "from litemultistep.jobproc import main; main()",
-                                          json.dumps(setup)],
+            # the setup goes by the environment, not the command line: a database URL's password must
+            # not show in the process list
+            self.proc = subprocess.Popen([sys.executable, "-c", "from litemultistep.jobproc import main; main()"],
+                                         env={**os.environ, SETUP_ENV: json.dumps(setup)},
                                          pass_fds=(inbox_r, outbox_w, page_fd), start_new_session=True)
         finally:
             for fd in (inbox_r, outbox_w, page_fd):
                 os.close(fd)
         self.to_child = Connection(inbox_w, readable=False)
         self.from_child = Connection(outbox_r, writable=False)
+        if fence is not None:
+            set_fence(self.page, fence)
 
     @property
     def busy(self) -> bool:
@@ -181,9 +190,19 @@ class JobProcess:
         return None, 0.0
 
     def kill(self) -> None:
+        """Kill the job process and every process of its group (what its job started stays in it)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+    @property
+    def fenced(self) -> bool:
+        """It stopped its job itself: its worker had not confirmed its lease in time."""
+        return fenced(self.page)
 
     def close(self) -> None:
         for conn in (self.to_child, self.from_child):
@@ -284,6 +303,13 @@ class Worker:
         self._signal_fd: int | None = None
         #: the time of the round in progress (monotonic seconds)
         self._now = monotonic()
+        #: on a backend where a live worker can be taken for dead (PostgreSQL: a lease on the server's
+        #: clock), how long after a confirmed heartbeat its running jobs must stop if none came since
+        self._fence_after = db.fence_after(options.lease)
+        #: when, on CLOCK_BOOTTIME, the running jobs stop unless the lease is confirmed again
+        self._fence_at: float | None = None
+        #: jobs this worker stopped because it could not confirm its lease
+        self._fenced: set[int] = set()
         self.worker_id, self._lock = self._register()
         log.info("worker %d (pid %d): %d job process(es) serving %s on %s", self.worker_id, os.getpid(),
                  options.concurrency, " ".join(options.queues) or "all queues", db.path)
@@ -294,8 +320,11 @@ class Worker:
         backoff = 0.5
         while True:
             try:
-                return self.db.register_worker("process", self.queues, self.options.lease,
-                                               self.options.concurrency)
+                sent = boottime()
+                registered = self.db.register_worker("process", self.queues, self.options.lease,
+                                                     self.options.concurrency)
+                self._confirmed(sent)
+                return registered
             except StorageError as e:  # a full disk or a long lock is transient: wait, do not exit
                 log.error("worker (pid %d) cannot register: %s; trying again in %.1f s", os.getpid(), e, backoff)
                 time.sleep(backoff)
@@ -311,14 +340,55 @@ class Worker:
         them at once, then join again under a new id."""
         log.error("worker %d was taken for dead (its row is gone); stopping its running jobs, which run "
                   "elsewhere now, and joining again under a new id", self.worker_id)
+        taken = self.pending.take()
+        lost = set(self._held()) | self._fenced | set(taken.give_back) | set(taken.put_back)
         for proc in self.procs:
             if proc.busy:
                 proc.kill()
                 proc.batch = []
-        self.pending.take()
         self.handed.clear()
+        self._fenced.clear()
         self._lock.release()
         self.worker_id, self._lock = self._register()
+        try:
+            # Whoever took our jobs back counted each as a crash of its job; but no process running
+            # them died: this worker lives, and stopped them itself, or never started them.
+            engine.forgive_crashes(self.db, sorted(lost))
+        except StorageError as e:
+            log.warning("worker %d: could not uncount the crashes of the jobs it held: %s", self.worker_id, e)
+
+    def _confirmed(self, sent: float) -> None:
+        """The database confirmed our lease in a heartbeat sent at ``sent`` (CLOCK_BOOTTIME): running
+        jobs may go on until ``sent + fence_after``; nothing was taken from us meanwhile."""
+        self._fenced.clear()
+        if self._fence_after is None:
+            return
+        self._fence_at = sent + self._fence_after
+        for proc in self.procs:
+            set_fence(proc.page, self._fence_at)
+
+    def _fence(self) -> None:
+        """We could not confirm our lease in time: others may take our jobs once it runs out, so stop
+        every one we run now (and what it started), and give them back once we can write again."""
+        stopped = 0
+        for proc in self.procs:
+            if proc.busy:
+                stopped += len(proc.batch)
+                self._stop_fenced(proc)
+        log.error("worker %d could not confirm its lease with %s for %.1f s; it stopped its %d running job(s) "
+                  "so that none runs twice: they run again once it reconnects, or elsewhere once its lease "
+                  "(%g s) runs out", self.worker_id, self.db.path, self._fence_after or 0.0, stopped,
+                  self.options.lease)
+
+    def _stop_fenced(self, proc: JobProcess) -> None:
+        """Stop a job process's batch for the fence: its jobs go back (not as crashes) when we can write."""
+        job, _ = proc.running()
+        self._fenced.update(j.id for j in proc.batch)
+        proc.kill()
+        self._return_rest(proc, job)
+        if job is not None:
+            self.pending.put_back.append(job.id)
+        self._replace(proc, "stopped: its worker could not confirm its lease")
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -348,7 +418,7 @@ class Worker:
     def start(self) -> None:
         """Start the job processes (once)."""
         if not self.procs:
-            self.procs = [JobProcess(self.options, i) for i in range(self.options.concurrency)]
+            self.procs = [JobProcess(self.options, i, self._fence_at) for i in range(self.options.concurrency)]
 
     def run(self) -> int:
         """Serve until stopped; returns the exit status (0: every job that started finished)."""
@@ -387,6 +457,8 @@ class Worker:
             self._force_stop()
             return False
         self._collect()
+        if self._fence_at is not None and self._busy() and boottime() >= self._fence_at:
+            self._fence()
         self._enforce_time_limits(now)
         self._release_rest(now)
         if now >= self.schedule.write:
@@ -417,9 +489,12 @@ class Worker:
     def _write(self, now: float) -> None:
         due = self.schedule
         if now >= due.heartbeat:
-            due.heartbeat = now + HEARTBEAT_EVERY
-            if not self.db.heartbeat(self.worker_id, self.options.lease, self._lock):
+            sent = boottime()
+            if self.db.heartbeat(self.worker_id, self.options.lease, self._lock):
+                self._confirmed(sent)
+            else:
                 self._rejoin()
+            due.heartbeat = now + rules.heartbeat_every(self.options.lease)  # not after a failure: try again
             self._store_reports()
         if now >= due.maintenance:  # busy or not: dead workers' jobs come back within a second
             due.maintenance = now + self.db.maintenance_every()
@@ -540,6 +615,11 @@ class Worker:
         self.pending.give_back += [j.id for j in batch[at + 1:]]
 
     def _crashed(self, proc: JobProcess, how: str) -> None:
+        if proc.fenced:  # it stopped its job itself: we had not confirmed our lease in time
+            log.error("worker %d: job process %d stopped its running job: the worker had not confirmed its "
+                      "lease in time (was it paused?)", self.worker_id, proc.slot)
+            self._stop_fenced(proc)
+            return
         job, _ = proc.running()
         self._return_rest(proc, job)
         if job is not None:
@@ -596,7 +676,7 @@ class Worker:
         if pause:
             time.sleep(pause)
         log.info("worker %d: job process %d (pid %d) replaced: %s", self.worker_id, old.slot, old.proc.pid, why)
-        self.procs[self.procs.index(old)] = JobProcess(self.options, old.slot)
+        self.procs[self.procs.index(old)] = JobProcess(self.options, old.slot, self._fence_at)
 
     def _burst_done(self) -> bool:
         if not self.options.burst or self._busy() or self.pending or self.handed:

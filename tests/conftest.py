@@ -152,11 +152,17 @@ def is_pg(target: str) -> bool:
 
 def die(lock: object) -> None:
     """What happens to a worker's lock when its process dies: the kernel drops the flock (the file
-    stays); the server drops the advisory lock with the connection."""
+    stays); the server drops the advisory lock with the connection. On PostgreSQL a free lock alone
+    is no proof of death (a cut connection frees it too), so the worker's row is given the pid of a
+    process of this host that is gone, as the worker's own would be."""
     from litemultistep.pg import AdvisoryLock
 
     if isinstance(lock, AdvisoryLock):
         lock.release()
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        with lock._db.write() as c:
+            c.execute("UPDATE worker SET pid = ? WHERE id = ?", (gone.pid, lock.worker_id))
     else:
         lock._lock.release()  # type: ignore[attr-defined]
 
