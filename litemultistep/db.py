@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from .errors import DatabaseUnusable
 
 #: Version of the schema this litemultistep writes; an older database is upgraded, a newer one refused.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class TaskState(IntEnum):

@@ -141,11 +141,13 @@ def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: f
     raise LiteMultiStepError("could not draw a unique task id in 10 tries")
 
 
-def begin_building(db: Database, task_id: str) -> None:
-    """Hide the task's jobs from workers until :func:`mark_finalizable` (the ``with`` block)."""
+def begin_building(db: Database, task_id: str, builder: int) -> None:
+    """Hide the task's jobs from workers until :func:`mark_finalizable` (the ``with`` block).
+    ``builder`` is the worker id of the runner filling it: once that runner is gone (its process
+    killed, its host vanished), workers remove the task (:func:`recover`)."""
     with db.write() as c:
-        cur = c.execute("UPDATE task SET state = ?, builder_pid = ? WHERE task_id = ? AND state = ?",
-                        (BUILDING, os.getpid(), task_id, ACTIVE))
+        cur = c.execute("UPDATE task SET state = ?, builder = ?, builder_pid = ? WHERE task_id = ? AND state = ?",
+                        (BUILDING, builder, os.getpid(), task_id, ACTIVE))
         if cur.rowcount != 1:
             _task_row(c, task_id)  # raises NoSuchMultiStepTask when it is gone
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization; it cannot be refilled")
@@ -219,7 +221,7 @@ def mark_finalizable(db: Database, task_id: str, claim_for: int | None = None) -
         if state == BUILDING:
             state = ACTIVE
             c.notify()  # the jobs added in the with block are claimable from now on
-        c.execute("UPDATE task SET finalizable = 1, state = ?, builder_pid = NULL WHERE id = ?",
+        c.execute("UPDATE task SET finalizable = 1, state = ?, builder = NULL, builder_pid = NULL WHERE id = ?",
                   (state, pk))
         if state == ACTIVE and rules.may_finalize(True, normal, completed, failed):
             return _begin_finalization(c, pk, task_id, claim_for)
@@ -809,10 +811,16 @@ def unregister_worker(db: Database, worker_id: int) -> None:
         c.execute("DELETE FROM worker WHERE id = ?", (worker_id,))
 
 
+#: tasks whose with block never ended: the runner filling them is no longer registered
+_ABANDONED = (f"SELECT task_id FROM task WHERE state = {BUILDING} AND builder IS NOT NULL "
+              "AND builder NOT IN (SELECT id FROM worker)")
+
+
 def recover(db: Database, me: int | None = None, lease: float = 30.0,
             max_crashes: int = DEFAULT_MAX_CRASHES) -> int:
     """Requeue the jobs of dead workers, and of worker ids that are no longer registered at all;
-    each counts as a crash of the job. Returns how many jobs went back (or failed at the crash limit)."""
+    each counts as a crash of the job. Remove the tasks whose ``with`` block was left open by a
+    runner that is gone. Returns how many jobs went back (or failed at the crash limit)."""
     total = 0
     for dead in db.dead_workers(lease):
         if dead.id == me:
@@ -823,6 +831,12 @@ def recover(db: Database, me: int | None = None, lease: float = 30.0,
             c.execute("DELETE FROM worker WHERE id = ?", (dead.id,))
         total += n
         log.warning("worker %d (pid %d) is dead; %d job(s) it held went back to their queues", dead.id, dead.pid, n)
+    for (task_id,) in db.connection().execute(_ABANDONED).fetchall():
+        log.warning("task %s: its with block never ended (the process filling it is gone); removing it", task_id)
+        try:
+            delete_task(db, task_id)
+        except NoSuchMultiStepTask:
+            pass  # another worker removed it first
     conn = db.connection()
     if conn.execute(f"SELECT 1 FROM job WHERE state = {RUNNING} AND (worker IS NULL OR worker NOT IN "
                     "(SELECT id FROM worker)) LIMIT 1").fetchone() is not None:
@@ -866,20 +880,22 @@ def check(db: Database, repair: bool = False, lease: float = 30.0,
                                 + ", ".join(f"id {w.id} (pid {w.pid})" for w in dead), repair))
     if repair and (orphans or dead):
         recover(db, lease=lease, max_crashes=max_crashes)
+    live = registered - dead_ids
     for pk, task_id in conn.execute("SELECT id, task_id FROM task ORDER BY id").fetchall():
-        problems += _check_task(db, pk, task_id, repair)
+        problems += _check_task(db, pk, task_id, repair, live)
     return problems
 
 
-def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Problem]:
+def _check_task(db: Database, pk: int, task_id: str, repair: bool, live: set[int]) -> list[Problem]:
     problems = []
     with db.write() as c:  # one snapshot to compare, and to fix in
         row = c.execute("SELECT state, finalizable, normal_count, finalize_count, completed_count, failed_count, "
-                        "pending_count, running_count, builder_pid, result_count FROM task WHERE id = ?"
+                        "pending_count, running_count, builder, builder_pid, result_count FROM task WHERE id = ?"
                         + c.dialect.lock_row, (pk,)).fetchone()
         if row is None:
             return []
-        state, finalizable, normal, finalize, completed, failed, pending, running, builder, results = row
+        (state, finalizable, normal, finalize, completed, failed, pending, running, builder, builder_pid,
+         results) = row
         counts = dict(c.execute("SELECT kind * 10 + state, count(*) FROM job WHERE task = ? GROUP BY kind, state",
                                 (pk,)).fetchall())
 
@@ -904,9 +920,12 @@ def _check_task(db: Database, pk: int, task_id: str, repair: bool) -> list[Probl
             if repair:
                 c.execute("UPDATE task SET " + ", ".join(f"{k} = ?" for k in wrong) + " WHERE id = ?",
                           (*[b for _, b in wrong.values()], pk))
-        if state == BUILDING and builder is not None and db.builder_gone(builder):
-            problems.append(Problem("abandoned", task_id, f"its with block never ended (process {builder} is "
-                                    "gone); repair removes it", repair))
+        # (a task left building by an older version names its builder by pid alone)
+        if state == BUILDING and (builder not in live if builder is not None else
+                                  builder_pid is not None and db.builder_gone(builder_pid)):
+            who = f"worker {builder}" if builder is not None else f"process {builder_pid}"
+            problems.append(Problem("abandoned", task_id, f"its with block never ended ({who}, which filled it, is "
+                                    "gone); any live worker, or repair, removes it", repair))
             if repair:
                 c.execute("DELETE FROM task WHERE id = ?", (pk,))
             return problems

@@ -105,7 +105,8 @@ SCHEMA = [
     "running_count BIGINT NOT NULL DEFAULT 0, last_served BIGINT NOT NULL DEFAULT 0, "
     "max_retries INTEGER NOT NULL DEFAULT 0, retry_delay DOUBLE PRECISION NOT NULL DEFAULT 1.0, "
     "created_at DOUBLE PRECISION NOT NULL, timeout DOUBLE PRECISION, avg_duration DOUBLE PRECISION, "
-    "builder_pid INTEGER, keep_results INTEGER NOT NULL DEFAULT 0, result_count BIGINT NOT NULL DEFAULT 0)",
+    "builder_pid INTEGER, keep_results INTEGER NOT NULL DEFAULT 0, result_count BIGINT NOT NULL DEFAULT 0, "
+    "builder BIGINT)",
     "CREATE TABLE job (id BIGSERIAL PRIMARY KEY, task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, "
     "kind INTEGER NOT NULL, position INTEGER, func TEXT NOT NULL, args TEXT NOT NULL, state INTEGER NOT NULL, "
     "attempts INTEGER NOT NULL DEFAULT 0, worker BIGINT, run_at DOUBLE PRECISION, "
@@ -135,6 +136,7 @@ SCHEMA = [
     "CREATE INDEX job_running ON job (worker) WHERE state = 2",
     "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
     "CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1",
+    "CREATE INDEX task_building ON task (builder) WHERE state = 0",
     "CREATE TABLE litemultistep_schema (version INTEGER NOT NULL)",
 ]
 
@@ -148,6 +150,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE job ADD COLUMN progress_total DOUBLE PRECISION",
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
+    5: ["ALTER TABLE task ADD COLUMN builder BIGINT", "CREATE INDEX task_building ON task (builder) WHERE state = 0"],
 }
 
 _LOCKS = ("LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
@@ -218,6 +221,27 @@ class PgConnection:
     def __init__(self, raw: psycopg.Connection[Any], db: PostgresDatabase) -> None:
         self.raw = raw
         self._db = db
+        #: the workers whose advisory lock this connection's session holds: taken again on a new
+        #: session when the old one is lost, so a worker keeps its identity through a dropped connection
+        self.locks: set[int] = set()
+
+    def reconnect(self) -> None:
+        """Open a new session in place of a lost one, and take this connection's locks again."""
+        import psycopg
+
+        log.warning("the connection to %s was lost; connecting again", self._db.path)
+        self.raw.close()
+        self.raw = self._db._connect()
+        for worker_id in sorted(self.locks):
+            args = (self._db.lock_key, worker_id)
+            try:
+                if not self.raw.execute(_pg_sql(_TRY_LOCK), args).fetchone()[0]:  # type: ignore[index]
+                    # our old session, still alive for the server (its client vanished mid-network)
+                    self.raw.execute(_pg_sql(_END_HOLDER), args).fetchall()
+                    self.raw.execute(_pg_sql("SELECT pg_advisory_lock(?::int4, ?::int4)"), args)
+            except psycopg.Error as e:
+                raise _translate(e, self._db.path) from None
+            log.warning("worker %d holds its lock again, on a new connection to %s", worker_id, self._db.path)
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         import psycopg
@@ -233,10 +257,8 @@ class PgConnection:
             raise _translate(e, self._db.path) from None
         # A statement of its own (a read: the engine writes only in transactions) on a connection that
         # turned out to be lost (the server restarted, a proxy dropped it): connect again and run it
-        # once more. Advisory locks went with the old session: their owners notice and take them again.
-        log.warning("the connection to %s was lost; connecting again", self._db.path)
-        self.raw.close()
-        self.raw = self._db._connect()
+        # once more.
+        self.reconnect()
         try:
             return self.raw.execute(_pg_sql(sql), parameters)
         except psycopg.Error as e:
@@ -329,12 +351,11 @@ class PostgresDatabase(Database):
             self._pid = os.getpid()
         me = threading.get_ident()
         conn = self._conns.get(me)
-        if conn is None or not conn.usable:
-            if conn is not None:
-                conn.raw.close()
-                log.warning("the connection to %s was lost; connecting again", self.path)
+        if conn is None:
             self._close_orphans()
             conn = self._conns[me] = PgConnection(self._connect(), self)
+        elif not conn.usable:
+            conn.reconnect()
         return conn
 
     def _close_orphans(self) -> None:
@@ -428,6 +449,7 @@ class PostgresDatabase(Database):
                  t + lease if lease else None, _lock_name(), concurrency)).fetchone()
             # session-level: it outlives this transaction, and is released only by unlock or disconnect
             c.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", (self.lock_key, worker_id))
+        c.locks.add(int(worker_id))
         return int(worker_id), AdvisoryLock(self, int(worker_id))
 
     def heartbeat(self, worker_id: int, lease: float, lock: LivenessLock | None = None) -> bool:
@@ -443,19 +465,22 @@ class PostgresDatabase(Database):
         """Workers whose heartbeat, on the server's clock, is older than their own lease: a worker
         cut off from the server has stopped its jobs by then (:meth:`fence_after`). A free lock alone
         proves nothing (a dropped connection frees it while the worker and its jobs run on), unless
-        the worker's process, on this very host, is gone. Inline runners (sync mode, ``drain``), with
-        no heartbeat, live by their lock alone."""
+        the worker's process, on this very host, is gone. Inline runners (sync mode, ``drain``) and
+        the builders of ``with`` blocks, which have no heartbeat, live while their lock is held, and,
+        should it be lost, while their process lives (on this host) or the lease from their
+        registration lasts (on another host)."""
         rows = self.connection().execute(
             f"SELECT w.id, w.pid, w.lock_path, l.pid, {SERVER_CLOCK} - w.heartbeat_mono, "
             f"w.expires_at - w.heartbeat_at, w.kind FROM worker w {_LOCKS} ORDER BY w.id", (self.lock_key,)).fetchall()
         dead = []
         here = _lock_name()
         for wid, pid, path, backend, age, own_lease, kind in rows:
-            if kind == "inline":
-                gone = backend is None
+            stale = age is not None and float(age) > (own_lease or lease)
+            gone_here = backend is None and path == here and not process_alive(pid)
+            if kind != "process":  # inline runners, builders: no heartbeat; alive while their lock is held
+                gone = gone_here or (backend is None and path != here and stale)
             else:
-                gone = (age is not None and float(age) > (own_lease or lease)) or (
-                    backend is None and path == here and not process_alive(pid))
+                gone = stale or gone_here
             if gone:
                 dead.append(DeadWorker(wid, pid, path))
         return dead
@@ -487,6 +512,12 @@ class PostgresDatabase(Database):
 # -- liveness -----------------------------------------------------------------------------------------
 
 
+_TRY_LOCK = "SELECT pg_try_advisory_lock(?::int4, ?::int4)"
+#: ends the session holding a worker's lock, but ours
+_END_HOLDER = ("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+               "AND classid = ?::int4::oid AND objid = ?::int4::oid AND objsubid = 2 AND pid <> pg_backend_pid()")
+
+
 def _lock_name() -> str:
     """The ``lock_path`` of a worker's row: its lock, and the host its pid belongs to."""
     return f"advisory lock, {host_identity()}"
@@ -512,21 +543,21 @@ class AdvisoryLock:
             return False
 
     def renew(self) -> str:
-        """Take the lock again, on a new connection (the old one was lost). A session of ours that
-        the server still thinks alive (its client vanished mid-network) is ended first: it is ours."""
+        """Take the lock again on this thread's connection (it is not the one that took it). A
+        session of ours that the server still thinks alive is ended first: it is ours."""
         conn = self._db.connection()
         args = (self._db.lock_key, self.worker_id)
-        if not conn.execute("SELECT pg_try_advisory_lock(?::int4, ?::int4)", args).fetchone()[0]:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                         "AND classid = ?::int4::oid AND objid = ?::int4::oid AND objsubid = 2 "
-                         "AND pid <> pg_backend_pid()", args).fetchall()
+        if not conn.execute(_TRY_LOCK, args).fetchone()[0]:
+            conn.execute(_END_HOLDER, args).fetchall()
             conn.execute("SELECT pg_advisory_lock(?::int4, ?::int4)", args)
+        conn.locks.add(self.worker_id)
         log.warning("worker %d took its lock again on a new connection to %s", self.worker_id, self._db.path)
         return self.path
 
     def release(self) -> None:
         try:
             conn = self._db.connection()
+            conn.locks.discard(self.worker_id)
             conn.execute("SELECT pg_advisory_unlock(?::int4, ?::int4)", (self._db.lock_key, self.worker_id))
         except (StorageError, DatabaseUnusable):
             pass  # the connection is gone, and the lock with it

@@ -130,6 +130,9 @@ def models() -> list[type[Any]]:
         keep_results = _default(pw.IntegerField, 0)
         #: normal jobs kept with their result
         result_count = _default(pw.IntegerField, 0)
+        #: the worker id of the runner filling the task in its ``with`` block: once that runner is gone,
+        #: workers remove the task (the ``builder_pid`` of older versions is only read by ``check``)
+        builder = pw.IntegerField(null=True)
 
     class Job(_Model):
         #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
@@ -175,7 +178,8 @@ def models() -> list[type[Any]]:
         id = AutoIncrementField()
         pid = pw.IntegerField()
         hostname = pw.TextField()
-        #: "process" (a worker process with a heartbeat) or "inline" (sync mode, drain)
+        #: "process" (a worker process with a heartbeat), "inline" (sync mode, drain) or "builder" (an
+        #: open with block)
         kind = pw.TextField()
         queues = pw.TextField(null=True)
         started_at = pw.FloatField()
@@ -209,6 +213,8 @@ INDEXES = [
     "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
     # a task's finalization chain without a pass over its (maybe millions of) normal jobs
     "CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1",
+    # the tasks whose with block is open, for the workers that look for abandoned ones every second
+    "CREATE INDEX task_building ON task (builder) WHERE state = 0",
 ]
 
 # One entry per schema version above 1: the statements that bring a file from version N-1 to N.
@@ -230,6 +236,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE job ADD COLUMN progress_total REAL",
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
+    5: ["ALTER TABLE task ADD COLUMN builder INTEGER", "CREATE INDEX task_building ON task (builder) WHERE state = 0"],
 }
 
 

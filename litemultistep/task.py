@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 from . import config, engine, rules, views
-from .db import Database, JobKind
+from .db import Database, JobKind, LivenessLock
 from .errors import (
     FinalizationAlreadyBegun,
     InvalidSetting,
     InvalidSlug,
+    LiteMultiStepError,
     NoResult,
     NoSuchMultiStepTask,
     NotInJob,
@@ -23,6 +25,8 @@ from .errors import (
 from .jobs import callable_path, encode_args
 from .runner import InlineRunner, current_job
 from .views import FailureInfo, Progress
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SLUG = "multi-step-task"
 MAX_SLUG_LENGTH = 200
@@ -131,6 +135,7 @@ class MultiStepTask:
         self._task_id = task_id
         self._db = db
         self._buffer: list[tuple[int, str, str, float | None]] | None = None  # jobs of an open ``with`` block
+        self._builder: tuple[int, LivenessLock] | None = None  # its worker id and lock, while the block is open
         self._handles: list[JobHandle] = []  # theirs, given ids when they are stored
 
     def __repr__(self) -> str:
@@ -180,21 +185,60 @@ class MultiStepTask:
     # -- the with block -----------------------------------------------------------------------------
 
     def __enter__(self) -> MultiStepTask:
-        engine.begin_building(self._db, self._task_id)
+        # The block's builder: registered (and its lock held) while the block is open, so that, should
+        # this process die or its host vanish mid-block, any worker removes what the block stored.
+        self._builder = self._db.register_worker("builder")
+        try:
+            engine.begin_building(self._db, self._task_id, self._builder[0])
+        except BaseException:
+            self._leave()
+            raise
         if config.mode() == "async":
             self._buffer = []
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self._buffer = None
-            self._handles = []
-            engine.delete_task(self._db, self._task_id)
+        try:
+            if exc_type is None:
+                try:
+                    self._flush()
+                    self._buffer = None
+                    self.mark_finalizable()
+                    return
+                except BaseException:
+                    self._abandon()
+                    raise
+            self._abandon()
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        """The block is over: its builder leaves (should that fail, its lock, released, tells)."""
+        if self._builder is None:
             return
-        self._flush()
+        worker_id, lock = self._builder
+        self._builder = None
+        try:
+            engine.unregister_worker(self._db, worker_id)
+        except LiteMultiStepError as e:
+            log.warning("the builder of task %s could not unregister (%s); workers remove its row", self._task_id, e)
+        finally:
+            lock.release()
+
+    def _abandon(self) -> None:
+        """The block raised, in its body or in its own last writes: remove what it stored. Should even
+        that fail (the database unreachable), the task stays hidden from workers, and any worker
+        removes it once this process has ended."""
         self._buffer = None
-        self.mark_finalizable()
+        self._handles = []
+        try:
+            engine.delete_task(self._db, self._task_id)
+        except NoSuchMultiStepTask:
+            pass
+        except LiteMultiStepError as e:
+            log.warning("task %s: its with block failed and it could not be removed now (%s); it stays hidden "
+                        "from workers, which remove it once this process has ended", self._task_id, e)
 
     def _flush(self) -> None:
         if self._buffer:

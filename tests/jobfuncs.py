@@ -278,3 +278,30 @@ def report_and_look(path: str) -> None:
 
 def report_badly() -> None:
     litemultistep.report(5, 3)
+
+
+def marked(path: str, tag: str, seconds: float) -> None:
+    """A run that leaves its interval behind: ``start TAG RUN PID T``, a ``tick`` every 20 ms while it
+    works, ``end`` when it is done (a run stopped on the way has no end; its last tick is near it)."""
+    run = os.urandom(4).hex()
+    _append(path, f"start {tag} {run} {os.getpid()} {time.time()}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        _append(path, f"tick {tag} {run} {os.getpid()} {time.time()}")
+    _append(path, f"end {tag} {run} {os.getpid()} {time.time()}")
+
+
+class NulError(Exception):
+    pass
+
+
+NulError.__qualname__ = "Nul\x00Error"
+
+
+def raise_nul() -> None:
+    raise ValueError("bad\x00message")
+
+
+def raise_nul_type() -> None:
+    raise NulError("its type's name has a NUL")

@@ -184,6 +184,29 @@ class TestFile:
         assert conn.execute("SELECT task_id FROM task").fetchone() == (task.task_id,)
         conn.close()
 
+    def test_a_file_of_every_earlier_version_is_upgraded_and_keeps_its_tasks(self, tmp_path):
+        from litemultistep.sqlite import MIGRATIONS
+        for old in range(2, SCHEMA_VERSION):
+            path = str(tmp_path / f"v{old}.sqlite")
+            with MultiStepTask.create("old", db=Database(path)) as task:
+                task.add_job(jobfuncs.noop)
+            conn = sqlite3.connect(path)
+            for version in range(SCHEMA_VERSION, old, -1):  # each migration undone, newest first
+                for sql in reversed(MIGRATIONS[version]):
+                    words = sql.split()
+                    if words[:2] == ["CREATE", "INDEX"]:
+                        conn.execute(f"DROP INDEX {words[2]}")
+                    else:
+                        conn.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+            conn.execute(f"PRAGMA user_version = {old}")
+            conn.commit()
+            conn.close()
+            upgraded = Database(path)
+            assert upgraded.schema_version() == SCHEMA_VERSION
+            assert upgraded.connection().execute("SELECT task_id FROM task").fetchone() == (task.task_id,)
+            assert task.progress().pending_count == 1
+            upgraded.close()
+
     def test_fork_child_reopens(self, db, log_path):
         task = MultiStepTask.create("fork", db=db)
         task.add_job(jobfuncs.noop, 0)  # the parent's connection is open now

@@ -73,7 +73,7 @@ class TestClaims:
 
     def test_building_task_is_invisible(self, store):
         a = E.create_task(store, "a")
-        E.begin_building(store, a)
+        E.begin_building(store, a, worker(store))
         add(store, a, n=3)
         assert claim(store, worker(store), 10) == []
         E.mark_finalizable(store, a)
@@ -255,7 +255,8 @@ class TestPostgresLiveness:
         try:
             assert E.recover(admin, None) == 0
             admin.connection().execute("SELECT pg_terminate_backend(?)", (backend,))
-            assert not lock.intact()  # a new connection, without the lock
+            # the next statement connects again, and the new session takes the lock again: the same worker
+            assert lock.intact()
             assert pg.heartbeat(w, 30, lock) is True and lock.intact()
             assert E.recover(admin, None) == 0
         finally:
@@ -290,13 +291,26 @@ class TestCheck:
         assert E.check(store) == []
         assert progress(store, t).pending_count == 2
 
-    def test_abandoned_block_is_removed(self, sqlite_store):
+    def test_a_block_whose_builder_is_gone_is_reported_then_removed_by_any_worker(self, store):
+        t = E.create_task(store, "t")
+        builder, lock = store.register_worker("inline")
+        E.begin_building(store, t, builder)
+        add(store, t, n=3)
+        assert E.check(store) == []  # its builder lives: an open block, nothing wrong
+        die(lock)
+        assert [p.kind for p in E.check(store)] == ["dead-workers", "abandoned"]
+        E.recover(store, None)  # what every worker does every second
+        assert E.check(store) == []
+        with pytest.raises(NoSuchMultiStepTask):
+            progress(store, t)
+
+    def test_a_block_left_open_by_an_older_version_is_found_by_its_pid(self, sqlite_store):
         store = sqlite_store
         t = E.create_task(store, "t")
-        E.begin_building(store, t)
+        E.begin_building(store, t, worker(store))
         add(store, t, n=3)
-        store.connection().execute("UPDATE task SET builder_pid = 999999999")
-        assert [p.kind for p in E.check(store, repair=True)] == ["abandoned"]
+        store.connection().execute("UPDATE task SET builder = NULL, builder_pid = 999999999")
+        assert [p.kind for p in E.check(store, repair=True)] == ["dead-workers", "abandoned"]
         assert E.check(store) == []
         with pytest.raises(NoSuchMultiStepTask):
             progress(store, t)

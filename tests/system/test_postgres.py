@@ -212,15 +212,18 @@ def test_the_server_restarting_mid_run_loses_nothing(private_server, log_path, s
 
 
 def test_an_older_schema_is_upgraded_once_by_many_processes(db):
-    """A database made by the previous version (schema v2) is upgraded by whichever of many starting
+    """A database made by an earlier version (schema v2) is upgraded by whichever of many starting
     processes gets the schema lock first; the others find it done."""
     database = Database(db)
     try:
         with database.write() as c:
-            c.execute("DROP INDEX job_finalizers")  # undone: v4
-            for sql in MIGRATIONS[3]:  # undone: "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
-                table, column = sql.split()[2], sql.split()[5]
-                c.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+            for version in range(SCHEMA_VERSION, 2, -1):  # each migration undone, newest first
+                for sql in reversed(MIGRATIONS[version]):
+                    words = sql.split()
+                    if words[:2] == ["CREATE", "INDEX"]:  # "CREATE INDEX i ON ..." -> "DROP INDEX i"
+                        c.execute(f"DROP INDEX {words[2]}")
+                    else:  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
+                        c.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
             c.execute("UPDATE litemultistep_schema SET version = 2")
     finally:
         database.close()
