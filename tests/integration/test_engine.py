@@ -514,6 +514,49 @@ class EngineModel(RuleBasedStateMachine):
         worker_id, lock = self.workers[w]
         assert self.db.heartbeat(worker_id, 1000, lock) is True
 
+    @precondition(lambda self: not isinstance(self.db, SqliteDatabase))
+    @rule()
+    def cut_session(self) -> None:
+        """The server ends our session (an administrator, a proxy, a restart): every lock it held is
+        free, but the workers live. No one takes their jobs; the next statement connects again, and
+        the new session holds the same locks: the same workers, their claims still their own."""
+        admin = Database(self.db.target)
+        try:
+            backend = self.db.connection().raw.info.backend_pid
+            admin.connection().execute("SELECT pg_terminate_backend(?)", (backend,))
+            assert E.recover(admin, None, lease=1000) == 0
+        finally:
+            admin.close()
+        for worker_id, lock in self.workers:
+            assert self.db.heartbeat(worker_id, 1000, lock) is True and lock.intact()
+
+    @precondition(lambda self: not isinstance(self.db, SqliteDatabase))
+    @rule(w=st.integers(0, 2))
+    def pause_past_lease(self, w) -> None:
+        """A worker is cut off (or paused) past its lease: on PostgreSQL it is taken for dead and its
+        jobs go back, each counted as a crash. When it comes back it finds its row gone, joins again,
+        and takes back those crash counts: it lived, and had stopped its jobs itself."""
+        worker_id, lock = self.workers[w]
+        self.db.connection().execute("UPDATE worker SET heartbeat_mono = heartbeat_mono - 1e6 WHERE id = ?",
+                                     (worker_id,))
+        assert E.recover(self.db, self.workers[(w + 1) % 3][0], lease=1000, max_crashes=3) == len(
+            self.claims[worker_id])
+        held = self.claims.pop(worker_id)
+        for job in held:
+            mj = self.tasks[job.task_id]["jobs"][job.id]
+            mj["crashes"] = mj.get("crashes", 0) + 1
+            mj.update(state="failed" if mj["crashes"] >= 3 else "queued", worker=None)
+            self.orphans.append((worker_id, job))
+        assert self.db.heartbeat(worker_id, 1000, lock) is False  # it is back: its row is gone
+        lock.release()
+        self.workers[w] = self.db.register_worker("process", lease=1000)
+        self.claims[self.workers[w][0]] = []
+        E.forgive_crashes(self.db, [job.id for job in held])
+        for job in held:
+            mj = self.tasks[job.task_id]["jobs"][job.id]
+            if mj["state"] != "failed":
+                mj["crashes"] -= 1
+
     @precondition(lambda self: self.orphans)
     @rule(index=st.integers(0, 10), ok=st.booleans())
     def late_result(self, index, ok) -> None:
