@@ -224,8 +224,10 @@ def cli(ctx: click.Context) -> None:
                    "fails with WorkerCrashed.")
 @click.option("--lease", type=PositiveSeconds(), default=30.0, show_default=True,
               envvar="LITEMULTISTEP_LEASE", show_envvar=True,
-              help="Seconds a worker whose lock file was removed still counts as alive after its last "
-                   "heartbeat (liveness is otherwise its OS lock, exact on one host).")
+              help="On PostgreSQL: seconds a silent worker keeps its jobs before others take them (it "
+                   "stops them itself a quarter of the lease before). On SQLite, where liveness is the "
+                   "worker's OS lock, exact on one host: how long one whose lock file was removed still "
+                   "counts as alive.")
 @click.option("--batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               envvar="LITEMULTISTEP_BATCH", show_envvar=True,
               help="Most jobs handed to a job process at once; fewer when a task's jobs take longer than "
