@@ -8,7 +8,6 @@ import atexit
 import contextvars
 import inspect
 import logging
-import math
 import os
 import threading
 import time
@@ -61,14 +60,22 @@ _reporter: contextvars.ContextVar[Callable[[float, float | None], None] | None] 
     "litemultistep_reporter", default=None)
 
 
+#: the largest number :func:`report` takes: far more steps than a job can count, and small enough
+#: that the sums over a task's running jobs stay finite and exact in every database
+REPORT_LIMIT = 10**15
+
+
 def report(done: float, total: float | None = None) -> None:
     """Tell how far the running job has come: ``done`` (of ``total``, if known). ``status``, ``watch``
     and :meth:`MultiStepTask.progress` show it. Cheap enough to call in a tight loop: in a worker it
     lands in memory shared with the worker, which stores the latest value every two seconds; inline
     (sync mode, ``drain``) it is stored at most once a second.
 
+    :param done: how much is done: an int or float from 0 to :data:`REPORT_LIMIT` (10**15).
+    :param total: how much there is to do, in the same range, or None when not known.
     :raises NotInJob: outside a job.
-    :raises InvalidSetting: a negative or non-finite number, or ``done`` over ``total``.
+    :raises InvalidSetting: a number that is negative, not finite or over 10**15, or ``done`` over
+        ``total``.
     """
     reporter = _reporter.get()
     if reporter is None:
@@ -76,8 +83,9 @@ def report(done: float, total: float | None = None) -> None:
     for name, value in (("done", done), ("total", total)):
         if value is None and name == "total":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise InvalidSetting(f"report(): {name} must be a finite number of at least 0, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= REPORT_LIMIT:
+            shown = f"an int of {value.bit_length()} bits" if type(value) is int and value > 2**64 else f"{value!r:.60}"
+            raise InvalidSetting(f"report(): {name} must be a number from 0 to 10**15, not {shown}")
     if total is not None and done > total:
         raise InvalidSetting(f"report(): done ({done!r}) is more than total ({total!r})")
     reporter(float(done), None if total is None else float(total))

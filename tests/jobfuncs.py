@@ -278,3 +278,14 @@ def report_and_look(path: str) -> None:
 
 def report_badly() -> None:
     litemultistep.report(5, 3)
+
+
+def report_huge(path: str, marker: str) -> None:
+    """Reports absurd numbers; once refused, the largest it may. Runs until ``marker`` exists."""
+    try:
+        litemultistep.report(1e308, 1e308)
+    except litemultistep.InvalidSetting as e:
+        _append(path, f"refused: {e}")
+        litemultistep.report(10**15, 10**15)
+    while not os.path.exists(marker):
+        time.sleep(0.02)

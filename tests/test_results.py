@@ -23,6 +23,15 @@ def db(any_db: str) -> str:
     return any_db
 
 
+def strict_json(text: str) -> dict:
+    """JSON as a strict parser reads it: ``Infinity`` and ``NaN`` are not JSON."""
+
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def gathered(tmp_path) -> dict:
     return json.loads((tmp_path / "gathered.json").read_text())
 
@@ -160,3 +169,27 @@ def test_report_inline_outside_a_job_and_bad_values(db, log_path):
     assert lines(log_path) == ["3.0 10.0"]
     with pytest.raises(litemultistep.InvalidSetting, match="more than total"):
         task.add_job(jobfuncs.report_badly)
+
+
+def test_absurd_reports_are_refused_and_status_json_stays_strict(db, log_path, tmp_path, spawn):
+    marker = tmp_path / "stop"
+    with MultiStepTask.create("huge", db=db) as task:
+        for _ in range(2):
+            task.add_job(jobfuncs.report_huge, log_path, str(marker))
+    worker = spawn(db, "-c", "2", "-q")
+    seen: list[dict] = []
+
+    def both_reported() -> bool:
+        r = cli("status", db, "--json")
+        assert r.returncode == 0, r.stderr
+        seen[:] = strict_json(r.stdout)["tasks"]
+        return seen[0]["reported_done"] == 2 * 10**15
+
+    wait_for(both_reported, timeout=30, what="both jobs' reports in status --json")
+    assert seen[0]["reported_total"] == 2 * 10**15 and seen[0]["running_count"] == 2
+    assert lines(log_path) == ["refused: report(): done must be a number from 0 to 10**15, not 1e+308"] * 2
+    assert task.progress().reported_done == 2e15
+    marker.touch()
+    wait_for(lambda: task.progress().finished, timeout=30, what="the task to finish")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
