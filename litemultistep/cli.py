@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -73,7 +72,7 @@ def _open(path: str) -> Database:
 
 
 def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(views.to_json(doc, indent=2) + "\n")
 
 
 def _plural(n: int, word: str) -> str:

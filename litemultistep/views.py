@@ -7,6 +7,7 @@ whether a worker is alive takes its lock file for an instant, and removes the fi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,13 +16,17 @@ from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
 from .engine import dead_workers
 from .errors import NoResult, NoSuchMultiStepTask
+from .runner import REPORT_LIMIT
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
                  "failed_count, pending_count, running_count, created_at, "
                  f"(SELECT count(*) FROM job WHERE job.task = task.id AND job.state = {int(JobState.SCHEDULED)}), "
                  "keep_results, result_count, "
-                 + ", ".join(f"(SELECT sum({c}) FROM job WHERE job.task = task.id "
-                             f"AND job.state = {int(JobState.RUNNING)})" for c in ("progress_done", "progress_total")))
+                 # a value over report()'s limit (stored by an older version) is left out: the sum stays
+                 # finite, and PostgreSQL does not refuse to add it up ("value out of range")
+                 + ", ".join(f"(SELECT sum(CASE WHEN {c} <= {float(REPORT_LIMIT)!r} THEN {c} END) FROM job "
+                             f"WHERE job.task = task.id AND job.state = {int(JobState.RUNNING)})"
+                             for c in ("progress_done", "progress_total")))
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ class Progress:
     keep_results: bool = False
     result_count: int = 0
     #: what its running jobs reported of their own progress (litemultistep.report), summed over the
-    #: jobs that reported; None when none did (a total only counts jobs that gave one)
+    #: jobs that reported; None when none did (a total only counts jobs that gave one; a value over
+    #: report()'s limit, which only an older version stored, counts as none)
     reported_done: float | None = None
     reported_total: float | None = None
 
@@ -398,6 +404,28 @@ def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:
 
 
 # -- the documents of ``--json`` and the web API (shapes in docs/cli.md) ----------------------------
+
+
+def to_json(doc: Any, indent: int | None = None) -> str:
+    """A document as strict JSON text, for ``--json`` and the web API: JSON has no NaN or infinity,
+    so a non-finite float (none should reach a document) becomes null instead of a word that JSON
+    parsers refuse (``Infinity``)."""
+    separators = None if indent is not None else (",", ":")
+    try:
+        return json.dumps(doc, indent=indent, separators=separators, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(doc), indent=indent, separators=separators, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
 
 
 def status_doc(db: Database, limit: int | None = None, offset: int = 0,

@@ -444,6 +444,42 @@ def test_api_has_the_shapes_of_the_cli_json(any_db, serve, spawn):
         assert _dump(any_db) == before  # looking writes nothing
 
 
+def strict_json(text: str) -> Any:
+    """JSON as a strict parser reads it: ``Infinity`` and ``NaN`` are not JSON."""
+
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_absurd_reports_stored_by_an_older_version_leave_the_json_strict(any_db, serve):
+    with MultiStepTask.create("old reports", db=any_db) as task:
+        task.add_job(jobfuncs.noop)
+        task.add_job(jobfuncs.noop)
+    store = resolve_db(any_db)
+    worker_id, lock = E.register_worker(store, "process")
+    try:
+        held = [job for _ in range(2) for batch in E.claim(store, worker_id, max_batch=1) for job in batch]
+        assert len(held) == 2
+        # what a worker of a version whose report() took any finite number stored: their sum overflows
+        E.report_progress(store, worker_id, [(job.id, 1e308, 1e308) for job in held])
+        server = serve(any_db)
+        status, body, _ = server.get("/api/tasks")
+        assert status == 200, body
+        api = strict_json(body)["tasks"][0]
+        assert (api["reported_done"], api["reported_total"], api["running_count"]) == (None, None, 2)
+        r = cli("status", any_db, "--json")
+        assert r.returncode == 0, r.stderr
+        assert strict_json(r.stdout)["tasks"][0] == api
+        r = cli("status", any_db, task.task_id, "--json")
+        assert r.returncode == 0, r.stderr
+        assert [j["reported_done"] for j in strict_json(r.stdout)["running"]] == [1e308, 1e308]
+    finally:
+        E.unregister_worker(store, worker_id)
+        lock.release()
+
+
 def test_the_tasks_page_is_paged(db, serve):
     with MultiStepTask.create("first", db=db) as first:
         first.add_job(jobfuncs.noop)

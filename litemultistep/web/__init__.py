@@ -278,20 +278,20 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     def api_tasks(request: Request) -> Response:
         limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
         doc = documents.get(("api-tasks", limit, offset), lambda: views.status_doc(database, limit, offset))
-        return JSONResponse(doc)
+        return _JSON(doc)
 
     def api_task(request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        return JSONResponse(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
+        return _JSON(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
 
     def api_failures(request: Request) -> Response:
         task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
         limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
-        return JSONResponse(documents.get(("api-failures", task_id, exc_type, limit, offset),
+        return _JSON(documents.get(("api-failures", task_id, exc_type, limit, offset),
                                           lambda: views.failures_doc(database, task_id, exc_type, limit, offset)))
 
     def api_workers(request: Request) -> Response:
-        return JSONResponse(documents.get(("workers",), lambda: views.workers_doc(database)))
+        return _JSON(documents.get(("workers",), lambda: views.workers_doc(database)))
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -340,7 +340,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         else:  # an action that no longer applies: the job is not failed any more, say
             status, message = 409, str(exc)
         if request.url.path.startswith(request.scope.get("root_path", "") + "/api/"):
-            return JSONResponse({"error": message}, status_code=status)
+            return _JSON({"error": message}, status_code=status)
         return page(request, "error.html", status_code=status, message=message, status=status)
 
     routes = [
@@ -364,6 +364,14 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
                     exception_handlers={HTTPException: error, LiteMultiStepError: error})
     web.state.database = database
     return web
+
+
+class _JSON(JSONResponse):
+    """A JSON answer of the API, strict as ``--json`` is (:func:`views.to_json`): a non-finite number
+    is null, never a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return views.to_json(content).encode("utf-8")
 
 
 def _rendered(response: Response) -> tuple[int, bytes]:
