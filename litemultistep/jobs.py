@@ -151,6 +151,10 @@ def _lookup(obj: Any, qualname: str) -> Any:
 
 
 _SCALARS = (str, bool, type(None))
+#: the most digits an int may have: Python's default limit on turning an int into text and back
+#: (``sys.get_int_max_str_digits``), which every process that reads the JSON applies, whatever this one does
+INT_DIGITS = 4300
+_INT_LIMIT = 10**INT_DIGITS
 
 
 def _check_value(value: Any, where: str, depth: int) -> None:
@@ -165,6 +169,10 @@ def _check_value(value: Any, where: str, depth: int) -> None:
                     "pass bytes-like data as base64 or a list of numbers") from None
         return
     if kind is int:
+        if not -_INT_LIMIT < value < _INT_LIMIT:
+            raise ArgumentNotSerializable(
+                f"{where} is an int of more than {INT_DIGITS:,} digits, which Python refuses to read back "
+                "from JSON (its int-to-text limit); pass it as a string of digits")
         return
     if kind is float:
         if not math.isfinite(value):
@@ -196,6 +204,7 @@ def _check_value(value: Any, where: str, depth: int) -> None:
                                   f"carry exactly; {hint}")
 
 
+
 #: the largest JSON a job's arguments may take: big data belongs in a file whose path the job gets
 MAX_ARGS_BYTES = 8 * 1024 * 1024
 
@@ -215,13 +224,17 @@ def encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def encode_result(value: Any) -> str:
-    """JSON for a job's return value; raises :class:`ResultNotSerializable` naming what JSON cannot carry."""
+    """JSON for a job's return value; raises :class:`ResultNotSerializable` naming what JSON cannot carry,
+    and nothing else, whatever the job returned."""
     try:
         _check_value(value, "the return value", 0)
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     except ArgumentNotSerializable as e:
         hint = str(e).replace("; pass ", "; return ")
         raise ResultNotSerializable(f"{hint} (its task keeps results, so the return value is stored)") from None
-    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    except Exception as e:  # noqa: BLE001 - whatever the checks above missed is still the return value's fault
+        raise ResultNotSerializable(f"the return value cannot be stored as JSON ({type(e).__name__}: {e}); return "
+                                    "JSON types only (its task keeps results, so the return value is stored)") from None
 
 
 def decode_args(text: str) -> tuple[list[Any], dict[str, Any]]:

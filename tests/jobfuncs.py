@@ -250,6 +250,11 @@ def returns_a_set() -> set[int]:
     return {1, 2}
 
 
+def returns_a_huge_int() -> dict[str, list[int]]:
+    """An int over Python's 4,300-digit limit on int-to-text conversion, which json.dumps obeys."""
+    return {"n": [10**5000]}
+
+
 def gather(path: str) -> None:
     """A finalizer that writes every result of its task, with the job ids and arguments, as JSON."""
     import json
@@ -289,3 +294,4 @@ def report_huge(path: str, marker: str) -> None:
         litemultistep.report(10**15, 10**15)
     while not os.path.exists(marker):
         time.sleep(0.02)
+

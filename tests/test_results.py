@@ -109,6 +109,25 @@ def test_a_return_value_json_cannot_carry_fails_the_job_clearly(db, spawn):
     assert "of type set" in failure.message and "return a sorted list" in failure.message
 
 
+def test_an_int_too_long_for_json_fails_the_job_at_once_in_a_worker_and_inline(db, spawn):
+    with MultiStepTask.create("huge", db=db, keep_results=True) as task:
+        huge = task.add_job(jobfuncs.returns_a_huge_int)
+    worker = spawn(db, "--burst")
+    assert worker.wait(60) == 0
+    failure = huge.failure()
+    assert failure is not None and failure.exc_type == "litemultistep.ResultNotSerializable"
+    assert failure.attempt == 1  # failed as it returned: no job process died over it
+    assert "the return value['n'][0] is an int of more than 4,300 digits" in failure.message
+    assert "return it as a string of digits" in failure.message
+    assert " died " not in spawn.log(worker) and "Traceback" not in spawn.log(worker)
+    litemultistep.configure(mode="sync")
+    inline = MultiStepTask.create("inline", db=db, keep_results=True)
+    with pytest.raises(ResultNotSerializable, match="is an int of more than 4,300 digits"):
+        inline.add_job(jobfuncs.returns_a_huge_int)
+    p = inline.progress()
+    assert (p.failed_count, p.running_count, p.completed_count) == (1, 0, 0)  # recorded, not left running
+
+
 def test_without_keep_results_nothing_is_stored(db, log_path, spawn):
     with MultiStepTask.create("plain", db=db) as task:
         handle = task.add_job(jobfuncs.double, log_path, 1)
