@@ -200,9 +200,16 @@ def _check_value(value: Any, where: str, depth: int) -> None:
         bytes: "pass base64 text or a list of numbers",
     }
     hint = hints.get(kind, "pass JSON types only: str, int, float, bool, None, list, dict with string keys")
-    raise ArgumentNotSerializable(f"{where} is of type {kind.__name__} ({value!r:.60}), which JSON cannot "
+    raise ArgumentNotSerializable(f"{where} is of type {kind.__name__} ({_shown(value)}), which JSON cannot "
                                   f"carry exactly; {hint}")
 
+
+def _shown(value: Any) -> str:
+    """The start of ``repr(value)`` for a message, even when the object's own ``__repr__`` raises."""
+    try:
+        return f"{value!r:.60}"
+    except Exception as e:  # noqa: BLE001 - a job's object cannot turn a clear refusal into a crash
+        return f"its repr() raised {type(e).__name__}"
 
 
 #: the largest JSON a job's arguments may take: big data belongs in a file whose path the job gets

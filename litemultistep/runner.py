@@ -106,8 +106,14 @@ class ThrottledReport:
 
 
 def _type_name(exc: BaseException) -> str:
+    """The exception's type as stored: text a database takes, whatever the class calls itself (a job
+    can give its exception class a name with a lone surrogate, or a ``__module__`` that is no string)."""
     cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        return clean_text(name)
+    except BaseException:  # noqa: BLE001 - a hostile class cannot stop its failure from being recorded
+        return "<an exception type whose name could not be read>"
 
 
 def _text(exc: BaseException) -> str:
@@ -174,8 +180,8 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
             stored = encode_result(result)
         except ResultNotSerializable as e:
             log.info("failed job %d of %s: %s", job.id, job.task_id, e)
-            return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", str(e), "", duration), e,
-                          duration)
+            return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", clean_text(str(e)), "",
+                                  duration), e, duration)
     log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
     return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
 

@@ -295,3 +295,22 @@ def report_huge(path: str, marker: str) -> None:
     while not os.path.exists(marker):
         time.sleep(0.02)
 
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+def returns_an_unprintable() -> list:
+    return [1, _Unprintable()]
+
+
+class BadlyNamed(Exception):
+    """An exception class whose name, once changed, is no valid text (a lone surrogate)."""
+
+
+BadlyNamed.__qualname__ = "Badly\udcffNamed"
+
+
+def raises_a_badly_named_exception() -> None:
+    raise BadlyNamed("named badly")

@@ -128,6 +128,20 @@ def test_an_int_too_long_for_json_fails_the_job_at_once_in_a_worker_and_inline(d
     assert (p.failed_count, p.running_count, p.completed_count) == (1, 0, 0)  # recorded, not left running
 
 
+def test_nothing_a_job_returns_or_raises_stops_its_failure_being_recorded(db, spawn):
+    with MultiStepTask.create("hostile", db=db, keep_results=True) as task:
+        unprintable = task.add_job(jobfuncs.returns_an_unprintable)
+        badly_named = task.add_job(jobfuncs.raises_a_badly_named_exception)
+    worker = spawn(db, "--burst")
+    assert worker.wait(60) == 0, spawn.log(worker)
+    failure = unprintable.failure()
+    assert failure is not None and failure.exc_type == "litemultistep.ResultNotSerializable"
+    assert "the return value[1] is of type _Unprintable (its repr() raised RuntimeError)" in failure.message
+    failure = badly_named.failure()
+    assert failure is not None and failure.exc_type == "jobfuncs.Badly\\udcffNamed"
+    assert failure.message == "named badly" and failure.attempt == 1
+
+
 def test_without_keep_results_nothing_is_stored(db, log_path, spawn):
     with MultiStepTask.create("plain", db=db) as task:
         handle = task.add_job(jobfuncs.double, log_path, 1)
