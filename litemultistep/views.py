@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+from bisect import bisect_left
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from .config import resolve_db
@@ -148,13 +151,20 @@ class JobResult:
     value: Any
 
 
-#: rows read per query when streaming results: bounded memory, and no read held open for long
+#: results read per query when streaming them, and the most bytes of JSON a page holds (a result
+#: bigger than that is a page alone): bounded memory whatever the results' sizes, big pages of small
+#: ones, and no read held open for long
 RESULTS_PAGE = 20_000
+RESULTS_PAGE_BYTES = 4 * 2**20
+#: a result of at most this many bytes comes with the query that reads the sizes (so that query
+#: holds RESULTS_PAGE * SMALL_RESULT bytes at most); a bigger one is read once its page is known
+SMALL_RESULT = 200
 
 
 def results(db: Database, task_id: str, details: bool = False) -> Iterator[Any]:
     """The task's stored results (its normal jobs' return values), in the order the jobs were added,
-    read a page at a time; with ``details``, :class:`JobResult` objects."""
+    read a page at a time (at most :data:`RESULTS_PAGE` results and about :data:`RESULTS_PAGE_BYTES`
+    of JSON); with ``details``, :class:`JobResult` objects."""
     conn = db.connection()
     row = conn.execute("SELECT id, keep_results FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is None:
@@ -163,25 +173,51 @@ def results(db: Database, task_id: str, details: bool = False) -> Iterator[Any]:
     pk, keep = row
     if not keep:
         raise NoResult(f"task {task_id} does not keep results: create it with keep_results=True")
-    columns = "id, args, result" if details else "id, result"
-    loads = json.loads
+    size = "length(result) + length(args)" if details else "length(result)"
+    args = "args" if details else "NULL"
+    where = "FROM job WHERE task = ? AND state = ? AND kind = ?"
+    # the next rows' ids and sizes, with the values of the small ones: one pass over a million small results
+    first = (f"SELECT id, {size}, CASE WHEN {size} <= {SMALL_RESULT} THEN {args} END, "
+             f"CASE WHEN {size} <= {SMALL_RESULT} THEN result END {where} AND id > ? ORDER BY id LIMIT ?")
+    # the big values of one page
+    rest = f"SELECT id, {size}, {args}, result {where} AND id >= ? AND id <= ? AND {size} > {SMALL_RESULT}"
+    key = (pk, JobState.COMPLETED, JobKind.NORMAL)
     last = 0
     while True:
-        page = conn.execute(f"SELECT {columns} FROM job WHERE task = ? AND state = ? AND kind = ? AND id > ? "
-                            "ORDER BY id LIMIT ?", (pk, JobState.COMPLETED, JobKind.NORMAL, last,
-                                                    RESULTS_PAGE)).fetchall()
-        if not page:
+        rows = conn.execute(first, (*key, last, RESULTS_PAGE)).fetchall()
+        if not rows:
             return
-        last = page[-1][0]
-        if details:
-            for job_id, args, value in page:
-                a, kw = loads(args)
-                yield JobResult(job_id, a, kw, loads(value))
-        else:
-            # one parse per page, in C, instead of one call per result: twice as fast
-            yield from loads("[" + ",".join([value for _, value in page]) + "]")
-        if len(page) < RESULTS_PAGE:
+        sizes = list(map(itemgetter(1), rows))
+        ends = list(accumulate(sizes))  # ends[i]: the bytes of rows[0..i]
+        start = 0
+        while start < len(rows):
+            # a page ends with the result that takes it to the budget
+            budget = (ends[start - 1] if start else 0) + RESULTS_PAGE_BYTES
+            stop = min(len(rows), bisect_left(ends, budget, start) + 1)
+            page = rows[start:stop]
+            if max(sizes[start:stop]) > SMALL_RESULT:
+                big = {r[0]: r for r in conn.execute(rest, (*key, page[0][0], page[-1][0])).fetchall()}
+                # a job gone since (its task nuked) is left out
+                page = [r if r[1] <= SMALL_RESULT else big[r[0]] for r in page if r[1] <= SMALL_RESULT or r[0] in big]
+            yield from _values(page, details)
+            start = stop
+        if len(rows) < RESULTS_PAGE:
             return
+        last = rows[-1][0]
+
+
+def _values(page: list[tuple[Any, ...]], details: bool) -> list[Any]:
+    """The results of ``(id, size, args, result)`` rows (a list: each result then passes through one
+    generator, not two)."""
+    loads = json.loads
+    if not details:
+        # one parse per page, in C, instead of one call per result: twice as fast
+        return loads("[" + ",".join(map(itemgetter(3), page)) + "]")  # type: ignore[no-any-return]
+    out = []
+    for job_id, _, args, value in page:
+        a, kw = loads(args)
+        out.append(JobResult(job_id, a, kw, loads(value)))
+    return out
 
 
 def job_state(db: Database, job_id: int) -> tuple[str, int, str | None] | None:

@@ -314,3 +314,10 @@ BadlyNamed.__qualname__ = "Badly\udcffNamed"
 
 def raises_a_badly_named_exception() -> None:
     raise BadlyNamed("named badly")
+
+
+def big_result(i: int, size: int) -> str:
+    """A result of about ``size`` bytes that says which job it came from. It takes a few
+    milliseconds, so that a job process sends each one on its own."""
+    time.sleep(0.006)
+    return f"{i:06d}" + "x" * size

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 
 import jobfuncs
 import pytest
 from conftest import cli, env_for_workers, lines, wait_for
 
 import litemultistep
-from litemultistep import MultiStepTask, NoResult, NoSuchMultiStepTask, ResultNotSerializable
+from litemultistep import MultiStepTask, NoResult, NoSuchMultiStepTask, ResultNotSerializable, views
 from litemultistep.config import resolve_db
 from litemultistep.engine import check
 from litemultistep.runner import drain
@@ -140,6 +142,51 @@ def test_nothing_a_job_returns_or_raises_stops_its_failure_being_recorded(db, sp
     failure = badly_named.failure()
     assert failure is not None and failure.exc_type == "jobfuncs.Badly\\udcffNamed"
     assert failure.message == "named badly" and failure.attempt == 1
+
+
+READ_BIG_RESULTS = """
+import resource, sys
+from litemultistep import MultiStepTask
+task = MultiStepTask.find(sys.argv[1], db=sys.argv[2])
+first = None
+values = []
+for value in task.results():
+    if first is None:  # as a finalizer that looks at the first result
+        first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    values.append(value[:6] if len(value) == 6 + 2**20 else "bad length")
+details = [(r.job_id, r.args[0], r.value[:6]) for r in task.job_results()]
+print(json.dumps({"first": first, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                  "values": values, "details": details}))
+""".replace("import resource", "import json, resource")
+
+
+def test_big_results_stream_in_pages_bounded_by_size(db, spawn):
+    task = MultiStepTask.create("big", db=db, keep_results=True)  # not finalizable: the results stay
+    handles = [task.add_job(jobfuncs.big_result, i, 2**20) for i in range(400)]
+    assert spawn(db, "--burst", "-q").wait(120) == 0
+    assert task.progress().result_count == 400
+    done = subprocess.run([sys.executable, "-c", READ_BIG_RESULTS, task.task_id, db], capture_output=True, text=True,
+                          timeout=120, env=env_for_workers())
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["values"] == [f"{i:06d}" for i in range(400)]  # all 400, each once, in the order added
+    assert got["details"] == [[h.job_id, i, f"{i:06d}"] for i, h in enumerate(handles)]
+    # 400 MiB of results, read a few MiB at a time (all of them at once took 1.2 GB)
+    assert got["first"] < 150 and got["peak"] < 200, {k: got[k] for k in ("first", "peak")}
+
+
+def test_results_of_mixed_sizes_come_whole_and_in_order_across_pages(db, monkeypatch):
+    sizes = [(i * 7919) % 2500 if i % 3 else i % 50 for i in range(90)]  # small ones, big ones, one over a page
+    task = MultiStepTask.create("mixed", db=db, keep_results=True)
+    for i, size in enumerate(sizes):
+        task.add_job(jobfuncs.big_result, i, size)
+    drain(resolve_db(db))
+    expected = [f"{i:06d}" + "x" * size for i, size in enumerate(sizes)]
+    monkeypatch.setattr(views, "RESULTS_PAGE", 13)  # pages of at most 13 results and about 2,000 bytes
+    monkeypatch.setattr(views, "RESULTS_PAGE_BYTES", 2000)
+    assert list(task.results()) == expected
+    assert [(r.args, r.value) for r in task.job_results()] == [([i, size], expected[i]) for i, size in
+                                                                enumerate(sizes)]
 
 
 def test_without_keep_results_nothing_is_stored(db, log_path, spawn):
