@@ -469,18 +469,17 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
     A retried finalizer resumes its chain; a job that hit the crash limit starts afresh.
     """
     args = list(args)
-    db, rest = (args[0], args[1:]) if args and not args[0].isdigit() else (os.environ.get(DB_ENV) or "", args)
+    db, rest = (args[0], args[1:]) if args and not _is_number(args[0]) else (os.environ.get(DB_ENV) or "", args)
     if not db:
         raise click.UsageError(f"name the database: give DB first, or set {DB_ENV}")
-    bad = [a for a in rest if not a.isdigit()]
+    bad = [a for a in rest if not _is_number(a)]
     if bad:
         raise click.UsageError(f"a job id is a whole number, not {bad[0]!r}")
-    job_ids = [int(a) for a in rest]
-    if sum(bool(x) for x in (job_ids, task_id, retry_all)) != 1:
+    if sum(bool(x) for x in (rest, task_id, retry_all)) != 1:
         raise click.UsageError("name what to retry: JOB_ID ..., --task TASK_ID, or --all (one of them)")
     database = _open(db)
-    if job_ids:
-        ids = engine.retry_jobs(database, job_ids)
+    if rest:
+        ids = engine.retry_jobs(database, [views.job_id(a) for a in rest])
     elif task_id is not None:
         ids = engine.retry_task(database, task_id)
     else:
@@ -491,6 +490,11 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
         say(f"Requeued {_plural(len(ids), 'job')}: {', '.join(map(str, ids))}")
     else:
         say("No failed jobs to retry.")
+
+
+def _is_number(text: str) -> bool:
+    """Digits 0 to 9 only (``str.isdigit`` takes "²" and "٣" too)."""
+    return text.isascii() and text.isdigit()
 
 
 # -- workers, nuke, check ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
 from .engine import dead_workers
-from .errors import NoResult, NoSuchMultiStepTask
+from .errors import NoResult, NoSuchJob, NoSuchMultiStepTask
 from .runner import REPORT_LIMIT
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
@@ -125,8 +125,30 @@ def _progress_from_row(row: tuple[Any, ...]) -> Progress:
                     running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total)
 
 
+#: the largest id a job can have: both backends keep ids in signed 64-bit integers
+MAX_JOB_ID = 2**63 - 1
+
+
+def job_id(text: str) -> int:
+    """The job id written as ``text`` (ASCII digits: the caller checks that); :class:`NoSuchJob` for
+    a number over :data:`MAX_JOB_ID`, which no job can have (and SQLite cannot even bind)."""
+    if len(text.lstrip("0")) > len(str(MAX_JOB_ID)) or int(text) > MAX_JOB_ID:
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text):,} digits)"
+        raise NoSuchJob(f"no job {shown}: job ids go up to {MAX_JOB_ID}; see `litemultistep failed`")
+    return int(text)
+
+
+def check_task_id(db: Database, task_id: str) -> None:
+    """:class:`NoSuchMultiStepTask` for an id no task can have, before any query sees it: a task id
+    never holds a NUL character (slugs have no control characters), and PostgreSQL refuses one in
+    any text it is given."""
+    if isinstance(task_id, str) and "\x00" in task_id:
+        raise NoSuchMultiStepTask(f"no task {task_id!r} in {db.path}: a task id never holds a NUL character")
+
+
 def progress(db: Database, task_id: str) -> Progress:
     """The task's counters; a finished task's kept summary; else :class:`NoSuchMultiStepTask`."""
+    check_task_id(db, task_id)
     conn = db.connection()
     row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is not None:
@@ -165,6 +187,7 @@ def results(db: Database, task_id: str, details: bool = False) -> Iterator[Any]:
     """The task's stored results (its normal jobs' return values), in the order the jobs were added,
     read a page at a time (at most :data:`RESULTS_PAGE` results and about :data:`RESULTS_PAGE_BYTES`
     of JSON); with ``details``, :class:`JobResult` objects."""
+    check_task_id(db, task_id)
     conn = db.connection()
     row = conn.execute("SELECT id, keep_results FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is None:

@@ -25,6 +25,7 @@ from conftest import LMS, cli, env_for_workers, is_pg, wait_for
 from litemultistep import MultiStepTask
 from litemultistep import engine as E
 from litemultistep.config import resolve_db
+from litemultistep.runner import drain
 
 pytest.importorskip("starlette", reason="the web page needs the web extra: pip install -e '.[test,web]'")
 
@@ -478,6 +479,30 @@ def test_absurd_reports_stored_by_an_older_version_leave_the_json_strict(any_db,
     finally:
         E.unregister_worker(store, worker_id)
         lock.release()
+
+
+def test_ids_that_no_task_or_job_can_have_are_not_found(any_db, serve):
+    task = MultiStepTask.create("ids", db=any_db)
+    task.add_job(jobfuncs.boom)
+    task.mark_finalizable()
+    drain(resolve_db(any_db))
+    server = serve(any_db, "--allow-actions")
+    for path in ("/api/tasks/a%00b", "/tasks/a%00b", "/api/failures?task=a%00b", "/failures?task=a%00b"):
+        status, body, _ = server.get(path)
+        assert status == 404 and "never holds a NUL character" in body, (path, status, body)
+    status, body, _ = server.get("/api/failures?exc_type=Runtime%00Error")
+    assert status == 400 and "NUL" in body
+    _, html, _ = server.get("/tasks/" + quote(task.task_id, safe=""))
+    token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    for job_id in ("9" * 23, "9223372036854775808", "1" + "0" * 5000):  # over 64 bits: no job has such an id
+        status, body = server.post("/actions/retry-job", {"job_id": job_id, "csrf": token})
+        assert status == 404 and "job ids go up to 9223372036854775807" in body, (status, body)
+    status, body = server.post("/actions/retry-job", {"job_id": "\u00b2", "csrf": token})  # "²".isdigit() is true
+    assert status == 400 and "a job id is a whole number" in body
+    for action in ("retry-task", "nuke"):
+        status, body = server.post(f"/actions/{action}", {"task_id": "a\x00b", "csrf": token})
+        assert status == 404 and "never holds a NUL character" in body, (action, status, body)
+    assert task.failed_count == 1
 
 
 def test_the_tasks_page_is_paged(db, serve):

@@ -117,6 +117,13 @@ def _text(request: Request, name: str) -> str | None:
     return request.query_params.get(name) or None
 
 
+def _exc_type(request: Request) -> str | None:
+    exc_type = _text(request, "exc_type")
+    if exc_type is not None and "\x00" in exc_type:  # PostgreSQL refuses it in any query
+        raise HTTPException(400, "exc_type cannot hold a NUL character")
+    return exc_type
+
+
 def _task_url(base: str, task_id: str) -> str:
     return f"{base}/tasks/{quote(task_id, safe='')}"
 
@@ -246,7 +253,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         return page(request, "task.html", doc=doc, task_id=task_id, running_shown=RUNNING_SHOWN)
 
     def failures_page(request: Request) -> Response:
-        task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
+        task_id, exc_type = _text(request, "task"), _exc_type(request)
         number = _int(request, "page", 1, least=1) or 1
         try:
             doc = documents.get(("failures", task_id, exc_type, number), lambda: views.failures_doc(
@@ -285,7 +292,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         return _JSON(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
 
     def api_failures(request: Request) -> Response:
-        task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
+        task_id, exc_type = _text(request, "task"), _exc_type(request)
         limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
         return _JSON(documents.get(("api-failures", task_id, exc_type, limit, offset),
                                           lambda: views.failures_doc(database, task_id, exc_type, limit, offset)))
@@ -308,14 +315,16 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         task_id = str(form.get("task_id", ""))
         if what == "retry-job":
             job = str(form.get("job_id", ""))
-            if not job.isdigit():
+            if not (job.isascii() and job.isdigit()):
                 raise HTTPException(400, f"a job id is a whole number, not {job!r}")
-            ids = await run_in_threadpool(engine.retry_jobs, database, [int(job)])
+            ids = await run_in_threadpool(engine.retry_jobs, database, [views.job_id(job)])
             done = {"done": "retried", "n": len(ids)}
         elif what == "retry-task":
+            views.check_task_id(database, task_id)
             ids = await run_in_threadpool(engine.retry_task, database, task_id)
             done = {"done": "retried", "n": len(ids)}
         elif what == "nuke":
+            views.check_task_id(database, task_id)
             await run_in_threadpool(engine.nuke, database, task_id)
             documents.forget()
             return RedirectResponse(f"{base}/?{urlencode({'done': 'nuked', 'task': task_id})}", status_code=303)
