@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -539,6 +540,25 @@ def test_another_host_name_is_refused_on_loopback(db, serve):
     server = serve(db)
     assert server.get("/", headers={"Host": "evil.example"})[0] == 400  # DNS rebinding
     assert server.get("/", headers={"Host": "localhost:1"})[0] == 200
+
+
+def test_the_page_serves_on_the_ipv6_loopback(db, serve):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"this machine has no IPv6 loopback address (::1): {e}")
+    task = MultiStepTask.create("v6", db=db)
+    for host in ("::1", "[::1]"):
+        server = serve(db, "--host", host)
+        assert re.fullmatch(r"http://\[::1\]:\d+", server.url), server.url  # the URL it prints works
+        status, body, _ = server.get("/")  # Host: [::1]:PORT
+        assert status == 200 and task.task_id in body
+        assert server.api("/api/tasks")["tasks"][0]["task_id"] == task.task_id
+        assert server.get("/", headers={"Host": "localhost"})[0] == 200
+        assert server.get("/", headers={"Host": "evil.example"})[0] == 400  # DNS rebinding, still refused
+        assert server.get("/", headers={"Host": "[::1]evil"})[0] == 400
+        server.stop()
 
 
 def test_other_addresses_need_a_password(db, serve):

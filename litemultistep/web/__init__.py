@@ -30,7 +30,6 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from starlette.routing import Mount, Route
@@ -157,6 +156,45 @@ class _BasicAuth:
         return False
 
 
+def _host_name(header: str) -> str | None:
+    """The host name of a Host header (``name``, ``name:port``, ``[v6 address]:port``), lowercased and
+    without brackets; None when it is not of that form."""
+    if header.startswith("["):  # an IPv6 address: its colons are not the port's
+        name, bracket, port = header[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return None
+        port = port[1:]
+    else:
+        name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()):
+        return None
+    return name.lower()
+
+
+class _TrustedHosts:
+    """Answer only requests whose Host header names one of ``hosts`` (any port), ``[::1]`` included:
+    a page of another site that points its own name at this address (DNS rebinding) is refused.
+    (Starlette's TrustedHostMiddleware takes ``[::1]:8023`` for a host named ``[``.)"""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
+        self.app = app
+        self.any = "*" in hosts
+        self.hosts = {h.strip("[]").lower() for h in hosts}
+        #: "*.example.com" names any subdomain of example.com, as in Starlette's middleware
+        self.suffixes = tuple(h[1:].lower() for h in hosts if h.startswith("*."))
+
+    def allows(self, name: str | None) -> bool:
+        return self.any or name in self.hosts or (name is not None and name.endswith(self.suffixes))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = next((v for k, v in scope.get("headers", []) if k == b"host"), b"")
+            if not self.allows(_host_name(header.decode("latin-1"))):
+                await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Headers:
     """The security headers on every response."""
 
@@ -186,8 +224,9 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         without it the page only reads.
     :param password: if given, every request needs it (HTTP basic authentication, any user name).
     :param refresh: seconds between a visible page's updates.
-    :param allowed_hosts: Host header names to answer to (default: any); ``litemultistep web`` on a
-        loopback address passes :data:`LOOPBACK_HOSTS`.
+    :param allowed_hosts: Host header names to answer to, any port (default: any); an IPv6 address
+        with or without its brackets. ``litemultistep web`` on a loopback address passes
+        :data:`LOOPBACK_HOSTS` and its ``--host``.
     """
     database = resolve_db(db)
     if refresh <= 0:
@@ -368,7 +407,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     if password:
         middleware.append(Middleware(_BasicAuth, password=password))
     if allowed_hosts is not None:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+        middleware.append(Middleware(_TrustedHosts, hosts=list(allowed_hosts)))
     web = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: error, LiteMultiStepError: error})
     web.state.database = database
