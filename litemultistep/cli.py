@@ -248,6 +248,9 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
     second one stops them at once, puts them back in their queues and exits 1; so does a stop whose
     jobs outlast --shutdown-timeout. Exit 2: the worker cannot work (bad database, bad option).
 
+    A DB path where no file is gets a new, empty database (the worker may start before the
+    application), with a warning that names the path.
+
     DB may come from LITEMULTISTEP_DB; each option from the variable shown beside it.
     """
     db, _ = split_db(args, 0)
@@ -259,12 +262,25 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
     if not is_url(db):
         import_peewee_alone()  # this process runs no user code, and needs no PostgreSQL driver
     try:
+        if not is_url(db) and not os.path.exists(db):
+            _create_database(db, options)
         code = run_worker(options)
     except (DatabaseUnusable, InvalidSetting) as e:
         _error(str(e))
         sys.exit(2)
     _quick_exit.append(code)
     sys.exit(code)
+
+
+def _create_database(path: str, options: WorkerOptions) -> None:
+    """A worker on a path where no file is creates an empty database there, as the application does:
+    it may start first. Said in a warning, since a mistyped path would otherwise wait forever."""
+    options.validate()  # a bad option is refused before any file is made
+    config.validate()
+    Database(path).close()
+    logging.getLogger("litemultistep").warning(
+        "no database at %s: created a new, empty one; is the path right?",
+        os.path.abspath(path))
 
 
 # -- status and watch -------------------------------------------------------------------------------
