@@ -495,7 +495,7 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
         raise click.UsageError("name what to retry: JOB_ID ..., --task TASK_ID, or --all (one of them)")
     database = _open(db)
     if rest:
-        ids = engine.retry_jobs(database, [views.job_id(a) for a in rest])
+        ids = engine.retry_jobs(database, [views.parse_job_id(a) for a in rest])
     elif task_id is not None:
         ids = engine.retry_task(database, task_id)
     else:

@@ -129,7 +129,7 @@ def _progress_from_row(row: tuple[Any, ...]) -> Progress:
 MAX_JOB_ID = 2**63 - 1
 
 
-def job_id(text: str) -> int:
+def parse_job_id(text: str) -> int:
     """The job id written as ``text`` (ASCII digits: the caller checks that); :class:`NoSuchJob` for
     a number over :data:`MAX_JOB_ID`, which no job can have (and SQLite cannot even bind)."""
     if len(text.lstrip("0")) > len(str(MAX_JOB_ID)) or int(text) > MAX_JOB_ID:

@@ -356,7 +356,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
             job = str(form.get("job_id", ""))
             if not (job.isascii() and job.isdigit()):
                 raise HTTPException(400, f"a job id is a whole number, not {job!r}")
-            ids = await run_in_threadpool(engine.retry_jobs, database, [views.job_id(job)])
+            ids = await run_in_threadpool(engine.retry_jobs, database, [views.parse_job_id(job)])
             done = {"done": "retried", "n": len(ids)}
         elif what == "retry-task":
             views.check_task_id(database, task_id)
