@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -74,7 +73,7 @@ def _open(path: str) -> Database:
 
 
 def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(views.to_json(doc, indent=2) + "\n")
 
 
 def _plural(n: int, word: str) -> str:
@@ -252,6 +251,9 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
     second one stops them at once, puts them back in their queues and exits 1; so does a stop whose
     jobs outlast --shutdown-timeout. Exit 2: the worker cannot work (bad database, bad option).
 
+    A DB path where no file is gets a new, empty database (the worker may start before the
+    application), with a warning that names the path.
+
     DB may come from LITEMULTISTEP_DB; each option from the variable shown beside it.
     """
     db, _ = split_db(args, 0)
@@ -262,12 +264,25 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
                             verbose=verbose, quiet=quiet)
     try:
         backend_for(db).prepare_worker_process()
+        if not is_url(db) and not os.path.exists(db):
+            _create_database(db, options)
         code = run_worker(options)
     except (DatabaseUnusable, InvalidSetting) as e:
         _error(str(e))
         sys.exit(2)
     _quick_exit.append(code)
     sys.exit(code)
+
+
+def _create_database(path: str, options: WorkerOptions) -> None:
+    """A worker on a path where no file is creates an empty database there, as the application does:
+    it may start first. Said in a warning, since a mistyped path would otherwise wait forever."""
+    options.validate()  # a bad option is refused before any file is made
+    config.validate()
+    Database.open(path).close()
+    logging.getLogger("litemultistep").warning(
+        "no database at %s: created a new, empty one; is the path right?",
+        os.path.abspath(path))
 
 
 # -- status and watch -------------------------------------------------------------------------------
@@ -472,18 +487,17 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
     A retried finalizer resumes its chain; a job that hit the crash limit starts afresh.
     """
     args = list(args)
-    db, rest = (args[0], args[1:]) if args and not args[0].isdigit() else (os.environ.get(DB_ENV) or "", args)
+    db, rest = (args[0], args[1:]) if args and not _is_number(args[0]) else (os.environ.get(DB_ENV) or "", args)
     if not db:
         raise click.UsageError(f"name the database: give DB first, or set {DB_ENV}")
-    bad = [a for a in rest if not a.isdigit()]
+    bad = [a for a in rest if not _is_number(a)]
     if bad:
         raise click.UsageError(f"a job id is a whole number, not {bad[0]!r}")
-    job_ids = [int(a) for a in rest]
-    if sum(bool(x) for x in (job_ids, task_id, retry_all)) != 1:
+    if sum(bool(x) for x in (rest, task_id, retry_all)) != 1:
         raise click.UsageError("name what to retry: JOB_ID ..., --task TASK_ID, or --all (one of them)")
     database = _open(db)
-    if job_ids:
-        ids = engine.retry_jobs(database, job_ids)
+    if rest:
+        ids = engine.retry_jobs(database, [views.parse_job_id(a) for a in rest])
     elif task_id is not None:
         ids = engine.retry_task(database, task_id)
     else:
@@ -494,6 +508,11 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
         say(f"Requeued {_plural(len(ids), 'job')}: {', '.join(map(str, ids))}")
     else:
         say("No failed jobs to retry.")
+
+
+def _is_number(text: str) -> bool:
+    """Digits 0 to 9 only (``str.isdigit`` takes "²" and "٣" too)."""
+    return text.isascii() and text.isdigit()
 
 
 # -- workers, nuke, check ---------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def begin_building(db: Database, task_id: str, builder: int) -> None:
 
 def _task_row(c: Connection, task_id: str) -> tuple[int, int, int, int, int, int, int]:
     """The task's row, locked for the rest of the transaction (a decision is made from it)."""
+    if rules.impossible_task_id(task_id):
+        raise NoSuchMultiStepTask(f"no task {task_id!r}: a task id never holds a NUL character")
     row = c.execute(
         "SELECT id, state, finalizable, normal_count, completed_count, failed_count, finalize_count "
         "FROM task WHERE task_id = ?" + c.dialect.lock_row, (task_id,)).fetchone()
@@ -302,6 +304,8 @@ def delete_task(db: Database, task_id: str) -> None:
 
 def delete_finished(db: Database, task_id: str) -> bool:
     """Remove a finished task's kept summary; returns whether there was one."""
+    if rules.impossible_task_id(task_id):
+        return False
     with db.write() as c:
         return c.execute("DELETE FROM finished_task WHERE task_id = ?", (task_id,)).rowcount == 1
 
@@ -736,12 +740,14 @@ def promote_scheduled(db: Database, due_by: float | None = None) -> int:
 
 def task_exists(db: Database, task_id: str) -> bool:
     """Whether the task exists (and so has not finished)."""
+    if rules.impossible_task_id(task_id):
+        return False
     return db.connection().execute("SELECT 1 FROM task WHERE task_id = ?", (task_id,)).fetchone() is not None
 
 
 def task_finished(db: Database, task_id: str) -> bool:
     """Whether the task ran its last finalizer (its row is gone, its summary is kept)."""
-    if task_exists(db, task_id):
+    if task_exists(db, task_id) or rules.impossible_task_id(task_id):
         return False
     return db.connection().execute("SELECT 1 FROM finished_task WHERE task_id = ?", (task_id,)).fetchone() is not None
 
@@ -754,6 +760,8 @@ def retry_jobs(db: Database, job_ids: Sequence[int]) -> list[int]:
     failed or scheduled job (else nothing changes)."""
     with db.write() as c:
         for job_id in job_ids:
+            if not 0 < job_id <= rules.MAX_JOB_ID:
+                raise NoSuchJob(f"no job {job_id}: no job ever had that id; see `litemultistep failed`")
             row = c.execute("SELECT state FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 top = c.execute(c.dialect.max_job_id).fetchone()

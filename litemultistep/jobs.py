@@ -151,6 +151,10 @@ def _lookup(obj: Any, qualname: str) -> Any:
 
 
 _SCALARS = (str, bool, type(None))
+#: the most digits an int may have: Python's default limit on turning an int into text and back
+#: (``sys.get_int_max_str_digits``), which every process that reads the JSON applies, whatever this one does
+INT_DIGITS = 4300
+_INT_LIMIT = 10**INT_DIGITS
 
 
 def _check_value(value: Any, where: str, depth: int) -> None:
@@ -165,6 +169,10 @@ def _check_value(value: Any, where: str, depth: int) -> None:
                     "pass bytes-like data as base64 or a list of numbers") from None
         return
     if kind is int:
+        if not -_INT_LIMIT < value < _INT_LIMIT:
+            raise ArgumentNotSerializable(
+                f"{where} is an int of more than {INT_DIGITS:,} digits, which Python refuses to read back "
+                "from JSON (its int-to-text limit); pass it as a string of digits")
         return
     if kind is float:
         if not math.isfinite(value):
@@ -192,8 +200,16 @@ def _check_value(value: Any, where: str, depth: int) -> None:
         bytes: "pass base64 text or a list of numbers",
     }
     hint = hints.get(kind, "pass JSON types only: str, int, float, bool, None, list, dict with string keys")
-    raise ArgumentNotSerializable(f"{where} is of type {kind.__name__} ({value!r:.60}), which JSON cannot "
+    raise ArgumentNotSerializable(f"{where} is of type {kind.__name__} ({_shown(value)}), which JSON cannot "
                                   f"carry exactly; {hint}")
+
+
+def _shown(value: Any) -> str:
+    """The start of ``repr(value)`` for a message, even when the object's own ``__repr__`` raises."""
+    try:
+        return f"{value!r:.60}"
+    except Exception as e:  # noqa: BLE001 - a job's object cannot turn a clear refusal into a crash
+        return f"its repr() raised {type(e).__name__}"
 
 
 #: the largest JSON a job's arguments may take: big data belongs in a file whose path the job gets
@@ -215,13 +231,17 @@ def encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def encode_result(value: Any) -> str:
-    """JSON for a job's return value; raises :class:`ResultNotSerializable` naming what JSON cannot carry."""
+    """JSON for a job's return value; raises :class:`ResultNotSerializable` naming what JSON cannot carry,
+    and nothing else, whatever the job returned."""
     try:
         _check_value(value, "the return value", 0)
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     except ArgumentNotSerializable as e:
         hint = str(e).replace("; pass ", "; return ")
         raise ResultNotSerializable(f"{hint} (its task keeps results, so the return value is stored)") from None
-    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    except Exception as e:  # noqa: BLE001 - whatever the checks above missed is still the return value's fault
+        raise ResultNotSerializable(f"the return value cannot be stored as JSON ({type(e).__name__}: {e}); return "
+                                    "JSON types only (its task keeps results, so the return value is stored)") from None
 
 
 def decode_args(text: str) -> tuple[list[Any], dict[str, Any]]:

@@ -57,6 +57,16 @@ def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM
     return max(1, min(max_batch, int(window / max(avg_duration, 1e-7))))
 
 
+#: the largest job id there can be (a 64-bit integer on both backends)
+MAX_JOB_ID = 2**63 - 1
+
+
+def impossible_task_id(task_id: object) -> bool:
+    """Whether no task can have this id: one holding a NUL character (slugs have no control
+    characters, and PostgreSQL refuses a NUL in any text it is given)."""
+    return isinstance(task_id, str) and "\x00" in task_id
+
+
 def heartbeat_every(lease: float) -> float:
     """Seconds between a worker's heartbeats: every 2 s, and five times within its lease."""
     return min(2.0, lease / 5)

@@ -8,7 +8,6 @@ import atexit
 import contextvars
 import inspect
 import logging
-import math
 import os
 import threading
 import time
@@ -61,14 +60,22 @@ _reporter: contextvars.ContextVar[Callable[[float, float | None], None] | None] 
     "litemultistep_reporter", default=None)
 
 
+#: the largest number :func:`report` takes: far more steps than a job can count, and small enough
+#: that the sums over a task's running jobs stay finite and exact in every database
+REPORT_LIMIT = 10**15
+
+
 def report(done: float, total: float | None = None) -> None:
     """Tell how far the running job has come: ``done`` (of ``total``, if known). ``status``, ``watch``
     and :meth:`MultiStepTask.progress` show it. Cheap enough to call in a tight loop: in a worker it
     lands in memory shared with the worker, which stores the latest value every two seconds; inline
     (sync mode, ``drain``) it is stored at most once a second.
 
+    :param done: how much is done: an int or float from 0 to :data:`REPORT_LIMIT` (10**15).
+    :param total: how much there is to do, in the same range, or None when not known.
     :raises NotInJob: outside a job.
-    :raises InvalidSetting: a negative or non-finite number, or ``done`` over ``total``.
+    :raises InvalidSetting: a number that is negative, not finite or over 10**15, or ``done`` over
+        ``total``.
     """
     reporter = _reporter.get()
     if reporter is None:
@@ -76,8 +83,9 @@ def report(done: float, total: float | None = None) -> None:
     for name, value in (("done", done), ("total", total)):
         if value is None and name == "total":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise InvalidSetting(f"report(): {name} must be a finite number of at least 0, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= REPORT_LIMIT:
+            shown = f"an int of {value.bit_length()} bits" if type(value) is int and value > 2**64 else f"{value!r:.60}"
+            raise InvalidSetting(f"report(): {name} must be a number from 0 to 10**15, not {shown}")
     if total is not None and done > total:
         raise InvalidSetting(f"report(): done ({done!r}) is more than total ({total!r})")
     reporter(float(done), None if total is None else float(total))
@@ -98,9 +106,14 @@ class ThrottledReport:
 
 
 def _type_name(exc: BaseException) -> str:
+    """The exception's type as stored: text a database takes, whatever the class calls itself (a job
+    can give its exception class a name with a lone surrogate, or a ``__module__`` that is no string)."""
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return clean_text(str(name))  # a hostile class may name itself anything
+    try:
+        name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        return clean_text(name)
+    except BaseException:  # noqa: BLE001 - a hostile class cannot stop its failure from being recorded
+        return "<an exception type whose name could not be read>"
 
 
 def _text(exc: BaseException) -> str:
@@ -165,8 +178,8 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
             stored = encode_result(result)
         except ResultNotSerializable as e:
             log.info("failed job %d of %s: %s", job.id, job.task_id, e)
-            return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", str(e), "", duration), e,
-                          duration)
+            return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", clean_text(str(e)), "",
+                                  duration), e, duration)
     log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
     return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
 

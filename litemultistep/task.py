@@ -177,6 +177,7 @@ class MultiStepTask:
     def find(cls, task_id: str, db: Any = None) -> MultiStepTask:
         """The task with this id; :class:`NoSuchMultiStepTask` if it does not exist or has finished."""
         database = config.resolve_db(db)
+        views.check_task_id(database, task_id)
         if not engine.task_exists(database, task_id):
             raise NoSuchMultiStepTask(f"no task {task_id!r} in {database.path}: it never existed, "
                                       "finished, or was nuked")

@@ -7,21 +7,29 @@ whether a worker is alive on SQLite takes its lock file for an instant, without 
 from __future__ import annotations
 
 import json
+import math
+from bisect import bisect_left
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from . import rules
 from .config import resolve_db
 from .db import Database, JobKind, JobState, TaskState
-from .errors import NoResult, NoSuchMultiStepTask
+from .errors import NoResult, NoSuchJob, NoSuchMultiStepTask
+from .runner import REPORT_LIMIT
 
 _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_count, completed_count, "
                  "failed_count, pending_count, running_count, created_at, "
                  f"(SELECT count(*) FROM job WHERE job.task = task.id AND job.state = {int(JobState.SCHEDULED)}), "
                  "keep_results, result_count, "
-                 + ", ".join(f"(SELECT sum({c}) FROM job WHERE job.task = task.id "
-                             f"AND job.state = {int(JobState.RUNNING)})" for c in ("progress_done", "progress_total")))
+                 # a value over report()'s limit (stored by an older version) is left out: the sum stays
+                 # finite, and PostgreSQL does not refuse to add it up ("value out of range")
+                 + ", ".join(f"(SELECT sum(CASE WHEN {c} <= {float(REPORT_LIMIT)!r} THEN {c} END) FROM job "
+                             f"WHERE job.task = task.id AND job.state = {int(JobState.RUNNING)})"
+                             for c in ("progress_done", "progress_total")))
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,8 @@ class Progress:
     keep_results: bool = False
     result_count: int = 0
     #: what its running jobs reported of their own progress (litemultistep.report), summed over the
-    #: jobs that reported; None when none did (a total only counts jobs that gave one)
+    #: jobs that reported; None when none did (a total only counts jobs that gave one; a value over
+    #: report()'s limit, which only an older version stored, counts as none)
     reported_done: float | None = None
     reported_total: float | None = None
 
@@ -110,8 +119,30 @@ def _progress_from_row(row: tuple[Any, ...]) -> Progress:
                     running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total)
 
 
+#: the largest id a job can have: both backends keep ids in signed 64-bit integers
+MAX_JOB_ID = rules.MAX_JOB_ID
+
+
+def parse_job_id(text: str) -> int:
+    """The job id written as ``text`` (ASCII digits: the caller checks that); :class:`NoSuchJob` for
+    a number over :data:`MAX_JOB_ID`, which no job can have (and SQLite cannot even bind)."""
+    if len(text.lstrip("0")) > len(str(MAX_JOB_ID)) or int(text) > MAX_JOB_ID:
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text):,} digits)"
+        raise NoSuchJob(f"no job {shown}: job ids go up to {MAX_JOB_ID}; see `litemultistep failed`")
+    return int(text)
+
+
+def check_task_id(db: Database, task_id: str) -> None:
+    """:class:`NoSuchMultiStepTask` for an id no task can have, before any query sees it: a task id
+    never holds a NUL character (slugs have no control characters), and PostgreSQL refuses one in
+    any text it is given."""
+    if rules.impossible_task_id(task_id):
+        raise NoSuchMultiStepTask(f"no task {task_id!r} in {db.path}: a task id never holds a NUL character")
+
+
 def progress(db: Database, task_id: str) -> Progress:
     """The task's counters; a finished task's kept summary; else :class:`NoSuchMultiStepTask`."""
+    check_task_id(db, task_id)
     conn = db.connection()
     row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is not None:
@@ -136,13 +167,21 @@ class JobResult:
     value: Any
 
 
-#: rows read per query when streaming results: bounded memory, and no read held open for long
+#: results read per query when streaming them, and the most bytes of JSON a page holds (a result
+#: bigger than that is a page alone): bounded memory whatever the results' sizes, big pages of small
+#: ones, and no read held open for long
 RESULTS_PAGE = 20_000
+RESULTS_PAGE_BYTES = 4 * 2**20
+#: a result of at most this many bytes comes with the query that reads the sizes (so that query
+#: holds RESULTS_PAGE * SMALL_RESULT bytes at most); a bigger one is read once its page is known
+SMALL_RESULT = 200
 
 
 def results(db: Database, task_id: str, details: bool = False) -> Iterator[Any]:
     """The task's stored results (its normal jobs' return values), in the order the jobs were added,
-    read a page at a time; with ``details``, :class:`JobResult` objects."""
+    read a page at a time (at most :data:`RESULTS_PAGE` results and about :data:`RESULTS_PAGE_BYTES`
+    of JSON); with ``details``, :class:`JobResult` objects."""
+    check_task_id(db, task_id)
     conn = db.connection()
     row = conn.execute("SELECT id, keep_results FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is None:
@@ -151,25 +190,51 @@ def results(db: Database, task_id: str, details: bool = False) -> Iterator[Any]:
     pk, keep = row
     if not keep:
         raise NoResult(f"task {task_id} does not keep results: create it with keep_results=True")
-    columns = "id, args, result" if details else "id, result"
-    loads = json.loads
+    size = "length(result) + length(args)" if details else "length(result)"
+    args = "args" if details else "NULL"
+    where = "FROM job WHERE task = ? AND state = ? AND kind = ?"
+    # the next rows' ids and sizes, with the values of the small ones: one pass over a million small results
+    first = (f"SELECT id, {size}, CASE WHEN {size} <= {SMALL_RESULT} THEN {args} END, "
+             f"CASE WHEN {size} <= {SMALL_RESULT} THEN result END {where} AND id > ? ORDER BY id LIMIT ?")
+    # the big values of one page
+    rest = f"SELECT id, {size}, {args}, result {where} AND id >= ? AND id <= ? AND {size} > {SMALL_RESULT}"
+    key = (pk, JobState.COMPLETED, JobKind.NORMAL)
     last = 0
     while True:
-        page = conn.execute(f"SELECT {columns} FROM job WHERE task = ? AND state = ? AND kind = ? AND id > ? "
-                            "ORDER BY id LIMIT ?", (pk, JobState.COMPLETED, JobKind.NORMAL, last,
-                                                    RESULTS_PAGE)).fetchall()
-        if not page:
+        rows = conn.execute(first, (*key, last, RESULTS_PAGE)).fetchall()
+        if not rows:
             return
-        last = page[-1][0]
-        if details:
-            for job_id, args, value in page:
-                a, kw = loads(args)
-                yield JobResult(job_id, a, kw, loads(value))
-        else:
-            # one parse per page, in C, instead of one call per result: twice as fast
-            yield from loads("[" + ",".join([value for _, value in page]) + "]")
-        if len(page) < RESULTS_PAGE:
+        sizes = list(map(itemgetter(1), rows))
+        ends = list(accumulate(sizes))  # ends[i]: the bytes of rows[0..i]
+        start = 0
+        while start < len(rows):
+            # a page ends with the result that takes it to the budget
+            budget = (ends[start - 1] if start else 0) + RESULTS_PAGE_BYTES
+            stop = min(len(rows), bisect_left(ends, budget, start) + 1)
+            page = rows[start:stop]
+            if max(sizes[start:stop]) > SMALL_RESULT:
+                big = {r[0]: r for r in conn.execute(rest, (*key, page[0][0], page[-1][0])).fetchall()}
+                # a job gone since (its task nuked) is left out
+                page = [r if r[1] <= SMALL_RESULT else big[r[0]] for r in page if r[1] <= SMALL_RESULT or r[0] in big]
+            yield from _values(page, details)
+            start = stop
+        if len(rows) < RESULTS_PAGE:
             return
+        last = rows[-1][0]
+
+
+def _values(page: list[tuple[Any, ...]], details: bool) -> list[Any]:
+    """The results of ``(id, size, args, result)`` rows (a list: each result then passes through one
+    generator, not two)."""
+    loads = json.loads
+    if not details:
+        # one parse per page, in C, instead of one call per result: twice as fast
+        return loads("[" + ",".join(map(itemgetter(3), page)) + "]")  # type: ignore[no-any-return]
+    out = []
+    for job_id, _, args, value in page:
+        a, kw = loads(args)
+        out.append(JobResult(job_id, a, kw, loads(value)))
+    return out
 
 
 def job_state(db: Database, job_id: int) -> tuple[str, int, str | None] | None:
@@ -392,6 +457,28 @@ def workers(db: Any = None, lease: float = 30.0) -> list[WorkerInfo]:
 
 
 # -- the documents of ``--json`` and the web API (shapes in docs/cli.md) ----------------------------
+
+
+def to_json(doc: Any, indent: int | None = None) -> str:
+    """A document as strict JSON text, for ``--json`` and the web API: JSON has no NaN or infinity,
+    so a non-finite float (none should reach a document) becomes null instead of a word that JSON
+    parsers refuse (``Infinity``)."""
+    separators = None if indent is not None else (",", ":")
+    try:
+        return json.dumps(doc, indent=indent, separators=separators, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(doc), indent=indent, separators=separators, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
 
 
 def status_doc(db: Database, limit: int | None = None, offset: int = 0,

@@ -250,6 +250,11 @@ def returns_a_set() -> set[int]:
     return {1, 2}
 
 
+def returns_a_huge_int() -> dict[str, list[int]]:
+    """An int over Python's 4,300-digit limit on int-to-text conversion, which json.dumps obeys."""
+    return {"n": [10**5000]}
+
+
 def gather(path: str) -> None:
     """A finalizer that writes every result of its task, with the job ids and arguments, as JSON."""
     import json
@@ -305,3 +310,41 @@ def raise_nul() -> None:
 
 def raise_nul_type() -> None:
     raise NulError("its type's name has a NUL")
+
+
+def report_huge(path: str, marker: str) -> None:
+    """Reports absurd numbers; once refused, the largest it may. Runs until ``marker`` exists."""
+    try:
+        litemultistep.report(1e308, 1e308)
+    except litemultistep.InvalidSetting as e:
+        _append(path, f"refused: {e}")
+        litemultistep.report(10**15, 10**15)
+    while not os.path.exists(marker):
+        time.sleep(0.02)
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+def returns_an_unprintable() -> list:
+    return [1, _Unprintable()]
+
+
+class BadlyNamed(Exception):
+    """An exception class whose name, once changed, is no valid text (a lone surrogate)."""
+
+
+BadlyNamed.__qualname__ = "Badly\udcffNamed"
+
+
+def raises_a_badly_named_exception() -> None:
+    raise BadlyNamed("named badly")
+
+
+def big_result(i: int, size: int) -> str:
+    """A result of about ``size`` bytes that says which job it came from. It takes a few
+    milliseconds, so that a job process sends each one on its own."""
+    time.sleep(0.006)
+    return f"{i:06d}" + "x" * size

@@ -30,7 +30,6 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from starlette.routing import Mount, Route
@@ -117,6 +116,13 @@ def _text(request: Request, name: str) -> str | None:
     return request.query_params.get(name) or None
 
 
+def _exc_type(request: Request) -> str | None:
+    exc_type = _text(request, "exc_type")
+    if exc_type is not None and "\x00" in exc_type:  # PostgreSQL refuses it in any query
+        raise HTTPException(400, "exc_type cannot hold a NUL character")
+    return exc_type
+
+
 def _task_url(base: str, task_id: str) -> str:
     return f"{base}/tasks/{quote(task_id, safe='')}"
 
@@ -150,6 +156,45 @@ class _BasicAuth:
         return False
 
 
+def _host_name(header: str) -> str | None:
+    """The host name of a Host header (``name``, ``name:port``, ``[v6 address]:port``), lowercased and
+    without brackets; None when it is not of that form."""
+    if header.startswith("["):  # an IPv6 address: its colons are not the port's
+        name, bracket, port = header[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return None
+        port = port[1:]
+    else:
+        name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()):
+        return None
+    return name.lower()
+
+
+class _TrustedHosts:
+    """Answer only requests whose Host header names one of ``hosts`` (any port), ``[::1]`` included:
+    a page of another site that points its own name at this address (DNS rebinding) is refused.
+    (Starlette's TrustedHostMiddleware takes ``[::1]:8023`` for a host named ``[``.)"""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
+        self.app = app
+        self.any = "*" in hosts
+        self.hosts = {h.strip("[]").lower() for h in hosts}
+        #: "*.example.com" names any subdomain of example.com, as in Starlette's middleware
+        self.suffixes = tuple(h[1:].lower() for h in hosts if h.startswith("*."))
+
+    def allows(self, name: str | None) -> bool:
+        return self.any or name in self.hosts or (name is not None and name.endswith(self.suffixes))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = next((v for k, v in scope.get("headers", []) if k == b"host"), b"")
+            if not self.allows(_host_name(header.decode("latin-1"))):
+                await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Headers:
     """The security headers on every response."""
 
@@ -179,8 +224,9 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         without it the page only reads.
     :param password: if given, every request needs it (HTTP basic authentication, any user name).
     :param refresh: seconds between a visible page's updates.
-    :param allowed_hosts: Host header names to answer to (default: any); ``litemultistep web`` on a
-        loopback address passes :data:`LOOPBACK_HOSTS`.
+    :param allowed_hosts: Host header names to answer to, any port (default: any); an IPv6 address
+        with or without its brackets. ``litemultistep web`` on a loopback address passes
+        :data:`LOOPBACK_HOSTS` and its ``--host``.
     """
     database = resolve_db(db)
     if refresh <= 0:
@@ -246,7 +292,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         return page(request, "task.html", doc=doc, task_id=task_id, running_shown=RUNNING_SHOWN)
 
     def failures_page(request: Request) -> Response:
-        task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
+        task_id, exc_type = _text(request, "task"), _exc_type(request)
         number = _int(request, "page", 1, least=1) or 1
         try:
             doc = documents.get(("failures", task_id, exc_type, number), lambda: views.failures_doc(
@@ -278,20 +324,20 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     def api_tasks(request: Request) -> Response:
         limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
         doc = documents.get(("api-tasks", limit, offset), lambda: views.status_doc(database, limit, offset))
-        return JSONResponse(doc)
+        return _JSON(doc)
 
     def api_task(request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        return JSONResponse(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
+        return _JSON(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
 
     def api_failures(request: Request) -> Response:
-        task_id, exc_type = _text(request, "task"), _text(request, "exc_type")
+        task_id, exc_type = _text(request, "task"), _exc_type(request)
         limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
-        return JSONResponse(documents.get(("api-failures", task_id, exc_type, limit, offset),
+        return _JSON(documents.get(("api-failures", task_id, exc_type, limit, offset),
                                           lambda: views.failures_doc(database, task_id, exc_type, limit, offset)))
 
     def api_workers(request: Request) -> Response:
-        return JSONResponse(documents.get(("workers",), lambda: views.workers_doc(database)))
+        return _JSON(documents.get(("workers",), lambda: views.workers_doc(database)))
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -308,14 +354,16 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         task_id = str(form.get("task_id", ""))
         if what == "retry-job":
             job = str(form.get("job_id", ""))
-            if not job.isdigit():
+            if not (job.isascii() and job.isdigit()):
                 raise HTTPException(400, f"a job id is a whole number, not {job!r}")
-            ids = await run_in_threadpool(engine.retry_jobs, database, [int(job)])
+            ids = await run_in_threadpool(engine.retry_jobs, database, [views.parse_job_id(job)])
             done = {"done": "retried", "n": len(ids)}
         elif what == "retry-task":
+            views.check_task_id(database, task_id)
             ids = await run_in_threadpool(engine.retry_task, database, task_id)
             done = {"done": "retried", "n": len(ids)}
         elif what == "nuke":
+            views.check_task_id(database, task_id)
             await run_in_threadpool(engine.nuke, database, task_id)
             documents.forget()
             return RedirectResponse(f"{base}/?{urlencode({'done': 'nuked', 'task': task_id})}", status_code=303)
@@ -340,7 +388,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         else:  # an action that no longer applies: the job is not failed any more, say
             status, message = 409, str(exc)
         if request.url.path.startswith(request.scope.get("root_path", "") + "/api/"):
-            return JSONResponse({"error": message}, status_code=status)
+            return _JSON({"error": message}, status_code=status)
         return page(request, "error.html", status_code=status, message=message, status=status)
 
     routes = [
@@ -359,11 +407,19 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     if password:
         middleware.append(Middleware(_BasicAuth, password=password))
     if allowed_hosts is not None:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+        middleware.append(Middleware(_TrustedHosts, hosts=list(allowed_hosts)))
     web = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: error, LiteMultiStepError: error})
     web.state.database = database
     return web
+
+
+class _JSON(JSONResponse):
+    """A JSON answer of the API, strict as ``--json`` is (:func:`views.to_json`): a non-finite number
+    is null, never a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return views.to_json(content).encode("utf-8")
 
 
 def _rendered(response: Response) -> tuple[int, bytes]:

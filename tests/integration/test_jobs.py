@@ -135,6 +135,11 @@ class TestArguments:
         ({1: "a"}, "argument 1 has the key 1 \\(int\\)"),
         ({"a": [1, {"b": object()}]}, "argument 1\\['a'\\]\\[1\\]\\['b'\\] is of type object"),
         ("lone \udc80 surrogate", "lone surrogate"),
+        # an id of its own: pytest cannot show such an int either
+        pytest.param(10**5000, "argument 1 is an int of more than 4,300 digits, which Python refuses to read",
+                     id="int-of-5001-digits"),
+        pytest.param({"n": [-(10**4300)]}, "argument 1\\['n'\\]\\[0\\] is an int of more than 4,300 digits",
+                     id="nested-int-of-4301-digits"),
     ])
     def test_refused_with_the_argument_named(self, task, value, message):
         with pytest.raises(ArgumentNotSerializable, match=message):
@@ -144,6 +149,13 @@ class TestArguments:
     def test_keyword_argument_named(self, task):
         with pytest.raises(ArgumentNotSerializable, match="keyword argument 'when' is of type date"):
             task.add_job(jobfuncs.noop, when=datetime.date.today())
+
+    def test_an_int_too_long_for_text_is_refused_by_name(self, task):
+        with pytest.raises(ArgumentNotSerializable, match="keyword argument 'n' is an int of more than 4,300 digits"):
+            task.add_job(jobfuncs.noop, 1, n=10**5000)
+        longest = 10**4300 - 1  # 4,300 digits: what every process reads back
+        assert decode_args(encode_args((longest,), {})) == ([longest], {})
+        assert task.add_job(jobfuncs.noop, longest, -longest).job_id is not None
 
     def test_deep_nesting_refused(self, task):
         value: list = []

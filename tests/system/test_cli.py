@@ -10,7 +10,7 @@ import jobfuncs
 import pytest
 from conftest import cli, lines
 
-from litemultistep import MultiStepTask
+from litemultistep import MultiStepTask, NoSuchMultiStepTask
 from litemultistep.cli import main
 from litemultistep.config import resolve_db
 from litemultistep.runner import drain
@@ -241,3 +241,17 @@ class TestHelpAndMain:
     def test_bad_option(self, db):
         result = cli("worker", db, "-c", "0")
         assert result.returncode == 2 and "Invalid value" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ids_that_no_task_or_job_can_have_are_errors_not_tracebacks(db):
+    MultiStepTask.create("ids", db=db)
+    for job_id in ("99999999999999999999999", "9223372036854775808", "1" + "0" * 5000):  # over 64 bits
+        r = cli("retry", db, job_id)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "no job" in r.stderr and "job ids go up to 9223372036854775807" in r.stderr
+    r = cli("retry", db, "9223372036854775807")
+    assert r.returncode == 1 and "no job 9223372036854775807: no job ever had that id" in r.stderr
+    r = cli("retry", db, "\u00b2")  # "²".isdigit() is true, but it is no job id
+    assert r.returncode == 2 and "a job id is a whole number" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(NoSuchMultiStepTask, match="never holds a NUL character"):
+        MultiStepTask.find("a\x00b", db=db)

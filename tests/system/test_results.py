@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 
 import jobfuncs
 import pytest
 from conftest import cli, env_for_workers, lines, wait_for
 
 import litemultistep
-from litemultistep import MultiStepTask, NoResult, NoSuchMultiStepTask, ResultNotSerializable
+from litemultistep import MultiStepTask, NoResult, NoSuchMultiStepTask, ResultNotSerializable, views
 from litemultistep.config import resolve_db
 from litemultistep.engine import check
 from litemultistep.runner import drain
@@ -21,6 +23,15 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def db(any_db: str) -> str:
     return any_db
+
+
+def strict_json(text: str) -> dict:
+    """JSON as a strict parser reads it: ``Infinity`` and ``NaN`` are not JSON."""
+
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def gathered(tmp_path) -> dict:
@@ -100,6 +111,84 @@ def test_a_return_value_json_cannot_carry_fails_the_job_clearly(db, spawn):
     assert "of type set" in failure.message and "return a sorted list" in failure.message
 
 
+def test_an_int_too_long_for_json_fails_the_job_at_once_in_a_worker_and_inline(db, spawn):
+    with MultiStepTask.create("huge", db=db, keep_results=True) as task:
+        huge = task.add_job(jobfuncs.returns_a_huge_int)
+    worker = spawn(db, "--burst")
+    assert worker.wait(60) == 0
+    failure = huge.failure()
+    assert failure is not None and failure.exc_type == "litemultistep.ResultNotSerializable"
+    assert failure.attempt == 1  # failed as it returned: no job process died over it
+    assert "the return value['n'][0] is an int of more than 4,300 digits" in failure.message
+    assert "return it as a string of digits" in failure.message
+    assert " died " not in spawn.log(worker) and "Traceback" not in spawn.log(worker)
+    litemultistep.configure(mode="sync")
+    inline = MultiStepTask.create("inline", db=db, keep_results=True)
+    with pytest.raises(ResultNotSerializable, match="is an int of more than 4,300 digits"):
+        inline.add_job(jobfuncs.returns_a_huge_int)
+    p = inline.progress()
+    assert (p.failed_count, p.running_count, p.completed_count) == (1, 0, 0)  # recorded, not left running
+
+
+def test_nothing_a_job_returns_or_raises_stops_its_failure_being_recorded(db, spawn):
+    with MultiStepTask.create("hostile", db=db, keep_results=True) as task:
+        unprintable = task.add_job(jobfuncs.returns_an_unprintable)
+        badly_named = task.add_job(jobfuncs.raises_a_badly_named_exception)
+    worker = spawn(db, "--burst")
+    assert worker.wait(60) == 0, spawn.log(worker)
+    failure = unprintable.failure()
+    assert failure is not None and failure.exc_type == "litemultistep.ResultNotSerializable"
+    assert "the return value[1] is of type _Unprintable (its repr() raised RuntimeError)" in failure.message
+    failure = badly_named.failure()
+    assert failure is not None and failure.exc_type == "jobfuncs.Badly\\udcffNamed"
+    assert failure.message == "named badly" and failure.attempt == 1
+
+
+READ_BIG_RESULTS = """
+import resource, sys
+from litemultistep import MultiStepTask
+task = MultiStepTask.find(sys.argv[1], db=sys.argv[2])
+first = None
+values = []
+for value in task.results():
+    if first is None:  # as a finalizer that looks at the first result
+        first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    values.append(value[:6] if len(value) == 6 + 2**20 else "bad length")
+details = [(r.job_id, r.args[0], r.value[:6]) for r in task.job_results()]
+print(json.dumps({"first": first, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                  "values": values, "details": details}))
+""".replace("import resource", "import json, resource")
+
+
+def test_big_results_stream_in_pages_bounded_by_size(db, spawn):
+    task = MultiStepTask.create("big", db=db, keep_results=True)  # not finalizable: the results stay
+    handles = [task.add_job(jobfuncs.big_result, i, 2**20) for i in range(400)]
+    assert spawn(db, "--burst", "-q").wait(120) == 0
+    assert task.progress().result_count == 400
+    done = subprocess.run([sys.executable, "-c", READ_BIG_RESULTS, task.task_id, db], capture_output=True, text=True,
+                          timeout=120, env=env_for_workers())
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["values"] == [f"{i:06d}" for i in range(400)]  # all 400, each once, in the order added
+    assert got["details"] == [[h.job_id, i, f"{i:06d}"] for i, h in enumerate(handles)]
+    # 400 MiB of results, read a few MiB at a time (all of them at once took 1.2 GB)
+    assert got["first"] < 150 and got["peak"] < 200, {k: got[k] for k in ("first", "peak")}
+
+
+def test_results_of_mixed_sizes_come_whole_and_in_order_across_pages(db, monkeypatch):
+    sizes = [(i * 7919) % 2500 if i % 3 else i % 50 for i in range(90)]  # small ones, big ones, one over a page
+    task = MultiStepTask.create("mixed", db=db, keep_results=True)
+    for i, size in enumerate(sizes):
+        task.add_job(jobfuncs.big_result, i, size)
+    drain(resolve_db(db))
+    expected = [f"{i:06d}" + "x" * size for i, size in enumerate(sizes)]
+    monkeypatch.setattr(views, "RESULTS_PAGE", 13)  # pages of at most 13 results and about 2,000 bytes
+    monkeypatch.setattr(views, "RESULTS_PAGE_BYTES", 2000)
+    assert list(task.results()) == expected
+    assert [(r.args, r.value) for r in task.job_results()] == [([i, size], expected[i]) for i, size in
+                                                                enumerate(sizes)]
+
+
 def test_without_keep_results_nothing_is_stored(db, log_path, spawn):
     with MultiStepTask.create("plain", db=db) as task:
         handle = task.add_job(jobfuncs.double, log_path, 1)
@@ -160,3 +249,27 @@ def test_report_inline_outside_a_job_and_bad_values(db, log_path):
     assert lines(log_path) == ["3.0 10.0"]
     with pytest.raises(litemultistep.InvalidSetting, match="more than total"):
         task.add_job(jobfuncs.report_badly)
+
+
+def test_absurd_reports_are_refused_and_status_json_stays_strict(db, log_path, tmp_path, spawn):
+    marker = tmp_path / "stop"
+    with MultiStepTask.create("huge", db=db) as task:
+        for _ in range(2):
+            task.add_job(jobfuncs.report_huge, log_path, str(marker))
+    worker = spawn(db, "-c", "2", "-q")
+    seen: list[dict] = []
+
+    def both_reported() -> bool:
+        r = cli("status", db, "--json")
+        assert r.returncode == 0, r.stderr
+        seen[:] = strict_json(r.stdout)["tasks"]
+        return seen[0]["reported_done"] == 2 * 10**15
+
+    wait_for(both_reported, timeout=30, what="both jobs' reports in status --json")
+    assert seen[0]["reported_total"] == 2 * 10**15 and seen[0]["running_count"] == 2
+    assert lines(log_path) == ["refused: report(): done must be a number from 0 to 10**15, not 1e+308"] * 2
+    assert task.progress().reported_done == 2e15
+    marker.touch()
+    wait_for(lambda: task.progress().finished, timeout=30, what="the task to finish")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0

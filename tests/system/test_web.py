@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -25,6 +26,7 @@ from conftest import LMS, ROOT, cli, env_for_workers, is_pg, wait_for
 from litemultistep import MultiStepTask
 from litemultistep import engine as E
 from litemultistep.config import resolve_db
+from litemultistep.runner import drain
 
 pytest.importorskip("starlette", reason="the web page needs the web extra: pip install -e '.[test,web]'")
 
@@ -444,6 +446,66 @@ def test_api_has_the_shapes_of_the_cli_json(any_db, serve, spawn):
         assert _dump(any_db) == before  # looking writes nothing
 
 
+def strict_json(text: str) -> Any:
+    """JSON as a strict parser reads it: ``Infinity`` and ``NaN`` are not JSON."""
+
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_absurd_reports_stored_by_an_older_version_leave_the_json_strict(any_db, serve):
+    with MultiStepTask.create("old reports", db=any_db) as task:
+        task.add_job(jobfuncs.noop)
+        task.add_job(jobfuncs.noop)
+    store = resolve_db(any_db)
+    worker_id, lock = E.register_worker(store, "process")
+    try:
+        held = [job for _ in range(2) for batch in E.claim(store, worker_id, max_batch=1) for job in batch]
+        assert len(held) == 2
+        # what a worker of a version whose report() took any finite number stored: their sum overflows
+        E.report_progress(store, worker_id, [(job.id, 1e308, 1e308) for job in held])
+        server = serve(any_db)
+        status, body, _ = server.get("/api/tasks")
+        assert status == 200, body
+        api = strict_json(body)["tasks"][0]
+        assert (api["reported_done"], api["reported_total"], api["running_count"]) == (None, None, 2)
+        r = cli("status", any_db, "--json")
+        assert r.returncode == 0, r.stderr
+        assert strict_json(r.stdout)["tasks"][0] == api
+        r = cli("status", any_db, task.task_id, "--json")
+        assert r.returncode == 0, r.stderr
+        assert [j["reported_done"] for j in strict_json(r.stdout)["running"]] == [1e308, 1e308]
+    finally:
+        E.unregister_worker(store, worker_id)
+        lock.release()
+
+
+def test_ids_that_no_task_or_job_can_have_are_not_found(any_db, serve):
+    task = MultiStepTask.create("ids", db=any_db)
+    task.add_job(jobfuncs.boom)
+    task.mark_finalizable()
+    drain(resolve_db(any_db))
+    server = serve(any_db, "--allow-actions")
+    for path in ("/api/tasks/a%00b", "/tasks/a%00b", "/api/failures?task=a%00b", "/failures?task=a%00b"):
+        status, body, _ = server.get(path)
+        assert status == 404 and "never holds a NUL character" in body, (path, status, body)
+    status, body, _ = server.get("/api/failures?exc_type=Runtime%00Error")
+    assert status == 400 and "NUL" in body
+    _, html, _ = server.get("/tasks/" + quote(task.task_id, safe=""))
+    token = re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    for job_id in ("9" * 23, "9223372036854775808", "1" + "0" * 5000):  # over 64 bits: no job has such an id
+        status, body = server.post("/actions/retry-job", {"job_id": job_id, "csrf": token})
+        assert status == 404 and "job ids go up to 9223372036854775807" in body, (status, body)
+    status, body = server.post("/actions/retry-job", {"job_id": "\u00b2", "csrf": token})  # "²".isdigit() is true
+    assert status == 400 and "a job id is a whole number" in body
+    for action in ("retry-task", "nuke"):
+        status, body = server.post(f"/actions/{action}", {"task_id": "a\x00b", "csrf": token})
+        assert status == 404 and "never holds a NUL character" in body, (action, status, body)
+    assert task.failed_count == 1
+
+
 def test_the_tasks_page_is_paged(db, serve):
     with MultiStepTask.create("first", db=db) as first:
         first.add_job(jobfuncs.noop)
@@ -478,6 +540,25 @@ def test_another_host_name_is_refused_on_loopback(db, serve):
     server = serve(db)
     assert server.get("/", headers={"Host": "evil.example"})[0] == 400  # DNS rebinding
     assert server.get("/", headers={"Host": "localhost:1"})[0] == 200
+
+
+def test_the_page_serves_on_the_ipv6_loopback(db, serve):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"this machine has no IPv6 loopback address (::1): {e}")
+    task = MultiStepTask.create("v6", db=db)
+    for host in ("::1", "[::1]"):
+        server = serve(db, "--host", host)
+        assert re.fullmatch(r"http://\[::1\]:\d+", server.url), server.url  # the URL it prints works
+        status, body, _ = server.get("/")  # Host: [::1]:PORT
+        assert status == 200 and task.task_id in body
+        assert server.api("/api/tasks")["tasks"][0]["task_id"] == task.task_id
+        assert server.get("/", headers={"Host": "localhost"})[0] == 200
+        assert server.get("/", headers={"Host": "evil.example"})[0] == 400  # DNS rebinding, still refused
+        assert server.get("/", headers={"Host": "[::1]evil"})[0] == 400
+        server.stop()
 
 
 def test_other_addresses_need_a_password(db, serve):

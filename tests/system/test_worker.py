@@ -306,6 +306,22 @@ def test_bad_database_exits_2_with_a_message(tmp_path, spawn):
     assert "is not a SQLite database" in log and "Traceback" not in log
 
 
+def test_a_worker_on_a_path_with_no_file_creates_it_and_says_so(tmp_path, spawn):
+    typo = tmp_path / "tpyo.sqlite"
+    first = spawn(str(typo), "--burst", "-q")
+    assert first.wait(30) == 0
+    log = spawn.log(first)
+    assert f"WARNING [pid {first.pid}] no database at {typo}: created a new, empty one; is the path right?" in log
+    assert typo.exists() and "Traceback" not in log
+    MultiStepTask.create("after", db=str(typo))  # a database like any other: the application can use it
+    again = spawn(str(typo), "--burst", "-q")
+    assert again.wait(30) == 0 and "no database" not in spawn.log(again)
+    # a worker that cannot start makes no file
+    bad = spawn(str(tmp_path / "other.sqlite"), "--burst", "--path", str(tmp_path / "no such dir"))
+    assert bad.wait(30) == 2 and "no such directory" in spawn.log(bad)
+    assert not (tmp_path / "other.sqlite").exists() and "no database at" not in spawn.log(bad)
+
+
 def test_idle_worker_starts_a_new_job_quickly(db, log_path, spawn):
     proc = spawn(db)
     wait_for(lambda: resolve_db(db).connection().execute("SELECT count(*) FROM worker").fetchone()[0] == 1,
