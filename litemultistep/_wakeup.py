@@ -24,6 +24,33 @@ def libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux): a process a child started and
+    left behind, even in a session of its own, becomes this process's child when its parent dies, so
+    it can be found and ended. Whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the children of process ``pid`` (Linux: every thread's list in /proc)."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return found
+
+
 def _inotify_watch(path: str) -> int | None:
     if not sys.platform.startswith("linux"):
         return None

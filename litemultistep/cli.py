@@ -575,8 +575,9 @@ def nuke(args: Sequence[str], yes: bool) -> None:
     what = f"the summary of finished task {task_id}" if p.finished else f"task {task_id}"
     if not yes:
         click.confirm(f"Remove {what}{'' if p.finished else f' ({_counts(p)})'}?", abort=True, err=True)
-    engine.nuke(database, task_id)
-    say(f"Removed {what}.")
+    running = engine.nuke(database, task_id)
+    say(f"Removed {what}." + (f" Its {_plural(running, 'running job')} stop within about a second (their "
+                              "workers end them, and whatever they started)." if running else ""))
 
 
 @cli.command(context_settings=CONTEXT)

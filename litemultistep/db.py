@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
-from .errors import DatabaseUnusable
+from .errors import DatabaseUnusable, LiteMultiStepError
 
 #: Version of the schema this litemultistep writes; an older database is upgraded, a newer one refused.
 SCHEMA_VERSION = 5
@@ -249,6 +249,11 @@ class Database(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Close this thread's connection (another use reopens it)."""
+
+    @abc.abstractmethod
+    def driver_error(self, error: BaseException) -> LiteMultiStepError | None:
+        """The litemultistep error, with its advice, for an error the backend's driver raised where
+        nothing translated it (a read on a corrupt file, say); None for any other exception."""
 
     @abc.abstractmethod
     def still_there(self) -> bool:

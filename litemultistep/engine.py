@@ -286,10 +286,12 @@ def _finish_task(c: Connection, pk: int, task_id: str) -> None:
     log.info("task %s finished", task_id)
 
 
-def delete_task(db: Database, task_id: str) -> None:
-    """Remove a task, its queue and its failures (the gem's ``nuke``), in short transactions."""
+def delete_task(db: Database, task_id: str) -> int:
+    """Remove a task, its queue and its failures (the gem's ``nuke``), in short transactions. Returns
+    how many of its jobs were running: their workers stop them within about a second."""
     with db.write() as c:
         pk = _task_row(c, task_id)[0]
+        (running,) = c.execute(f"SELECT count(*) FROM job WHERE task = ? AND state = {RUNNING}", (pk,)).fetchone()
         # BUILDING hides the task from claims while its rows go, chunk by chunk
         c.execute("UPDATE task SET state = ?, pending_count = 0 WHERE id = ?", (BUILDING, pk))
     while True:
@@ -300,6 +302,7 @@ def delete_task(db: Database, task_id: str) -> None:
             break
     with db.write() as c:
         c.execute("DELETE FROM task WHERE id = ?", (pk,))
+    return int(running)
 
 
 def delete_finished(db: Database, task_id: str) -> bool:
@@ -310,14 +313,16 @@ def delete_finished(db: Database, task_id: str) -> bool:
         return c.execute("DELETE FROM finished_task WHERE task_id = ?", (task_id,)).rowcount == 1
 
 
-def nuke(db: Database, task_id: str) -> None:
+def nuke(db: Database, task_id: str) -> int:
     """Remove an unfinished task (:func:`delete_task`) or a finished task's kept summary; raises
-    :class:`NoSuchMultiStepTask` if there is neither."""
+    :class:`NoSuchMultiStepTask` if there is neither. Returns how many of its jobs were running
+    (their workers stop them within about a second)."""
     try:
-        delete_task(db, task_id)
+        return delete_task(db, task_id)
     except NoSuchMultiStepTask:
         if not delete_finished(db, task_id):
             raise
+        return 0
 
 
 # -- claiming and recording -------------------------------------------------------------------------
@@ -698,6 +703,16 @@ def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | No
         c.execute("UPDATE task SET pending_count = pending_count - 1, running_count = running_count + 1 "
                   "WHERE id = ?", (row[0],))
         return jobs[0]
+
+
+def held(db: Database, worker_id: int, job_ids: Sequence[int]) -> set[int]:
+    """Which of these jobs the database still says ``worker_id`` holds (a nuked task's are gone)."""
+    if not job_ids:
+        return set()
+    conn = db.connection()
+    ids, params = conn.dialect.among("id", job_ids)
+    return {r[0] for r in conn.execute(f"SELECT id FROM job WHERE worker = ? AND state = {RUNNING} AND {ids}",
+                                       (worker_id, *params)).fetchall()}
 
 
 def forgive_crashes(db: Database, job_ids: Sequence[int]) -> int:

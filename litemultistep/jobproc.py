@@ -36,7 +36,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ._wakeup import libc
+from ._wakeup import become_subreaper, libc
 from .db import boottime, monotonic
 from .engine import ClaimedJob, Outcome
 from .jobs import allowed_or_why
@@ -59,6 +59,10 @@ SLOT_SIZE = 4096
 SLOW_JOB = 0.005
 #: the child's exit code when it can no longer talk to its worker (a job closed its pipes)
 BROKEN = 3
+#: a job that ran at least this long may have started a process: look for what it left behind
+MAY_HAVE_FORKED = 0.0002
+#: the child's exit code once a job left threads or processes behind: the worker starts another
+RETIRED = 4
 NOT_IMPORTABLE = "litemultistep.errors.JobNotImportable"
 
 #: the environment variable a job process gets its setup from (a worker sets it)
@@ -124,6 +128,26 @@ def _watch_fence(page: mmap.mmap) -> None:
                         "stopping the running job (it runs again elsewhere)\n".encode())
             os.killpg(os.getpgrp(), signal.SIGKILL)
         time.sleep(FENCE_LOOK)
+
+
+def _leftovers(threads: int, ran: float) -> str | None:
+    """What the job that just ran left running in this process (threads over ``threads``, child
+    processes), said for people, or None. Children are looked for only after a job that ran long
+    enough to start one: a short job costs no system call."""
+    left = []
+    extra = threading.active_count() - threads
+    if extra > 0:
+        left.append(f"{extra} thread(s)")
+    if ran >= MAY_HAVE_FORKED:
+        try:
+            while True:
+                pid, _ = os.waitpid(-1, os.WNOHANG)  # reaps the children that ended; 0: some run on
+                if pid == 0:
+                    left.append("child process(es)")
+                    break
+        except ChildProcessError:
+            pass  # no child at all
+    return " and ".join(left) or None
 
 
 def _die_with_parent(parent: int) -> None:
@@ -238,8 +262,13 @@ def serve(setup: dict[str, Any]) -> int:
 
     if setup.get("fence"):
         threading.Thread(target=_watch_fence, args=(page,), name="litemultistep-fence", daemon=True).start()
+    # Orphans of what a job started (a daemon in a session of its own) become our children, so that
+    # _leftovers finds them; once this process goes they pass to the worker, which ends them.
+    become_subreaper()
     crash_file = os.environ.get(CRASH_FILE_ENV)
     baseline = _Baseline()
+    threads = threading.active_count()
+    retire: str | None = None
     while True:
         try:
             message = json.loads(inbox.recv_bytes())
@@ -254,7 +283,7 @@ def serve(setup: dict[str, Any]) -> int:
         slow = False
         jobs = [ClaimedJob(*fields) for fields in message["jobs"]]
         for i, job in enumerate(jobs):
-            if i and (slow or time.monotonic() - began > window):
+            if i and (slow or retire or time.monotonic() - began > window):
                 gave_back = [j.id for j in jobs[i:]]
                 break
             if crash_file:
@@ -289,14 +318,22 @@ def serve(setup: dict[str, Any]) -> int:
             # a slow job ends the batch (the rest go to idle processes); so does a failure, so that
             # its record is sent at once and cannot be lost with a later job that crashes this process
             slow = ran > SLOW_JOB or o.duration > SLOW_JOB or not o.ok
+            left = _leftovers(threads, ran)
+            if left is not None:
+                # What it left could harm the next job here (a thread that calls os._exit, a child
+                # holding a file): this process ends after this batch, and the worker ends what it left.
+                retire = f"job {job.id} of {job.task_id} ({job.func}) left {left} running"
+                log.warning("%s; its job process is replaced so that nothing it left touches another job", retire)
         # the whole time per job, this process's own part included: it is what a claim must plan for
         ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
         try:
             # a batch comes from one task: all of its jobs keep their results, or none does
             outbox.send_bytes(json.dumps({"ok": ok, "seconds": ok_seconds, "results": results, "gave_back": gave_back,
-                                          "values": values if jobs[0].keep else None}).encode())
+                                          "values": values if jobs[0].keep else None, "retire": retire}).encode())
         except OSError:
             os._exit(BROKEN)  # our pipe is gone: the worker sees us die and starts another
+        if retire:
+            return RETIRED
 
 
 def main() -> None:

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import rules
 from .db import SCHEMA_VERSION, Database, DeadWorker, Dialect, LivenessLock, host_identity, now, process_alive
-from .errors import DatabaseBusy, DatabaseUnavailable, DatabaseUnusable, SchemaTooNew, StorageError
+from .errors import (
+    DatabaseBusy,
+    DatabaseUnavailable,
+    DatabaseUnusable,
+    LiteMultiStepError,
+    SchemaTooNew,
+    StorageError,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -318,6 +325,11 @@ class PostgresDatabase(Database):
         self.lock_key = schema_key(schema)
         self.channel = f"litemultistep_{self.lock_key}"
         self._prepare_schema(create)
+
+    def driver_error(self, error: BaseException) -> LiteMultiStepError | None:
+        import psycopg
+
+        return _translate(error, self.path) if isinstance(error, psycopg.Error) else None
 
     def still_there(self) -> bool:
         return True

@@ -357,6 +357,9 @@ class SqliteDatabase(Database):
     def prepare_worker_process(cls) -> None:
         import_peewee_alone()  # the worker runs no user code, and needs no PostgreSQL driver
 
+    def driver_error(self, error: BaseException) -> LiteMultiStepError | None:
+        return translate_error(error, self.path) if isinstance(error, sqlite3.DatabaseError) else None
+
     def still_there(self) -> bool:
         return _identity(self.path) == self._identity
 

@@ -316,10 +316,12 @@ class MultiStepTask:
             return False
         return True
 
-    def nuke(self) -> None:
-        """Remove the task, its queued jobs and its failures at once, finished or not."""
+    def nuke(self) -> int:
+        """Remove the task, its queued jobs and its failures at once, finished or not; its running
+        jobs and finalizers are stopped by their workers within about a second. Returns how many
+        were running."""
         self._buffer = None
-        engine.delete_task(self._db, self._task_id)
+        return engine.delete_task(self._db, self._task_id)
 
     # -- identity -----------------------------------------------------------------------------------
 

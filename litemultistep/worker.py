@@ -39,10 +39,11 @@ from multiprocessing.connection import Connection
 from types import FrameType
 
 from . import config, engine, rules
+from ._wakeup import become_subreaper, children
 from .db import Database, LivenessLock, boottime, monotonic
 from .engine import ClaimedJob, Done, Outcome
-from .errors import InvalidSetting, StorageError
-from .jobproc import BROKEN, SETUP_ENV, SLOT_SIZE, SLOW_JOB, fenced, read_progress, read_slot, set_fence
+from .errors import DatabaseUnusable, InvalidSetting, StorageError
+from .jobproc import BROKEN, RETIRED, SETUP_ENV, SLOT_SIZE, SLOW_JOB, fenced, read_progress, read_slot, set_fence
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ def _how_it_died(code: int | None) -> str:
             return f"killed by signal {-code}"
     if code == BROKEN:
         return "its pipes to the worker were closed (by a job that closed file descriptors?)"
+    if code == RETIRED:
+        return "a job left threads or processes behind"
     return f"exit code {code}"
 
 
@@ -301,6 +304,9 @@ class Worker:
         self._unsure = False
         self._restarts: dict[int, float] = {}
         self._signal_fd: int | None = None
+        #: whether this process inherits what its jobs leave behind (set by run(): a worker stepped
+        #: inside another program never ends that program's children)
+        self._subreaper = False
         #: the time of the round in progress (monotonic seconds)
         self._now = monotonic()
         #: on a backend where a live worker can be taken for dead (PostgreSQL: a lease on the server's
@@ -348,6 +354,7 @@ class Worker:
                 proc.batch = []
         self.handed.clear()
         self._fenced.clear()
+        self._end_strays()
         self._lock.release()
         self.worker_id, self._lock = self._register()
         try:
@@ -428,6 +435,7 @@ class Worker:
         self._signal_fd = rfd
         old_wakeup = signal.set_wakeup_fd(wfd)
         old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._subreaper = become_subreaper()
         try:
             self.start()
             while self.step():
@@ -498,7 +506,12 @@ class Worker:
             self._store_reports()
         if now >= due.maintenance:  # busy or not: dead workers' jobs come back within a second
             due.maintenance = now + self.db.maintenance_every()
+            if not self.db.still_there():
+                raise DatabaseUnusable(f"{self.db.path} was deleted or replaced while this worker served it; "
+                                       "stopping (start a worker on the new one)")
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
+            self._stop_what_is_no_longer_ours()
+            self._end_strays()
             due.promote = 0.0
         if now >= due.promote:
             engine.promote_scheduled(self.db)
@@ -535,6 +548,23 @@ class Worker:
                 self._hand(idle.pop(), batch)
             else:
                 self.handed.extend(batch)  # a finalizer handed to us while every process is busy
+
+    def _stop_what_is_no_longer_ours(self) -> None:
+        """Stop at once the running jobs the database no longer gives to this worker: their task was
+        nuked (or they were taken back). What they were doing must not go on."""
+        running = {}
+        for proc in self.procs:
+            job, start = proc.running() if proc.busy else (None, 0.0)
+            if job is not None and start:
+                running[job.id] = (proc, job)
+        still = engine.held(self.db, self.worker_id, [*running, *(j.id for j in self.handed)])
+        self.handed = deque(j for j in self.handed if j.id in still)
+        for job_id, (proc, job) in running.items():
+            if job_id not in still:
+                log.warning("worker %d: %s %d of %s is no longer this worker's (its task was nuked?); stopped it",
+                            self.worker_id, "finalizer" if job.is_finalizer else "job", job.id, job.task_id)
+                self._return_rest(proc, job)
+                self._replace(proc, "its job's task was nuked", throttle=False)
 
     def _held(self) -> list[int]:
         """The ids of the jobs this worker holds: those its job processes run, and finalizers in hand."""
@@ -605,6 +635,8 @@ class Worker:
             proc.batch = []
             took = True
             self._turn = index + 1
+            if message.get("retire"):  # its job left threads or processes: they end with it
+                self._replace(proc, message["retire"], throttle=False)
 
     def _return_rest(self, proc: JobProcess, job: ClaimedJob | None) -> None:
         """Return the batch's jobs other than ``job`` (the one that ran last): those before it ran but
@@ -663,20 +695,47 @@ class Worker:
                 log.debug("worker %d: job %d of %s is slow; %d job(s) queued behind it go back for others",
                           self.worker_id, job.id, job.task_id, len(rest))
 
-    def _replace(self, old: JobProcess, why: str) -> None:
+    def _replace(self, old: JobProcess, why: str, throttle: bool = True) -> None:
         old.kill()
         old.close()
+        self._end_strays()
         if self.stopping:
             self.procs.remove(old)
             return
         # a job process that dies at once, again and again (a broken install), is restarted slowly
         last = self._restarts.get(old.slot, 0.0)
-        pause = 1.0 if monotonic() - last < 1.0 else 0.0
+        pause = 1.0 if throttle and monotonic() - last < 1.0 else 0.0
         self._restarts[old.slot] = monotonic() + pause
         if pause:
             time.sleep(pause)
         log.info("worker %d: job process %d (pid %d) replaced: %s", self.worker_id, old.slot, old.proc.pid, why)
         self.procs[self.procs.index(old)] = JobProcess(self.options, old.slot, self._fence_at)
+
+    def _end_strays(self) -> None:
+        """End the processes this worker inherited: what the jobs of job processes that are gone
+        started and left behind, even in a session of their own (the worker is their subreaper),
+        and, round after round, what those started."""
+        if not self._subreaper:
+            return
+        for _ in range(10):
+            mine = {p.proc.pid for p in self.procs}
+            strays = [pid for pid in children(os.getpid()) if pid not in mine]
+            if not strays:
+                return
+            for pid in strays:
+                try:
+                    if os.getpgid(pid) == pid:
+                        os.killpg(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for pid in strays:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            log.warning("worker %d: ended %d process(es) that jobs had started and left behind",
+                        self.worker_id, len(strays))
 
     def _burst_done(self) -> bool:
         if not self.options.burst or self._busy() or self.pending or self.handed:
@@ -772,6 +831,7 @@ class Worker:
             except subprocess.TimeoutExpired:
                 proc.kill()
             proc.close()
+        self._end_strays()
         self._waiter.close()
         try:
             for attempt in range(20):
@@ -805,6 +865,11 @@ def run_worker(options: WorkerOptions) -> int:
     options.db = db.target
     try:
         return Worker(db, options).run()
+    except Exception as e:
+        error = db.driver_error(e)  # a raw error of the database's driver: a message, not a traceback
+        if error is None:
+            raise
+        raise error from None
     finally:
         db.close()
 

@@ -348,3 +348,31 @@ def big_result(i: int, size: int) -> str:
     milliseconds, so that a job process sends each one on its own."""
     time.sleep(0.006)
     return f"{i:06d}" + "x" * size
+
+
+def start_child(path: str, how: str, wait: bool = True) -> None:
+    """Start a ``sleep`` that would outlive the job, write its pid to ``path``; then wait (or return
+    at once, leaving it behind). ``how``: ``group`` (a plain child), ``session`` (a session of its own),
+    ``daemon`` (double-forked: its parent exits at once, in a session of its own)."""
+    import subprocess
+
+    if how == "daemon":
+        proc = subprocess.Popen(["sh", "-c", f"setsid sleep 600 & echo $! > {path}.tmp; mv {path}.tmp {path}"])
+        proc.wait()
+    else:
+        child = subprocess.Popen(["sleep", "600"], start_new_session=how == "session")
+        _append(path + ".tmp", str(child.pid))
+        os.rename(path + ".tmp", path)
+    while wait:
+        time.sleep(1)
+
+
+def thread_bomb(delay: float) -> None:
+    """Leave a thread behind that kills whatever process it is in, ``delay`` seconds later."""
+    import threading
+
+    def boom() -> None:
+        time.sleep(delay)
+        os._exit(7)
+
+    threading.Thread(target=boom, daemon=True).start()

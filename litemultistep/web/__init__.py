@@ -364,9 +364,10 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
             done = {"done": "retried", "n": len(ids)}
         elif what == "nuke":
             views.check_task_id(database, task_id)
-            await run_in_threadpool(engine.nuke, database, task_id)
+            running = await run_in_threadpool(engine.nuke, database, task_id)
             documents.forget()
-            return RedirectResponse(f"{base}/?{urlencode({'done': 'nuked', 'task': task_id})}", status_code=303)
+            return RedirectResponse(f"{base}/?{urlencode({'done': 'nuked', 'task': task_id, 'n': running})}",
+                                    status_code=303)
         else:
             raise HTTPException(404, f"no action {what!r}")
         documents.forget()
@@ -444,7 +445,10 @@ def _notice(request: Request) -> str | None:
         n = request.query_params.get("n", "0")
         return "No failed jobs to retry." if n == "0" else f"Requeued {n} job{'s' if n != '1' else ''}."
     if done == "nuked":
-        return f"Removed {request.query_params.get('task', 'the task')}."
+        n = request.query_params.get("n", "0")
+        stopping = "" if n in ("", "0") or not n.isdigit() else (
+            f" Its {n} running job{'s' if n != '1' else ''} stop within about a second.")
+        return f"Removed {request.query_params.get('task', 'the task')}.{stopping}"
     return None
 
 

@@ -1,0 +1,158 @@
+"""Jobs cannot reach past their turn: a job is its whole process tree, what it leaves behind cannot fail
+another job, a storm of signals stops a worker as documented, nuke stops what runs, and a database
+file that vanishes or is replaced under a worker stops it with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import jobfuncs
+import pytest
+from conftest import cli, lines, wait_for
+
+import litemultistep
+from litemultistep import MultiStepTask
+from litemultistep.config import resolve_db
+from litemultistep.db import Database, process_alive
+from litemultistep.engine import check
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pid_in(path: str, timeout: float = 30) -> int:
+    wait_for(lambda: os.path.exists(path), timeout=timeout, what=f"a pid in {path}")
+    return int(Path(path).read_text().split()[0])
+
+
+@pytest.mark.parametrize("how", ["group", "session", "daemon"])
+def test_a_timed_out_job_takes_every_process_it_started_with_it(db, tmp_path, spawn, how):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    with MultiStepTask.create("tree", db=db, max_retries=1, retry_delay=0, timeout=2) as task:
+        task.add_finalization_job(jobfuncs.start_child, first, how)
+    worker = spawn(db, "-c", "1")
+    child = pid_in(first)
+    assert process_alive(child)
+    # the finalizer times out; its retry runs, and by then what the first run started is gone
+    wait_for(lambda: not process_alive(child), timeout=15, what="the first run's child to be ended")
+    Path(first).rename(second)  # the retry writes its own child's pid in `first`
+    retried = pid_in(first, timeout=20)
+    assert retried != child and not process_alive(child)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(40) in (0, 1)
+    assert not process_alive(retried), "the retry's child outlived the worker's stop"
+    [failure] = task.failures()  # the retry timed out too, before the stop ended
+    assert failure.exc_type == "litemultistep.JobTimeout" and failure.attempt == 2
+
+
+def test_what_a_job_leaves_behind_cannot_fail_another_tasks_job(db, log_path, spawn, tmp_path):
+    with MultiStepTask.create("bomber", db=db) as bomber:
+        bomber.add_job(jobfuncs.thread_bomb, 1.0)
+        bomber.add_job(jobfuncs.start_child, str(tmp_path / "left"), "session", False)
+    with MultiStepTask.create("innocent", db=db) as innocent:
+        for i in range(3):
+            innocent.add_job(jobfuncs.slow_record, log_path, f"j{i}", 1.5)
+    worker = spawn(db, "-c", "1", "--burst")
+    assert worker.wait(60) == 0, spawn.log(worker)
+    assert innocent.failures() == [] and bomber.failures() == []
+    assert innocent.progress().finished and bomber.progress().finished
+    log = spawn.log(worker)
+    assert "left 1 thread(s) running" in log and "left child process(es) running" in log
+    assert "jobfuncs:thread_bomb" in log
+    assert not process_alive(pid_in(str(tmp_path / "left")))
+
+
+def test_a_storm_of_sigterms_stops_the_worker_as_documented_and_is_no_crash(db, log_path, spawn):
+    with MultiStepTask.create("storm", db=db) as task:
+        task.add_job(jobfuncs.slow_record, log_path, "long", 3)
+    worker = spawn(db, "-c", "1")
+    wait_for(lambda: task.progress().running_count == 1, what="the job to start")
+    time.sleep(0.3)  # well into the job
+    for _ in range(200):
+        try:
+            worker.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
+    assert worker.wait(40) in (0, 1), spawn.log(worker)
+    database = resolve_db(db)
+    assert database.connection().execute("SELECT crashes, state FROM job").fetchall() in ([(0, 1)], [])
+    assert check(database) == [] and task.failures() == []
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    assert task.progress().finished
+
+
+def test_nuke_stops_a_running_finalizer_and_what_it_started(any_db, tmp_path, spawn):
+    child_path = str(tmp_path / "child")
+    with MultiStepTask.create("nuked", db=any_db) as task:
+        task.add_finalization_job(jobfuncs.start_child, child_path, "session")
+        task.add_finalization_job(jobfuncs.noop)
+    worker = spawn(any_db, "-c", "1")
+    child = pid_in(child_path)
+    [job_process] = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == worker.pid]
+    out = cli("nuke", any_db, "--yes", "--", task.task_id)
+    assert out.returncode == 0 and "running job stop within about a second" in out.stdout, out
+    wait_for(lambda: not process_alive(child), timeout=5, what="the nuked finalizer's child to end")
+    assert not process_alive(job_process), "the nuked finalizer's job process runs on"
+    assert "no longer this worker's" in spawn.log(worker)
+    with pytest.raises(litemultistep.NoSuchMultiStepTask):
+        task.progress()
+    assert worker.poll() is None, "the worker itself went on"
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(40) == 0
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_worker_whose_file_is_deleted_or_replaced_says_so_and_exits_2(db, spawn, how, tmp_path):
+    MultiStepTask.create("here", db=db).mark_finalizable()
+    worker = spawn(db, "-c", "1")
+    wait_for(lambda: json.loads(cli("workers", db, "--json").stdout)["workers"], what="the worker to start")
+    if how == "deleted":
+        os.unlink(db)
+    else:
+        other = str(tmp_path / "other.sqlite")
+        Database(other).close()
+        shutil.move(other, db)
+    assert worker.wait(30) == 2
+    log = spawn.log(worker)
+    assert f"{db} was deleted or replaced" in log and "Traceback" not in log, log
+
+
+def test_a_wal_deleted_under_a_worker_never_ends_in_a_traceback(db, spawn, log_path):
+    with MultiStepTask.create("wal", db=db) as task:
+        for i in range(200):
+            task.add_job(jobfuncs.slow_record, log_path, f"j{i}", 0.01)
+    worker = spawn(db, "-c", "1")
+    wait_for(lambda: len(lines(log_path)) > 5, what="some jobs to run")
+    os.unlink(db + "-wal")
+    try:
+        with MultiStepTask.create("after", db=db) as more:
+            more.add_job(jobfuncs.noop)
+    except litemultistep.LiteMultiStepError:
+        pass  # the file may well be corrupt now: a clear error is all we ask of the library
+    code = worker.wait(30) if worker.poll() is not None else None
+    if code is None:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(40)
+    log = spawn.log(worker)
+    assert code in (0, 1, 2) and "Traceback" not in log, log
+
+
+def test_a_corrupt_file_is_named_with_check_as_the_way_to_look(db):
+    import sqlite3
+
+    error = Database(db).driver_error(sqlite3.DatabaseError("database disk image is malformed"))
+    assert isinstance(error, litemultistep.DatabaseUnusable)
+    assert db in str(error) and "litemultistep check" in str(error)
