@@ -417,8 +417,10 @@ def test_a_password_appears_nowhere(db, spawn):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 assert b"Sup3r" not in f.read(), f"the password is in the command line of process {pid}"
         worker_log = cli("workers", url).stdout
+    opened = Database(url)
     shown = [cli("status", url, "--json").stdout, cli("status", url, task.task_id).stdout, worker_log,
-             cli("status", url.replace(f"/{rest}", "/no_such_db")).stderr, repr(Database(url)), str(task)]
+             cli("status", url.replace(f"/{rest}", "/no_such_db")).stderr, repr(opened), str(task)]
+    opened.close()
     for text in shown:
         assert "Sup3r" not in text, text
     assert json.loads(shown[0])["database"] == f"postgresql://{user}@{host}/{rest}".replace("%3D", "=")

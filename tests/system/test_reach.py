@@ -153,6 +153,8 @@ def test_a_wal_deleted_under_a_worker_never_ends_in_a_traceback(db, spawn, log_p
 def test_a_corrupt_file_is_named_with_check_as_the_way_to_look(db):
     import sqlite3
 
-    error = Database(db).driver_error(sqlite3.DatabaseError("database disk image is malformed"))
+    database = Database(db)
+    error = database.driver_error(sqlite3.DatabaseError("database disk image is malformed"))
+    database.close()
     assert isinstance(error, litemultistep.DatabaseUnusable)
     assert db in str(error) and "litemultistep check" in str(error)

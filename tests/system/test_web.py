@@ -460,7 +460,7 @@ def test_absurd_reports_stored_by_an_older_version_leave_the_json_strict(any_db,
         task.add_job(jobfuncs.noop)
         task.add_job(jobfuncs.noop)
     store = resolve_db(any_db)
-    worker_id, lock = E.register_worker(store, "process")
+    worker_id, lock = store.register_worker("process")
     try:
         held = [job for _ in range(2) for batch in E.claim(store, worker_id, max_batch=1) for job in batch]
         assert len(held) == 2
