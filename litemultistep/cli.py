@@ -344,7 +344,9 @@ def _status_one(database: Database, task_id: str, as_json: bool) -> None:
     say((p.task_id, "bold"), f"  {p.state}  {p.percent:.0f}%")
     say(f"  {_counts(p)}")
     say(f"  normal jobs {p.normal_job_count}, finalization jobs {p.finalize_job_count}, "
-        f"finalizable: {'yes' if p.finalizable else 'no'}")
+        f"finalizable: {'yes' if p.finalizable else 'no'}"
+        + (f", at most {p.max_running} running at once" if p.max_running is not None else "")
+        + (f", priority {p.priority}" if p.priority else ""))
     if chain:
         say("  finalizers:")
         for link in chain:
@@ -465,7 +467,8 @@ def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_js
         return
     for f in fails:
         kind = "finalizer" if f.finalizer else "job"
-        say(f"{kind} {f.job_id} of {f.task_id}: {_call(f.func, f.args)}  attempt {f.attempt}, "
+        say(f"{kind} {f.job_id} of {f.task_id}: {_call(f.func, f.args)}  attempt {f.attempt}"
+            f"{f' (round {f.round})' if f.round > 1 else ''}, "
             f"{_when(f.failed_at)}")
         say(f"  {f.exc_type}: {f.message}")
         if show_traceback and f.traceback:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from .errors import DatabaseUnusable, LiteMultiStepError
 
 #: Version of the schema this litemultistep writes; an older database is upgraded, a newer one refused.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class TaskState(IntEnum):
@@ -72,6 +72,10 @@ class JobKind(IntEnum):
     NORMAL = 0
     FINALIZE = 1
 
+
+#: which tasks a claim may serve: the WHERE terms of the task_claimable index on both backends, which
+#: every query that means to use that index repeats word for word (SQLite requires it)
+CLAIMABLE = "pending_count > 0 AND state IN (1, 2) AND (max_running IS NULL OR running_count < max_running)"
 
 #: the schema's tables, the same on every backend
 TABLES = ("task", "job", "failure", "worker", "finished_task")
@@ -129,6 +133,11 @@ class Connection(Protocol):
 
     def notify(self) -> None:
         """Wake idle workers once this transaction commits (jobs became claimable, or work ran out)."""
+
+    def lock_task(self, task_pk: int) -> bool:
+        """Take, for the rest of this write transaction, the right to claim jobs of a task that has a
+        running limit, or False at once if another transaction has it (the two would not see each
+        other's claims). Never waits."""
 
 
 class LivenessLock(Protocol):

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import config, rules
-from .db import Connection, Database, JobKind, JobState, TaskState, now
+from .db import CLAIMABLE, Connection, Database, JobKind, JobState, TaskState, now
 from .errors import (
     FinalizationAlreadyBegun,
     JobNotFailed,
@@ -85,6 +85,8 @@ class ClaimedJob(NamedTuple):
     timeout: float | None = None
     #: its task keeps results: its return value is stored (a normal job only)
     keep: bool = False
+    #: JSON list of the exception type names retried automatically (its own, else its task's); None: all
+    retry_on: str | None = None
 
     @property
     def is_finalizer(self) -> bool:
@@ -119,21 +121,29 @@ class Outcome:
     crashed: bool = False
     #: its return value as JSON, when its task keeps results
     result: str | None = None
+    #: a failure that a retry may cure (by the job's retry_on; a Retry the job raised always may)
+    retryable: bool = True
+    #: seconds before the retry, when the job asked for them (Retry(delay=...)); else the back-off
+    retry_delay: float | None = None
 
 
 # -- tasks ------------------------------------------------------------------------------------------
 
 
 def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: float = 1.0,
-                timeout: float | None = None, keep_results: bool = False) -> str:
-    """Insert a new ACTIVE task and return its id: the slug, ``~``, a random nonce."""
+                timeout: float | None = None, keep_results: bool = False, retry_on: str | None = None,
+                max_running: int | None = None, priority: int = 0) -> str:
+    """Insert a new ACTIVE task and return its id: the slug, ``~``, a random nonce. ``retry_on`` is
+    a JSON list of exception type names (:func:`rules.type_names`), or None for every exception."""
     for _ in range(10):
         task_id = f"{slug}~{''.join(secrets.choice(_NONCE_ALPHABET) for _ in range(8))}"
         with db.write() as c:
             row = c.execute(
-                "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout, keep_results) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING RETURNING id",
-                (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout, int(keep_results)),
+                "INSERT INTO task (task_id, slug, state, created_at, max_retries, retry_delay, timeout, keep_results, "
+                "retry_on, max_running, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (task_id) DO NOTHING RETURNING id",
+                (task_id, slug, ACTIVE, now(), max_retries, retry_delay, timeout, int(keep_results), retry_on,
+                 max_running, priority),
             ).fetchone()
         if row is not None:
             return task_id
@@ -172,9 +182,21 @@ class Added(NamedTuple):
     claimed: list[ClaimedJob]
 
 
-def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, float | None]],
-             claim_for: int | None = None) -> Added:
-    """Store jobs ``(kind, func, args_json, timeout)`` of one task in one transaction.
+class NewJob(NamedTuple):
+    """A job to store: its kind, callable and JSON arguments, and its own settings over its task's."""
+
+    kind: int
+    func: str
+    args: str
+    timeout: float | None = None
+    max_retries: int | None = None
+    retry_delay: float | None = None
+    #: JSON list of exception type names retried automatically
+    retry_on: str | None = None
+
+
+def add_jobs(db: Database, task_id: str, jobs: Sequence[Sequence[Any]], claim_for: int | None = None) -> Added:
+    """Store jobs (:class:`NewJob`, or tuples of its fields) of one task in one transaction.
 
     With ``claim_for`` (sync mode) the normal jobs are stored already claimed by that inline worker
     and returned, so no worker process can take them between the insert and their inline run.
@@ -188,16 +210,17 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[tuple[int, str, str, flo
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization: it takes no more jobs")
         rows: list[tuple[Any, ...]] = []
         n_normal = 0
-        for kind, func, args, timeout in jobs:
+        for kind, func, args, timeout, max_retries, retry_delay, retry_on in (NewJob(*j) for j in jobs):
             if kind == NORMAL:
-                rows.append((pk, NORMAL, None, func, args, QUEUED, 0, None, t, timeout))
+                rows.append((pk, NORMAL, None, func, args, QUEUED, t, timeout, max_retries, retry_delay, retry_on))
                 n_normal += 1
             else:
-                rows.append((pk, FINALIZE, finalize_count, func, args, WAITING, 0, None, t, timeout))
+                rows.append((pk, FINALIZE, finalize_count, func, args, WAITING, t, timeout, max_retries, retry_delay,
+                             retry_on))
                 finalize_count += 1
         ids = c.dialect.insert_many(
-            c, "INSERT INTO job (task, kind, position, func, args, state, attempts, worker, enqueued_at, timeout) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            c, "INSERT INTO job (task, kind, position, func, args, state, enqueued_at, timeout, max_retries, "
+               "retry_delay, retry_on) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         claimed: list[ClaimedJob] = []
         if claim_for is not None and n_normal:
             normal_ids = [i for i, row in zip(ids, rows, strict=True) if row[1] == NORMAL]
@@ -421,7 +444,7 @@ def has_claimable(db: Database, queues: Sequence[str] | None = None) -> bool:
     conn = db.connection()
     where, params = _queue_filter(conn, queues)
     row = conn.execute(
-        f"SELECT 1 FROM task WHERE pending_count > 0 AND state IN (1, 2){where} LIMIT 1", params).fetchone()
+        f"SELECT 1 FROM task WHERE {CLAIMABLE}{where} LIMIT 1", params).fetchone()
     return row is not None
 
 
@@ -449,28 +472,34 @@ def next_scheduled(db: Database) -> float | None:
 
 def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Sequence[str] | None,
            tally: _Tally) -> list[list[ClaimedJob]]:
-    """Up to ``wants`` batches, taken in turn from the least recently served tasks with queued jobs."""
+    """Up to ``wants`` batches, taken in turn from the claimable tasks of the highest priority, the
+    least recently served first. A task with a running limit gives at most what its limit leaves."""
     if wants <= 0:
         return []
     where, params = _queue_filter(c, queues)
     # A few more candidates than batches: on PostgreSQL another worker may be emptying one right now.
     # None for a worker taken for dead: its heartbeat notices and it joins again; it takes nothing meanwhile.
     tasks = c.execute(
-        f"SELECT id, task_id, timeout, keep_results, avg_duration FROM task WHERE pending_count > 0 "
-        f"AND state IN (1, 2){where} AND EXISTS (SELECT 1 FROM worker WHERE id = ?) ORDER BY last_served LIMIT ?",
-        (*params, worker_id, wants + 2)).fetchall()
+        f"SELECT id, task_id, timeout, keep_results, avg_duration, retry_on, priority, max_running FROM task "
+        f"WHERE {CLAIMABLE}{where} AND EXISTS (SELECT 1 FROM worker WHERE id = ?) "
+        "ORDER BY priority DESC, last_served LIMIT ?", (*params, worker_id, wants + 2)).fetchall()
     batches: list[list[ClaimedJob]] = []
     empty: set[int] = set()
     turn = 0
     window = c.dialect.claim_window or CLAIM_WINDOW
     while len(batches) < wants and len(empty) < len(tasks):
-        pk, task_id, timeout, keep, avg_duration = tasks[turn % len(tasks)]
+        # taken in turn among the highest priority that still has jobs to give
+        top = max(t[6] for t in tasks if t[0] not in empty)
+        pk, task_id, timeout, keep, avg_duration, retry_on, priority, max_running = tasks[turn % len(tasks)]
         turn += 1
-        if pk in empty:
+        if pk in empty or priority < top:
             continue
-        jobs = _take(c, worker_id, _TaskInfo(pk, task_id, timeout, bool(keep)),
+        size = rules.batch_size(avg_duration, max_batch, window)
+        if max_running is not None:
+            size = min(size, _room(c, pk, max_running, tally))
+        jobs = _take(c, worker_id, _TaskInfo(pk, task_id, timeout, bool(keep), retry_on),
                      f"id IN (SELECT id FROM job WHERE task = ? AND state = {QUEUED} ORDER BY id LIMIT ?"
-                     f"{c.dialect.skip_locked})", [pk, rules.batch_size(avg_duration, max_batch, window)])
+                     f"{c.dialect.skip_locked})", [pk, size]) if size > 0 else []
         if not jobs:
             empty.add(pk)
             continue
@@ -482,6 +511,17 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
     return batches
 
 
+def _room(c: Connection, pk: int, max_running: int, tally: _Tally) -> int:
+    """How many more jobs of a task with a running limit this transaction may claim: none while another
+    transaction claims from it (it would not see our claims, nor we its), else its limit less what
+    runs, this transaction's changes included. No transaction ever waits here."""
+    if not c.lock_task(pk):
+        return 0
+    (running,) = c.execute("SELECT running_count FROM task WHERE id = ?", (pk,)).fetchone()
+    mine = tally.get(pk)
+    return int(max_running - running - (mine.running if mine is not None else 0))
+
+
 class _TaskInfo(NamedTuple):
     """What a claimed job carries of its task."""
 
@@ -489,12 +529,13 @@ class _TaskInfo(NamedTuple):
     task_id: str
     timeout: float | None
     keep: bool
+    retry_on: str | None = None
 
 
 def _task_info(c: Connection, pk: int) -> _TaskInfo:
-    task_id, timeout, keep = c.execute("SELECT task_id, timeout, keep_results FROM task WHERE id = ?",
-                                       (pk,)).fetchone()
-    return _TaskInfo(pk, task_id, timeout, bool(keep))
+    task_id, timeout, keep, retry_on = c.execute(
+        "SELECT task_id, timeout, keep_results, retry_on FROM task WHERE id = ?", (pk,)).fetchone()
+    return _TaskInfo(pk, task_id, timeout, bool(keep), retry_on)
 
 
 def _take(c: Connection, worker_id: int, task: _TaskInfo, where: str, params: Sequence[Any]) -> list[ClaimedJob]:
@@ -504,10 +545,11 @@ def _take(c: Connection, worker_id: int, task: _TaskInfo, where: str, params: Se
     rows = c.execute(
         f"UPDATE job SET state = {RUNNING}, worker = ?, attempts = attempts + 1, claimed_at = ?, "
         f"progress_done = NULL, progress_total = NULL WHERE {where} "
-        "RETURNING id, kind, position, func, args, attempts, timeout", (worker_id, now(), *params)).fetchall()
+        "RETURNING id, kind, position, func, args, attempts, timeout, retry_on", (worker_id, now(), *params)).fetchall()
     rows.sort()
     return [ClaimedJob(r[0], task.pk, task.task_id, r[1], r[2], r[3], r[4], r[5],
-                       r[6] if r[6] is not None else task.timeout, task.keep and r[1] == NORMAL) for r in rows]
+                       r[6] if r[6] is not None else task.timeout, task.keep and r[1] == NORMAL,
+                       r[7] if r[7] is not None else task.retry_on) for r in rows]
 
 
 def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: Iterable[Done],
@@ -519,7 +561,6 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
     by this worker (taken back while it was thought dead) changes nothing, and is not counted."""
     for d in done:
         _record_done(c, worker_id, d, tally, again)
-    retry_rules: dict[int, tuple[int, float] | None] = {}
     for o in outcomes:
         job = o.job
         if o.crashed:
@@ -527,13 +568,9 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
                             tally=tally):
                 _stale(job, worker_id, again)
             continue
-        if job.task_pk not in retry_rules:
-            retry_rules[job.task_pk] = c.execute(
-                "SELECT max_retries, retry_delay FROM task WHERE id = ?", (job.task_pk,)).fetchone()
-        rules_of_task = retry_rules[job.task_pk]
-        if rules_of_task is None or not (_record_success(c, worker_id, o) if o.ok else
-                                          _record_failure(c, worker_id, o, *rules_of_task)):
-            _stale(job, worker_id, again)  # the task is gone, or the job is no longer ours
+        state = _record_success(c, worker_id, o) if o.ok else _record_failure(c, worker_id, o)
+        if state is None:
+            _stale(job, worker_id, again)  # the job is no longer ours (or its task is gone)
             continue
         change = tally.of(job.task_pk, job.task_id)
         change.running -= 1
@@ -542,7 +579,7 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
             change.results += 1 if job.kind == NORMAL and o.result is not None else 0
             change.decide = True
             change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
-        elif not rules.retries(job.attempt, rules_of_task[0]):
+        elif state == FAILED:
             change.failed += 1
         if job.kind == NORMAL:
             change.ran += 1
@@ -573,31 +610,37 @@ def _record_done(c: Connection, worker_id: int, d: Done, tally: _Tally, again: b
     change.seconds += d.seconds
 
 
-def _record_success(c: Connection, worker_id: int, o: Outcome) -> bool:
+def _record_success(c: Connection, worker_id: int, o: Outcome) -> int | None:
     """A job that returned: a normal job is deleted (or kept with its result), a finalizer kept
-    COMPLETED for the status view. Whether the job was still ours."""
+    COMPLETED for the status view. COMPLETED, or None if the job was no longer ours."""
     job = o.job
     params: tuple[Any, ...] = ()
     if job.kind == NORMAL and o.result is None:
         sql = "DELETE FROM job"
     else:
         sql, params = f"UPDATE job SET state = {COMPLETED}, worker = NULL, result = ?", (o.result,)
-    return bool(c.execute(f"{sql} WHERE id = ? AND worker = ? AND state = {RUNNING}",
-                          (*params, job.id, worker_id)).rowcount == 1)
+    done = c.execute(f"{sql} WHERE id = ? AND worker = ? AND state = {RUNNING}", (*params, job.id, worker_id))
+    return COMPLETED if done.rowcount == 1 else None
 
 
-def _record_failure(c: Connection, worker_id: int, o: Outcome, max_retries: int, delay: float) -> bool:
-    """A job that raised: its automatic retry is scheduled, or it stands failed; its failure is
-    kept either way. Whether the job was still ours."""
+def _record_failure(c: Connection, worker_id: int, o: Outcome) -> int | None:
+    """A job that raised: its automatic retry is scheduled (its own settings over its task's; the
+    attempts of its round, since a manual retry starts a new one), or it stands failed; its failure
+    is kept either way. SCHEDULED or FAILED, or None if the job was no longer ours."""
     job, t = o.job, now()
-    retry = rules.retries(job.attempt, max_retries)
-    cur = c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ? AND worker = ? AND state = ?",
-                    (SCHEDULED if retry else FAILED, t + rules.retry_wait(delay, job.attempt) if retry else None,
-                     job.id, worker_id, RUNNING))
-    if cur.rowcount != 1:
-        return False
-    _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
-    return True
+    row = c.execute(f"SELECT coalesce(j.max_retries, t.max_retries), coalesce(j.retry_delay, t.retry_delay), "
+                    f"j.attempts - j.round_start, j.round FROM job j JOIN task t ON t.id = j.task "
+                    f"WHERE j.id = ? AND j.worker = ? AND j.state = {RUNNING}", (job.id, worker_id)).fetchone()
+    if row is None:
+        return None
+    max_retries, delay, attempt, round_ = row
+    retry = o.retryable and rules.retries(attempt, max_retries)
+    wait = o.retry_delay if o.retry_delay is not None else rules.retry_wait(delay, attempt)
+    state = SCHEDULED if retry else FAILED
+    c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ?",
+              (state, t + min(wait, rules.MAX_RETRY_DELAY) if retry else None, job.id))
+    _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t, round_)
+    return state
 
 
 def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[ClaimedJob]:
@@ -629,11 +672,11 @@ def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[C
 
 
 def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, message: str,
-                    tb: str, attempt: int, t: float) -> None:
+                    tb: str, attempt: int, t: float, round_: int = 1) -> None:
     c.execute(
-        "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, worker_pid) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, task_pk, *map(rules.storable_text, (exc_type, message, tb)),
-                                             attempt, t, os.getpid()))
+        "INSERT INTO failure (job, task, exc_type, message, traceback, attempt, failed_at, worker_pid, round) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (job_id, task_pk, *map(rules.storable_text, (exc_type, message, tb)),
+                                                attempt, t, os.getpid(), round_))
 
 
 #: why a result is not recorded, by whether it is sent again after a write whose answer was lost
@@ -675,7 +718,7 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     why, limit = crashed
     rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
                      f"THEN {FAILED} ELSE {QUEUED} END WHERE state = ? AND {where} "
-                     "RETURNING id, task, state, crashes, attempts", (limit, RUNNING, *params)).fetchall()
+                     "RETURNING id, task, state, crashes, attempts, round", (limit, RUNNING, *params)).fetchall()
     back = [r[1] for r in rows if r[2] == QUEUED]
     failed = [r for r in rows if r[2] == FAILED]
     own = _Tally() if tally is None else tally
@@ -686,9 +729,10 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     if back:
         c.notify()
     t = now()
-    for job_id, pk, _, crashes, attempt in failed:
+    for job_id, pk, _, crashes, attempt, round_ in failed:
         _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed",
-                        f"the process running it died {crashes} time(s), the crash limit ({why})", "", attempt, t)
+                        f"the process running it died {crashes} time(s), the crash limit ({why})", "", attempt, t,
+                        round_)
         log.error("job %d failed: the process running it died %d time(s) (%s)", job_id, crashes, why)
     return len(rows)
 
@@ -703,6 +747,19 @@ def claim_specific(db: Database, worker_id: int, job_id: int) -> ClaimedJob | No
         c.execute("UPDATE task SET pending_count = pending_count - 1, running_count = running_count + 1 "
                   "WHERE id = ?", (row[0],))
         return jobs[0]
+
+
+def retry_now(db: Database, worker_id: int, job_id: int) -> ClaimedJob | None:
+    """Claim now, for an inline runner, a job whose automatic retry is scheduled: sync mode and
+    ``drain`` retry at once instead of waiting for the retry's delay. None if it is not scheduled."""
+    with db.write() as c:
+        row = c.execute(f"SELECT task FROM job WHERE id = ? AND state = {SCHEDULED}", (job_id,)).fetchone()
+        if row is None:
+            return None
+        c.execute("UPDATE job SET run_at = NULL WHERE id = ?", (job_id,))
+        [job] = _take(c, worker_id, _task_info(c, row[0]), f"id = ? AND state = {SCHEDULED}", [job_id])
+        c.execute("UPDATE task SET running_count = running_count + 1 WHERE id = ?", (row[0],))
+        return job
 
 
 def held(db: Database, worker_id: int, job_ids: Sequence[int]) -> set[int]:
@@ -805,9 +862,11 @@ def retry_all(db: Database) -> list[int]:
 
 
 def _retry_where(c: Connection, where: str, params: list[object]) -> list[int]:
-    # a retry starts afresh: the crash count of a job that hit the crash limit goes back to zero
-    rows = c.execute(f"UPDATE job SET state = ?, run_at = NULL, crashes = 0 WHERE state = ? AND {where} "
-                     "RETURNING id, task", (QUEUED, FAILED, *params)).fetchall()
+    # a retry starts afresh: a new round of automatic retries, and the crash count of a job that hit
+    # the crash limit back to zero
+    rows = c.execute(f"UPDATE job SET state = ?, run_at = NULL, crashes = 0, round = round + 1, "
+                     f"round_start = attempts WHERE state = ? AND {where} RETURNING id, task",
+                     (QUEUED, FAILED, *params)).fetchall()
     tally = _Tally()
     _shift(c, (pk for _, pk in rows), failed=-1, pending=1, tally=tally)
     due = c.execute(f"UPDATE job SET state = ?, run_at = NULL WHERE state = ? AND {where} RETURNING id, task",

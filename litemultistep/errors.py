@@ -47,6 +47,17 @@ class DatabaseBusy(StorageError):
     write can succeed a moment later (workers wait and try again)."""
 
 
+class Retry(LiteMultiStepError):
+    """Raised by a job to ask to run again later, whatever the task's ``retry_on`` says; the attempt
+    still counts against ``max_retries``. ``delay``: seconds before the retry (default: the task's
+    back-off).
+    """
+
+    def __init__(self, delay: float | None = None, message: str = "the job asked to run again") -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 class JobTimeout(LiteMultiStepError):
     """Recorded as a job's failure when it ran longer than its time limit and its process was killed."""
 

@@ -295,7 +295,7 @@ def serve(setup: dict[str, Any]) -> int:
             if refusal is None:
                 result = execute(db, job, catch_all=True, timeout=job.timeout, reporter=_Reporter(page, job.id))
             else:
-                result = Result(Outcome(job, False, "litemultistep.JobNotAllowed", refusal))
+                result = Result(Outcome(job, False, "litemultistep.JobNotAllowed", refusal, retryable=False))
             SLOT.pack_into(page, 0, 0.0, -job.id)
             # timed from the stamp the worker reads, and after the page says it ended: a job the
             # worker saw running past SLOW_JOB (it then gave the rest back) is slow here too, always
@@ -314,7 +314,8 @@ def serve(setup: dict[str, Any]) -> int:
                 if o.exc_type == NOT_IMPORTABLE:
                     message += (f" (the worker imports jobs from {os.getcwd()}, where it was started, and "
                                 f"from --path: {', '.join(setup['paths'][1:]) or 'none given'})")
-                results.append([job.id, o.ok, o.exc_type, message, o.traceback, o.duration])
+                results.append([job.id, o.ok, o.exc_type, message, o.traceback, o.duration, o.retryable,
+                                o.retry_delay])
             # a slow job ends the batch (the rest go to idle processes); so does a failure, so that
             # its record is sent at once and cannot be lost with a later job that crashes this process
             slow = ran > SLOW_JOB or o.duration > SLOW_JOB or not o.ok

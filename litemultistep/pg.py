@@ -36,7 +36,17 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from . import rules
-from .db import SCHEMA_VERSION, Database, DeadWorker, Dialect, LivenessLock, host_identity, now, process_alive
+from .db import (
+    CLAIMABLE,
+    SCHEMA_VERSION,
+    Database,
+    DeadWorker,
+    Dialect,
+    LivenessLock,
+    host_identity,
+    now,
+    process_alive,
+)
 from .errors import (
     DatabaseBusy,
     DatabaseUnavailable,
@@ -113,19 +123,22 @@ SCHEMA = [
     "max_retries INTEGER NOT NULL DEFAULT 0, retry_delay DOUBLE PRECISION NOT NULL DEFAULT 1.0, "
     "created_at DOUBLE PRECISION NOT NULL, timeout DOUBLE PRECISION, avg_duration DOUBLE PRECISION, "
     "builder_pid INTEGER, keep_results INTEGER NOT NULL DEFAULT 0, result_count BIGINT NOT NULL DEFAULT 0, "
-    "builder BIGINT)",
+    "builder BIGINT, max_running INTEGER, priority INTEGER NOT NULL DEFAULT 0, retry_on TEXT)",
     "CREATE TABLE job (id BIGSERIAL PRIMARY KEY, task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, "
     "kind INTEGER NOT NULL, position INTEGER, func TEXT NOT NULL, args TEXT NOT NULL, state INTEGER NOT NULL, "
     "attempts INTEGER NOT NULL DEFAULT 0, worker BIGINT, run_at DOUBLE PRECISION, "
     "enqueued_at DOUBLE PRECISION NOT NULL, claimed_at DOUBLE PRECISION, crashes INTEGER NOT NULL DEFAULT 0, "
-    "timeout DOUBLE PRECISION, result TEXT, progress_done DOUBLE PRECISION, progress_total DOUBLE PRECISION)",
+    "timeout DOUBLE PRECISION, result TEXT, progress_done DOUBLE PRECISION, progress_total DOUBLE PRECISION, "
+    "max_retries INTEGER, retry_delay DOUBLE PRECISION, retry_on TEXT, round INTEGER NOT NULL DEFAULT 1, "
+    "round_start INTEGER NOT NULL DEFAULT 0)",
     # failure.job has no foreign key here: its cascade would fire a trigger for every job a worker
     # records (the hot path), and it measured slower than all the rest of the DELETE. The failures
     # of a job that later succeeded stay, unseen (every view reaches failures through their job),
     # until their task goes, and with it, by failure.task, every one of them.
     "CREATE TABLE failure (id BIGSERIAL PRIMARY KEY, job BIGINT NOT NULL, "
     "task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, exc_type TEXT NOT NULL, message TEXT NOT NULL, "
-    "traceback TEXT NOT NULL, attempt INTEGER NOT NULL, failed_at DOUBLE PRECISION NOT NULL, worker_pid INTEGER)",
+    "traceback TEXT NOT NULL, attempt INTEGER NOT NULL, failed_at DOUBLE PRECISION NOT NULL, worker_pid INTEGER, "
+    "round INTEGER NOT NULL DEFAULT 1)",
     "CREATE INDEX failure_job ON failure (job)",
     "CREATE INDEX failure_task ON failure (task)",
     # heartbeat_mono holds the server's clock here (one clock for every host), not a host's monotonic one
@@ -136,7 +149,7 @@ SCHEMA = [
     "CREATE TABLE finished_task (task_id TEXT PRIMARY KEY, slug TEXT NOT NULL, normal_count BIGINT NOT NULL, "
     "finalize_count BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL, finished_at DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX finished_task_finished_at ON finished_task (finished_at)",
-    "CREATE INDEX task_claimable ON task (last_served) WHERE pending_count > 0 AND state IN (1, 2)",
+    f"CREATE INDEX task_claimable ON task (priority DESC, last_served) WHERE {CLAIMABLE}",
     # id last: a claim takes a task's queued jobs in id order straight from the index, with no sort
     # (on SQLite the rowid rides along in every index for free)
     "CREATE INDEX job_task_state ON job (task, state, id)",
@@ -158,6 +171,17 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
     5: ["ALTER TABLE task ADD COLUMN builder BIGINT", "CREATE INDEX task_building ON task (builder) WHERE state = 0"],
+    6: ["ALTER TABLE task ADD COLUMN max_running INTEGER",
+        "ALTER TABLE task ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN retry_on TEXT",
+        "ALTER TABLE job ADD COLUMN max_retries INTEGER",
+        "ALTER TABLE job ADD COLUMN retry_delay DOUBLE PRECISION",
+        "ALTER TABLE job ADD COLUMN retry_on TEXT",
+        "ALTER TABLE job ADD COLUMN round INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE job ADD COLUMN round_start INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE failure ADD COLUMN round INTEGER NOT NULL DEFAULT 1",
+        "DROP INDEX task_claimable",
+        f"CREATE INDEX task_claimable ON task (priority DESC, last_served) WHERE {CLAIMABLE}"],
 }
 
 _LOCKS = ("LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
@@ -291,6 +315,12 @@ class PgConnection:
     def notify(self) -> None:
         """Wake the idle workers of this database once the transaction commits."""
         self.raw.execute(f"NOTIFY {self._db.channel}")
+
+    def lock_task(self, task_pk: int) -> bool:
+        """A transaction-level advisory lock of its own (not the task's row: locking that before this
+        transaction's updates of task rows, made in key order at its end, could deadlock)."""
+        key = (self._db.lock_key << 32) | (task_pk & 0xFFFFFFFF)
+        return bool(self.execute("SELECT pg_try_advisory_xact_lock(?)", (key,)).fetchone()[0])
 
     @property
     def usable(self) -> bool:

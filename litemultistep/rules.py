@@ -45,8 +45,33 @@ def retry_wait(delay: float, attempt: int) -> float:
 
 
 def retries(attempt: int, max_retries: int) -> bool:
-    """Whether a job whose attempt number ``attempt`` failed is tried again automatically."""
+    """Whether a job whose attempt number ``attempt`` (of its round: a manual retry starts a new
+    one) failed is tried again automatically."""
     return attempt <= max_retries
+
+
+#: failures no retry can cure: never retried automatically, whatever ``retry_on`` and ``max_retries`` say
+NEVER_RETRIED = frozenset(f"litemultistep.errors.{name}" for name in (
+    "JobNotImportable", "JobNotAllowed", "ArgumentNotSerializable", "ResultNotSerializable"))
+#: what a job raises to ask for a retry, whatever ``retry_on`` says
+RETRY = "litemultistep.errors.Retry"
+
+
+def type_names(cls: type) -> frozenset[str]:
+    """``module.qualname`` of a class and of every class it derives from: what ``retry_on`` is
+    matched against, so that a subclass of a named exception matches it."""
+    return frozenset(f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__)
+
+
+def may_retry(names: frozenset[str], retry_on: frozenset[str] | None) -> bool:
+    """Whether a failure whose exception's :func:`type_names` are ``names`` may be retried
+    automatically: never for what no retry can cure; always when the job asked (``Retry``); else
+    when ``retry_on`` is None (every exception) or names one of its classes."""
+    if names & NEVER_RETRIED:
+        return False
+    if RETRY in names or retry_on is None:
+        return True
+    return bool(names & retry_on)
 
 
 def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM_WINDOW) -> int:
@@ -56,6 +81,9 @@ def batch_size(avg_duration: float | None, max_batch: int, window: float = CLAIM
         return 1
     return max(1, min(max_batch, int(window / max(avg_duration, 1e-7))))
 
+
+#: the highest and lowest task priority (workers serve higher ones first)
+MAX_PRIORITY = 10**9
 
 #: the largest job id there can be (a 64-bit integer on both backends)
 MAX_JOB_ID = 2**63 - 1

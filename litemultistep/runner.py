@@ -7,7 +7,9 @@ from __future__ import annotations
 import atexit
 import contextvars
 import inspect
+import json
 import logging
+import math
 import os
 import threading
 import time
@@ -19,7 +21,7 @@ from typing import Any
 from . import engine, rules
 from .db import Database
 from .engine import ClaimedJob, Outcome
-from .errors import InvalidSetting, NotInJob, ResultNotSerializable
+from .errors import InvalidSetting, NotInJob, ResultNotSerializable, Retry
 from .jobs import decode_args, describe_call, encode_result, resolve
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,9 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         message = clean_text(_text(e))
         log.info("failed job %d of %s after %.3fs: %s: %s", job.id, job.task_id, duration, _type_name(e),
                  message.encode("unicode_escape").decode("ascii")[:300])
-        outcome = Outcome(job, False, _type_name(e), message, clean_text(_traceback()), duration)
+        retryable, delay = retry_of(e, job.retry_on)
+        outcome = Outcome(job, False, _type_name(e), message, clean_text(_traceback()), duration,
+                          retryable=retryable, retry_delay=delay)
         return Result(outcome, e, duration)
     finally:
         current_job.reset(token)
@@ -179,9 +183,24 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         except ResultNotSerializable as e:
             log.info("failed job %d of %s: %s", job.id, job.task_id, e)
             return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", clean_text(str(e)), "",
-                                  duration), e, duration)
+                                  duration, retryable=False), e, duration)
     log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
     return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
+
+
+def retry_of(error: BaseException | type[BaseException], retry_on: str | None) -> tuple[bool, float | None]:
+    """Whether a job's failure may be retried automatically (by its ``retry_on``, a JSON list of type
+    names; a :class:`Retry` always may, what no retry can cure never), and the delay it asked for."""
+    cls = error if isinstance(error, type) else type(error)
+    try:
+        names = rules.type_names(cls)
+    except Exception:  # noqa: BLE001 - a class that hides its names is retried as any other exception
+        names = frozenset()
+    retryable = rules.may_retry(names, None if retry_on is None else frozenset(json.loads(retry_on)))
+    delay = getattr(error, "delay", None) if isinstance(error, Retry) else None
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < math.inf:
+        delay = None
+    return retryable, None if delay is None else float(delay)
 
 
 def _ignore(done: float, total: float | None) -> None:
@@ -222,17 +241,24 @@ class InlineRunner:
             self._lock.release()
 
     def run_chain(self, job: ClaimedJob | None, raise_errors: bool = True) -> list[Result]:
-        """Run ``job`` and the finalizers its completion hands to this runner, in order.
+        """Run ``job`` and the finalizers its completion hands to this runner, in order. A failure
+        whose automatic retry was scheduled (``max_retries``, ``retry_on``) is retried at once.
 
-        With ``raise_errors`` a job's exception is re-raised after its failure is recorded.
+        With ``raise_errors`` a job's exception is re-raised once it has finally failed (after its
+        failure is recorded).
         """
         results = []
         while job is not None:
             result = execute(self.db, job, reporter=ThrottledReport(self.db, self.worker_id, job.id))
             results.append(result)
             handed = engine.record(self.db, self.worker_id, [result.outcome])
-            if result.error is not None and raise_errors:
-                raise result.error
+            if result.error is not None:
+                again = engine.retry_now(self.db, self.worker_id, job.id)
+                if again is not None:
+                    job = again
+                    continue
+                if raise_errors:
+                    raise result.error
             job = handed[0] if handed else None
         return results
 

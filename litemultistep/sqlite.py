@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from ._wakeup import WalWaiter
-from .db import SCHEMA_VERSION, TABLES, Database, DeadWorker, Dialect, monotonic, now, process_alive
+from .db import CLAIMABLE, SCHEMA_VERSION, TABLES, Database, DeadWorker, Dialect, monotonic, now, process_alive
 from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
 
 if TYPE_CHECKING:
@@ -60,6 +60,10 @@ class SqliteConnection(sqlite3.Connection):
 
     def notify(self) -> None:
         """Nothing to send: every commit writes to the ``-wal`` file, which wakes idle workers."""
+
+    def lock_task(self, task_pk: int) -> bool:
+        """Always: a SQLite write transaction is the only one."""
+        return True
 
 
 #: the drivers peewee imports when it is imported, if they are installed
@@ -133,6 +137,12 @@ def models() -> list[type[Any]]:
         #: the worker id of the runner filling the task in its ``with`` block: once that runner is gone,
         #: workers remove the task (the ``builder_pid`` of older versions is only read by ``check``)
         builder = pw.IntegerField(null=True)
+        #: jobs of the task that may run at once, across every worker (NULL: no limit)
+        max_running = pw.IntegerField(null=True)
+        #: workers serve higher priorities first
+        priority = _default(pw.IntegerField, 0)
+        #: JSON list of the exception types (``module.qualname``) retried automatically (NULL: every one)
+        retry_on = pw.TextField(null=True)
 
     class Job(_Model):
         #: AUTOINCREMENT: a job id names one job forever, even after the job is done and deleted
@@ -161,6 +171,13 @@ def models() -> list[type[Any]]:
         #: what the running job last reported of its own progress (litemultistep.report), if anything
         progress_done = pw.FloatField(null=True)
         progress_total = pw.FloatField(null=True)
+        #: this job's own retry settings, over its task's
+        max_retries = pw.IntegerField(null=True)
+        retry_delay = pw.FloatField(null=True)
+        retry_on = pw.TextField(null=True)
+        #: a manual retry starts a new round of automatic retries: its number, and the attempts before it
+        round = _default(pw.IntegerField, 1)
+        round_start = _default(pw.IntegerField, 0)
 
     class Failure(_Model):
         id = pw.AutoField()
@@ -172,6 +189,8 @@ def models() -> list[type[Any]]:
         attempt = pw.IntegerField()
         failed_at = pw.FloatField()
         worker_pid = pw.IntegerField(null=True)
+        #: the job's round of retries when it failed
+        round = _default(pw.IntegerField, 1)
 
     class Worker(_Model):
         #: AUTOINCREMENT: a worker id is never reused, so a stale worker never passes for a new one
@@ -207,7 +226,9 @@ def models() -> list[type[Any]]:
 # Partial indexes keep the claim and recovery paths to one index probe each. The claim query in
 # engine.py repeats the WHERE terms of task_claimable word for word, as SQLite requires.
 INDEXES = [
-    "CREATE INDEX task_claimable ON task (last_served) WHERE pending_count > 0 AND state IN (1, 2)",
+    # the tasks a claim may serve, highest priority first, the least recently served first within one:
+    # a task at its max_running is not in it, so claims stay one index probe however many tasks wait
+    f"CREATE INDEX task_claimable ON task (priority DESC, last_served) WHERE {CLAIMABLE}",
     "CREATE INDEX job_task_state ON job (task, state)",
     "CREATE INDEX job_running ON job (worker) WHERE state = 2",
     "CREATE INDEX job_scheduled ON job (run_at) WHERE state = 5",
@@ -237,6 +258,17 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
     5: ["ALTER TABLE task ADD COLUMN builder INTEGER", "CREATE INDEX task_building ON task (builder) WHERE state = 0"],
+    6: ["ALTER TABLE task ADD COLUMN max_running INTEGER",
+        "ALTER TABLE task ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN retry_on TEXT",
+        "ALTER TABLE job ADD COLUMN max_retries INTEGER",
+        "ALTER TABLE job ADD COLUMN retry_delay REAL",
+        "ALTER TABLE job ADD COLUMN retry_on TEXT",
+        "ALTER TABLE job ADD COLUMN round INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE job ADD COLUMN round_start INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE failure ADD COLUMN round INTEGER NOT NULL DEFAULT 1",
+        "DROP INDEX task_claimable",
+        f"CREATE INDEX task_claimable ON task (priority DESC, last_served) WHERE {CLAIMABLE}"],
 }
 
 

@@ -59,24 +59,56 @@ MAX_RETRIES = 1000
 class JobSpec:
     """A callable with per-job options, from :func:`job`; pass it to ``add_job`` in place of the callable."""
 
-    def __init__(self, fn: Callable[..., Any], timeout: float | None) -> None:
+    def __init__(self, fn: Callable[..., Any], timeout: float | None = None, max_retries: int | None = None,
+                 retry_delay: float | None = None, retry_on: str | None = None) -> None:
         self.fn = fn
         self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        #: JSON list of exception type names
+        self.retry_on = retry_on
 
     def __repr__(self) -> str:
-        return f"job({self.fn!r}, timeout={self.timeout!r})"
+        return (f"job({self.fn!r}, timeout={self.timeout!r}, max_retries={self.max_retries!r}, "
+                f"retry_delay={self.retry_delay!r}, retry_on={self.retry_on!r})")
 
 
-def job(fn: Callable[..., Any], *, timeout: float | None = None) -> JobSpec:
-    """``fn`` with options for one job, kept apart from the job's own arguments::
+def job(fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None,
+        retry_delay: float | None = None, retry_on: Any = None) -> JobSpec:
+    """``fn`` with options for one job, over its task's, kept apart from the job's own arguments::
 
-        task.add_job(litemultistep.job(resize, timeout=30), path, width=640)
+        task.add_job(litemultistep.job(resize, timeout=30, max_retries=2), path, width=640)
 
     :param timeout: this job's time limit in seconds, over the task's and the worker's.
+    :param max_retries: this job's automatic retries (see :meth:`MultiStepTask.create`).
+    :param retry_delay: seconds before its first automatic retry, doubling each time.
+    :param retry_on: the exception classes (and their subclasses) worth retrying for this job.
     """
     if timeout is not None:
         timeout = config.seconds(timeout, "timeout")
-    return JobSpec(fn, timeout)
+    if max_retries is not None:
+        max_retries = _check_max_retries(max_retries)
+    if retry_delay is not None:
+        retry_delay = config.seconds(retry_delay, "retry_delay", zero_ok=True)
+    return JobSpec(fn, timeout, max_retries, retry_delay, _retry_on(retry_on))
+
+
+def _check_max_retries(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_RETRIES:
+        raise InvalidSetting(f"max_retries must be a whole number from 0 to {MAX_RETRIES}, not {value!r}")
+    return value
+
+
+def _retry_on(value: Any) -> str | None:
+    """``retry_on`` as stored: a JSON list of the classes' ``module.qualname``; None for every exception."""
+    if value is None:
+        return None
+    classes = (value,) if isinstance(value, type) else value
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (tuple, list, set, frozenset)) or not all(
+            isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+        raise InvalidSetting(f"retry_on takes exception classes, e.g. retry_on=(ConnectionError, TimeoutError), "
+                             f"not {value!r}")
+    return json.dumps(sorted(f"{c.__module__}.{c.__qualname__}" for c in classes))
 
 
 class JobHandle:
@@ -134,7 +166,7 @@ class MultiStepTask:
     def __init__(self, task_id: str, db: Database) -> None:
         self._task_id = task_id
         self._db = db
-        self._buffer: list[tuple[int, str, str, float | None]] | None = None  # jobs of an open ``with`` block
+        self._buffer: list[engine.NewJob] | None = None  # jobs of an open ``with`` block
         self._builder: tuple[int, LivenessLock] | None = None  # its worker id and lock, while the block is open
         self._handles: list[JobHandle] = []  # theirs, given ids when they are stored
 
@@ -145,7 +177,8 @@ class MultiStepTask:
 
     @classmethod
     def create(cls, slug: str | None = None, db: Any = None, *, max_retries: int = 0,
-               retry_delay: float = 1.0, timeout: float | None = None, keep_results: bool = False) -> MultiStepTask:
+               retry_delay: float = 1.0, timeout: float | None = None, keep_results: bool = False,
+               retry_on: Any = None, max_running: int | None = None, priority: int = 0) -> MultiStepTask:
         """Create a task whose id (and queue name) is ``slug~nonce``.
 
         :param slug: a readable name (default ``multi-step-task``); printable, at most 200 characters,
@@ -160,18 +193,34 @@ class MultiStepTask:
             worker's ``--timeout``, else no limit. One job can have its own: :func:`litemultistep.job`.
         :param keep_results: store each normal job's return value (JSON types; anything else fails the
             job with :class:`ResultNotSerializable`) for :meth:`results`, until the task finishes.
+        :param retry_on: the exception classes (and their subclasses) worth an automatic retry, e.g.
+            ``(ConnectionError, TimeoutError)``; default: every exception but those no retry can cure
+            (:class:`JobNotImportable`, :class:`JobNotAllowed`, :class:`ArgumentNotSerializable`,
+            :class:`ResultNotSerializable`), which fail at once whatever ``max_retries`` says. A job
+            may always ask for a retry: ``raise litemultistep.Retry(delay=None)``.
+        :param max_running: at most this many of the task's jobs (normal and finalization) run at once,
+            across every worker and host; workers serve other tasks meanwhile. Default: no limit.
+        :param priority: workers serve tasks of a higher priority first (default 0; tasks of one
+            priority in turn). A running job is never stopped for a more urgent one.
         """
         slug = _check_slug(slug)
-        if type(max_retries) is not int or not 0 <= max_retries <= MAX_RETRIES:
-            raise InvalidSetting(f"max_retries must be a whole number from 0 to {MAX_RETRIES}, not {max_retries!r}")
+        max_retries = _check_max_retries(max_retries)
         retry_delay = config.seconds(retry_delay, "retry_delay", zero_ok=True)
+        if max_running is not None and (type(max_running) is not int or not 1 <= max_running <= 1_000_000):
+            raise InvalidSetting(f"max_running must be a whole number from 1 to 1000000 (or None for no limit), "
+                                 f"not {max_running!r}")
+        if type(priority) is not int or not -rules.MAX_PRIORITY <= priority <= rules.MAX_PRIORITY:
+            raise InvalidSetting(f"priority must be a whole number from {-rules.MAX_PRIORITY} to {rules.MAX_PRIORITY}, "
+                                 f"not {priority!r}")
+        stored_retry_on = _retry_on(retry_on)
         if timeout is not None:
             timeout = config.seconds(timeout, "timeout")
         database = config.resolve_db(db)
         if type(keep_results) is not bool:
             raise InvalidSetting(f"keep_results must be True or False, not {keep_results!r}")
         return cls(engine.create_task(database, slug, max_retries=max_retries, retry_delay=retry_delay,
-                                      timeout=timeout, keep_results=keep_results), database)
+                                      timeout=timeout, keep_results=keep_results, retry_on=stored_retry_on,
+                                      max_running=max_running, priority=priority), database)
 
     @classmethod
     def find(cls, task_id: str, db: Any = None) -> MultiStepTask:
@@ -266,9 +315,9 @@ class MultiStepTask:
 
     def _add(self, kind: int, fn: Callable[..., Any] | JobSpec, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> JobHandle:
-        timeout = fn.timeout if isinstance(fn, JobSpec) else None
-        target = fn.fn if isinstance(fn, JobSpec) else fn
-        job = (kind, callable_path(target), encode_args(args, kwargs), timeout)
+        spec = fn if isinstance(fn, JobSpec) else JobSpec(fn)
+        job = engine.NewJob(kind, callable_path(spec.fn), encode_args(args, kwargs), spec.timeout, spec.max_retries,
+                            spec.retry_delay, spec.retry_on)
         handle = JobHandle(self)
         if self._buffer is not None:
             self._buffer.append(job)

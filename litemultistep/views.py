@@ -29,7 +29,8 @@ _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_coun
                  # finite, and PostgreSQL does not refuse to add it up ("value out of range")
                  + ", ".join(f"(SELECT sum(CASE WHEN {c} <= {float(REPORT_LIMIT)!r} THEN {c} END) FROM job "
                              f"WHERE job.task = task.id AND job.state = {int(JobState.RUNNING)})"
-                             for c in ("progress_done", "progress_total")))
+                             for c in ("progress_done", "progress_total"))
+                 + ", max_running, priority")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class Progress:
     #: report()'s limit, which only an older version stored, counts as none)
     reported_done: float | None = None
     reported_total: float | None = None
+    #: jobs of the task that may run at once (None: no limit), and its priority (higher goes first)
+    max_running: int | None = None
+    priority: int = 0
 
     @property
     def total_job_count(self) -> int:
@@ -111,12 +115,13 @@ def duration(seconds: float) -> str:
 
 def _progress_from_row(row: tuple[Any, ...]) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
-     created_at, scheduled, keep, results, reported_done, reported_total) = row
+     created_at, scheduled, keep, results, reported_done, reported_total, max_running, priority) = row
     label = rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, failed, queued, running,
                              scheduled)
     pending = normal + finalize - completed - failed - running
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
-                    running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total)
+                    running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total,
+                    max_running, priority)
 
 
 #: the largest id a job can have: both backends keep ids in signed 64-bit integers
@@ -291,6 +296,8 @@ class FailureInfo:
     traceback: str
     attempt: int
     failed_at: float
+    #: the round of retries it failed in: a manual retry starts a new one
+    round: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -320,7 +327,7 @@ def failures(db: Any = None, task_id: str | None = None, exc_type: str | None = 
         where, params = where + " AND f.exc_type = ?", [*params, exc_type]
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
-        f"f.failed_at FROM {_FAILED_JOBS}{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
+        f"f.failed_at, f.round FROM {_FAILED_JOBS}{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
         (JobState.FAILED, *params)).fetchall()
     return [FailureInfo(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
 

@@ -42,8 +42,9 @@ from . import config, engine, rules
 from ._wakeup import become_subreaper, children
 from .db import Database, LivenessLock, boottime, monotonic
 from .engine import ClaimedJob, Done, Outcome
-from .errors import DatabaseUnusable, InvalidSetting, StorageError
+from .errors import DatabaseUnusable, InvalidSetting, JobTimeout, StorageError
 from .jobproc import BROKEN, RETIRED, SETUP_ENV, SLOT_SIZE, SLOW_JOB, fenced, read_progress, read_slot, set_fence
+from .runner import retry_of
 
 log = logging.getLogger(__name__)
 
@@ -628,8 +629,9 @@ class Worker:
                                       message.get("values")))
             if message["results"]:
                 by_id = {j.id: j for j in proc.batch}
-                for job_id, ok, exc_type, text, tb, duration in message["results"]:
-                    self.pending.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration))
+                for job_id, ok, exc_type, text, tb, duration, retryable, delay in message["results"]:
+                    self.pending.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration,
+                                                         retryable=retryable, retry_delay=delay))
             held = {j.id for j in proc.batch}  # not those _release_rest gave back already
             self.pending.give_back += [job_id for job_id in message["gave_back"] if job_id in held]
             proc.batch = []
@@ -672,7 +674,7 @@ class Worker:
                       self.worker_id, job.id, job.task_id, job.timeout)
             self.pending.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
                                          f"ran longer than its {job.timeout:g} s limit; its process was killed",
-                                         "", now - start))
+                                         "", now - start, retryable=retry_of(JobTimeout, job.retry_on)[0]))
             self._return_rest(proc, job)
             self._replace(proc, "killed at its job's time limit")
 

@@ -593,6 +593,41 @@ def results_read(db: str, n: int) -> tuple[float, float]:
     return float(rate), float(grew)
 
 
+def claim_us(db: str, tasks: int, at_limit: bool, claims: int = 2000) -> float:
+    """Median µs of one claim (its transaction included) with ``tasks`` tasks waiting, each with queued
+    jobs; with ``at_limit`` each of them already runs as many jobs as its ``max_running`` allows and
+    one more task, last served, has room: the claim must find it past the others. Through the engine
+    in one process (a claim a worker makes, without the worker around it)."""
+    limited = ", max_running=1" if at_limit else ""
+    code = textwrap.dedent(f"""
+        import json, statistics, time
+        from litemultistep import Database, MultiStepTask
+        from litemultistep import engine as E
+        from litemultistep.db import JobKind
+        db = Database({db!r})
+        w, _ = db.register_worker("inline")
+        job = (JobKind.NORMAL, "bench_jobs:noop", json.dumps([[], {{}}]), None)
+        for i in range({tasks}):
+            task = MultiStepTask.create("t", db=db{limited})
+            E.add_jobs(db, task.task_id, [job] * 3)
+            task.mark_finalizable()
+            if {at_limit!r}:
+                E.claim(db, w, max_batch=1)  # its one running job: at its limit from now on
+        free = MultiStepTask.create("free", db=db)
+        E.add_jobs(db, free.task_id, [job] * 3)
+        free.mark_finalizable()
+        took = []
+        for _ in range({claims}):
+            t = time.perf_counter()
+            [batch] = E.claim(db, w, max_batch=1)
+            took.append(time.perf_counter() - t)
+            E.claim(db, w, give_back=[j.id for j in batch], wants=0)
+        print(statistics.median(took) * 1e6)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=child_env())
+    return float(out.stdout.split()[-1])
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -756,6 +791,21 @@ def main(argv: list[str] | None = None) -> int:
         rate, grew = results_read(fresh("read"), read_n)
         add(f"task.results() over {read_n:,} stored results", "results/s", [rate],
             f"peak RSS grew {grew:.1f} MB while reading")
+        n_tasks = 200 if quick else 1000
+        free = add(f"one claim, {n_tasks:,} tasks with queued jobs", "µs", [claim_us(fresh("claim"), n_tasks, False)])
+        capped = add(f"one claim, {n_tasks:,} tasks at their max_running and one with room", "µs",
+                     [claim_us(fresh("capped"), n_tasks, True)])
+        ratios.append(f"a claim past {n_tasks:,} tasks at their limit / with {n_tasks:,} tasks free: "
+                      f"{statistics.median(capped.values) / statistics.median(free.values):.2f}")
+        if args.baseline:
+            BASELINE.append(os.path.abspath(args.baseline))
+            try:
+                old = add(f"one claim, {n_tasks:,} tasks with queued jobs, the baseline", "µs",
+                          [claim_us(fresh("claim-base"), n_tasks, False)])
+            finally:
+                BASELINE.clear()
+            ratios.append(f"a claim past {n_tasks:,} tasks at their limit / the baseline's claim with {n_tasks:,} "
+                          f"tasks: {statistics.median(capped.values) / statistics.median(old.values):.2f}")
         worker_us, job_us = isolation_us(tmp, 5_000 if quick else 200_000)
         add("CPU per no-op job in the worker process (claim, record, hand over)", "µs", [worker_us])
         add("CPU per no-op job in the job process (receive, run, report)", "µs", [job_us],

@@ -150,6 +150,25 @@ def is_pg(target: str) -> bool:
     return target.startswith("postgresql://")
 
 
+#: indexes a migration dropped, as they were before it
+DROPPED_INDEXES = {"task_claimable": "CREATE INDEX task_claimable ON task (last_served) "
+                                     "WHERE pending_count > 0 AND state IN (1, 2)"}
+
+
+def undo_migrations(execute: Callable[[str], object], migrations: dict[int, list[str]], down_to: int,
+                    newest: int) -> None:
+    """Take a database of schema ``newest`` back to ``down_to``, migration by migration, newest first."""
+    for version in range(newest, down_to, -1):
+        for sql in reversed(migrations[version]):
+            words = sql.split()
+            if words[:2] == ["CREATE", "INDEX"]:  # "CREATE INDEX i ON ..." -> "DROP INDEX i"
+                execute(f"DROP INDEX {words[2]}")
+            elif words[:2] == ["DROP", "INDEX"]:
+                execute(DROPPED_INDEXES[words[2]])
+            else:  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
+                execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+
+
 def die(lock: object) -> None:
     """What happens to a worker's lock when its process dies: the kernel drops the flock (the file
     stays); the server drops the advisory lock with the connection. On PostgreSQL a free lock alone

@@ -376,3 +376,25 @@ def thread_bomb(delay: float) -> None:
         os._exit(7)
 
     threading.Thread(target=boom, daemon=True).start()
+
+
+def _attempt(counter: str) -> int:
+    """This run's number, counted in a file: one line a run."""
+    with open(counter, "a+") as f:
+        f.seek(0)
+        n = len(f.readlines()) + 1
+        f.write(f"{n}\n")
+    return n
+
+
+def fail_with(counter: str, exc_name: str, times: int) -> None:
+    """Raise the builtin exception ``exc_name`` the first ``times`` runs."""
+    n = _attempt(counter)
+    if n <= times:
+        raise getattr(__import__("builtins"), exc_name)(f"run {n}")
+
+
+def ask_to_retry(counter: str, times: int, delay: float | None = None) -> None:
+    """Ask for a retry (litemultistep.Retry) the first ``times`` runs."""
+    if _attempt(counter) <= times:
+        raise litemultistep.Retry(delay=delay)

@@ -14,6 +14,7 @@ import textwrap
 
 import jobfuncs
 import pytest
+from conftest import undo_migrations
 
 from litemultistep import Database, DatabaseUnusable, MultiStepTask, SchemaTooNew
 from litemultistep.db import SCHEMA_VERSION
@@ -191,13 +192,7 @@ class TestFile:
             with MultiStepTask.create("old", db=Database(path)) as task:
                 task.add_job(jobfuncs.noop)
             conn = sqlite3.connect(path)
-            for version in range(SCHEMA_VERSION, old, -1):  # each migration undone, newest first
-                for sql in reversed(MIGRATIONS[version]):
-                    words = sql.split()
-                    if words[:2] == ["CREATE", "INDEX"]:
-                        conn.execute(f"DROP INDEX {words[2]}")
-                    else:
-                        conn.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+            undo_migrations(conn.execute, MIGRATIONS, old, SCHEMA_VERSION)
             conn.execute(f"PRAGMA user_version = {old}")
             conn.commit()
             conn.close()

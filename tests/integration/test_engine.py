@@ -366,10 +366,12 @@ class EngineModel(RuleBasedStateMachine):
         return (m["state"] == "active" and m["finalizable"] and all(j["state"] == "done" for j in normal))
 
     # rules
-    @rule(normal=st.integers(0, 3), finalizers=st.integers(0, 3), finalizable=st.booleans())
-    def create(self, normal, finalizers, finalizable) -> None:
-        task_id = E.create_task(self.db, "m")
-        self.tasks[task_id] = {"state": "active", "finalizable": False, "jobs": {}, "next_pos": 0}
+    @rule(normal=st.integers(0, 3), finalizers=st.integers(0, 3), finalizable=st.booleans(),
+          max_running=st.sampled_from([None, 1, 2]), priority=st.integers(0, 1))
+    def create(self, normal, finalizers, finalizable, max_running, priority) -> None:
+        task_id = E.create_task(self.db, "m", max_running=max_running, priority=priority)
+        self.tasks[task_id] = {"state": "active", "finalizable": False, "jobs": {}, "next_pos": 0,
+                               "max_running": max_running, "priority": priority}
         for finalizer in [False] * normal + [True] * finalizers:
             self._add(task_id, finalizer)
         if finalizable:
@@ -426,10 +428,20 @@ class EngineModel(RuleBasedStateMachine):
     def claim(self, w, limit) -> None:
         worker_id = self.workers[w][0]
         jobs = claim(self.db, worker_id, limit)
-        claimable = [(t, jid) for t, m in self.tasks.items() if m["state"] in ("active", "finalizing")
-                     for jid, j in m["jobs"].items() if j["state"] == "queued"]
+
+        def room(m: dict) -> float:
+            running = sum(1 for j in m["jobs"].values() if j["state"] == "running")
+            return float("inf") if m["max_running"] is None else m["max_running"] - running
+
+        # a task may give jobs while it has queued ones and room under its running limit
+        claimable = {t: m for t, m in self.tasks.items() if m["state"] in ("active", "finalizing")
+                     and any(j["state"] == "queued" for j in m["jobs"].values()) and room(m) > 0}
         assert bool(jobs) == bool(claimable)
         assert len({j.task_id for j in jobs}) <= 1 and len(jobs) <= limit
+        if jobs:
+            m = self.tasks[jobs[0].task_id]
+            assert len(jobs) <= room(m), "a claim went past the task's running limit"
+            assert m["priority"] == max(c["priority"] for c in claimable.values()), "a lower priority went first"
         for job in jobs:
             model_job = self.tasks[job.task_id]["jobs"][job.id]
             assert model_job["state"] == "queued"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jobfuncs
 import pytest
-from conftest import LMS, cli, env_for_workers, lines, wait_for
+from conftest import LMS, cli, env_for_workers, lines, undo_migrations, wait_for
 
 from litemultistep import Database, MultiStepTask
 from litemultistep.db import SCHEMA_VERSION
@@ -217,13 +217,7 @@ def test_an_older_schema_is_upgraded_once_by_many_processes(db):
     database = Database(db)
     try:
         with database.write() as c:
-            for version in range(SCHEMA_VERSION, 2, -1):  # each migration undone, newest first
-                for sql in reversed(MIGRATIONS[version]):
-                    words = sql.split()
-                    if words[:2] == ["CREATE", "INDEX"]:  # "CREATE INDEX i ON ..." -> "DROP INDEX i"
-                        c.execute(f"DROP INDEX {words[2]}")
-                    else:  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
-                        c.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+            undo_migrations(c.execute, MIGRATIONS, 2, SCHEMA_VERSION)
             c.execute("UPDATE litemultistep_schema SET version = 2")
     finally:
         database.close()
