@@ -56,6 +56,8 @@ TIDY_EVERY = 1.0
 #: a job process gives back the rest of a batch once it has run this long (a claim plans for
 #: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
 GIVE_BACK_AFTER = 0.01
+#: seconds between the summary lines of what a worker's jobs did (at INFO)
+SUMMARY_EVERY = 10.0
 #: a worker with --burst waits for automatic retries due within this many seconds, not later ones
 BURST_RETRY_HORIZON = 60.0
 
@@ -257,6 +259,32 @@ class Pending:
         self.put_back[:0] = taken.put_back
 
 
+class RunTally:
+    """What the job processes ran since the last summary line, by task: the worker logs one line every
+    :data:`SUMMARY_EVERY` seconds at INFO (a line a job, at DEBUG, would cost more than the work of
+    short jobs; every failure has a WARNING line of its own)."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.since = monotonic()
+
+    def ran(self, task_id: str, n: int, failed: bool = False) -> None:
+        counts = self.failed if failed else self.done
+        counts[task_id] = counts.get(task_id, 0) + n
+
+    def say(self, worker_id: int) -> None:
+        if self.done or self.failed:
+            tasks = sorted(set(self.done) | set(self.failed), key=lambda t: -self.done.get(t, 0))
+            parts = [f"{t}: {self.done.get(t, 0):,} done" + (f", {self.failed[t]:,} failed" if t in self.failed
+                                                               else "") for t in tasks[:5]]
+            more = f" and {len(tasks) - 5} more task(s)" if len(tasks) > 5 else ""
+            log.info("worker %d ran %s job(s) in %.0f s: %s%s", worker_id,
+                     f"{sum(self.done.values()) + sum(self.failed.values()):,}", monotonic() - self.since,
+                     "; ".join(parts), more)
+        self.done, self.failed, self.since = {}, {}, monotonic()
+
+
 @dataclass
 class Schedule:
     """When each timed duty of the worker is next due, on the monotonic clock of :meth:`Worker.step`."""
@@ -268,6 +296,8 @@ class Schedule:
     promote: float = float("inf")
     #: a graceful stop ends running jobs then
     stop: float = float("inf")
+    #: the next summary line of what ran
+    summary: float = 0.0
     #: after a failed write: the next one is tried then, and the back-off that led there
     write: float = 0.0
     backoff: float = 0.0
@@ -297,6 +327,8 @@ class Worker:
         #: finalizers handed to this worker while every job process was busy
         self.handed: deque[ClaimedJob] = deque()
         self.procs: list[JobProcess] = []
+        #: what the job processes ran since the last summary line
+        self.tally = RunTally()
         #: the job process whose answer is looked for first next round
         self._turn = 0
         self._waiter = db.waiter(options.poll)
@@ -488,8 +520,12 @@ class Worker:
             burst_done = False
             self._storage_trouble(e)
         if burst_done:
+            self.tally.say(self.worker_id)
             log.info("worker %d: nothing left to run, exiting (--burst)", self.worker_id)
             return False
+        if now >= self.schedule.summary:
+            self.schedule.summary = now + SUMMARY_EVERY
+            self.tally.say(self.worker_id)
         return True
 
     def _busy(self) -> bool:
@@ -627,11 +663,13 @@ class Worker:
                 first = proc.batch[0]
                 self.pending.done.append(Done(first.task_pk, first.task_id, message["ok"], message["seconds"],
                                       message.get("values")))
+                self.tally.ran(first.task_id, len(message["ok"]))
             if message["results"]:
                 by_id = {j.id: j for j in proc.batch}
                 for job_id, ok, exc_type, text, tb, duration, retryable, delay in message["results"]:
                     self.pending.outcomes.append(Outcome(by_id[job_id], ok, exc_type, text, tb, duration,
                                                          retryable=retryable, retry_delay=delay))
+                    self.tally.ran(by_id[job_id].task_id, 1, failed=not ok)
             held = {j.id for j in proc.batch}  # not those _release_rest gave back already
             self.pending.give_back += [job_id for job_id in message["gave_back"] if job_id in held]
             proc.batch = []
@@ -823,6 +861,7 @@ class Worker:
 
     def shutdown(self) -> None:
         """Record what is done, put back what is not, end the job processes, leave the worker table."""
+        self.tally.say(self.worker_id)
         for proc in self.procs:
             if proc.busy:
                 self._stop_running(proc)
