@@ -6,6 +6,10 @@
     python scripts/bench.py --compare huey   # also huey, same workloads, same run (pip install -e '.[bench]')
     python scripts/bench.py --web            # the web page: page times with 10,000 tasks, and the
                                              # drain with 20 pages watching live
+    python scripts/bench.py --compare celery --compare rq [--db URL]
+                                             # fan out then finalize, against Celery's chord and RQ's
+                                             # depends_on (local RabbitMQ and Redis), litemultistep on
+                                             # SQLite (and on PostgreSQL with --db)
     python scripts/bench.py --db postgresql://postgres@127.0.0.1/test [--compare procrastinate]
                                              # the PostgreSQL backend (a throwaway schema per run), and
                                              # procrastinate on the same server, same run
@@ -628,15 +632,206 @@ def claim_us(db: str, tasks: int, at_limit: bool, claims: int = 2000) -> float:
     return float(out.stdout.split()[-1])
 
 
+# -- fan out, then finalize: against Celery's chord and RQ's depends_on ------------------------------
+
+
+def _answers(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _until_marked(path: str, timeout: float) -> tuple[float, str]:
+    """When the finalizer stamped ``path`` (wall clock), and what it said."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                tag, at = f.read().split()
+            return float(at), tag
+        time.sleep(0.005)
+    raise RuntimeError(f"no finalizer ran within {timeout:g} s")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def _fan_out(client: str, path: str, n: int, env: dict[str, str], timeout: float) -> float:
+    """Run ``client`` (it prints the wall-clock time just before its first add), then wait for the
+    finalizer's stamp: seconds from the first add to the finalizer's end, checked to follow ``n`` jobs."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(client)], check=True, capture_output=True, text=True,
+                         env=env, cwd=HERE)
+    began = float(out.stdout.split()[-1])
+    at, tag = _until_marked(path, timeout)
+    if tag != f"final-{n}":
+        raise RuntimeError(f"the finalizer followed {tag.split('-')[1]} jobs, not {n}")
+    return at - began
+
+
+def _job(kind: str) -> tuple[str, str]:
+    """The job's name and its arguments after ``i``, in Python."""
+    return ("noop", "") if kind == "noop" else ("burn_job", ", 0.01")
+
+
+def fanout_litemultistep(tmp: str, n: int, kind: str, db: str | None = None) -> float:
+    """``n`` jobs fanned out in one with block, then one finalizer, into an idle ``worker -c 2``."""
+    target = db or f"{tmp}/fanout-{time.monotonic_ns()}.sqlite"
+    path = f"{tmp}/final-{time.monotonic_ns()}"
+    from litemultistep import Database
+
+    Database(target).close()
+    worker = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", target, "-c", "2", "-q"],
+                              env=child_env(), start_new_session=True)
+    try:
+        time.sleep(1.0)  # started and idle
+        name, more = _job(kind)
+        return _fan_out(f"""
+            import time, bench_jobs
+            from litemultistep import MultiStepTask
+            began = time.time()
+            with MultiStepTask.create("fanout", db={target!r}) as task:
+                for i in range({n}):
+                    task.add_job(bench_jobs.{name}, i{more})
+                task.add_finalization_job(bench_jobs.final, {path!r})
+            print(began)
+        """, path, n, child_env(), 600)
+    finally:
+        _stop([worker])
+
+
+def fanout_celery(tmp: str, n: int, kind: str, broker: str, backend: str) -> float:
+    """Celery's chord: ``n`` jobs in a group, the finalizer its callback; ``celery worker -c 2``
+    (prefork), started and idle."""
+    path = f"{tmp}/final-{time.monotonic_ns()}"
+    env = child_env(BENCH_CELERY_BROKER=broker, BENCH_CELERY_BACKEND=backend)
+    subprocess.run([sys.executable, "-m", "celery", "-A", "bench_celery_app", "purge", "-f"], env=env, cwd=HERE,
+                   capture_output=True, check=True)
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_celery_app", "worker", "-c", "2",
+                               "-P", "prefork", "-l", "WARNING", "--without-gossip", "--without-mingle",
+                               "--without-heartbeat"], env=env, cwd=HERE, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run([sys.executable, "-c", "import bench_celery_app as a; a.noop.delay(0).get(timeout=120)"],
+                       env=env, cwd=HERE, check=True, timeout=150)  # started and idle
+        name, more = _job(kind)
+        return _fan_out(f"""
+            import time
+            from celery import chord
+            from bench_celery_app import final, {name}
+            began = time.time()
+            chord([{name}.s(i{more}) for i in range({n})])(final.s({path!r}))
+            print(began)
+        """, path, n, env, 900)
+    finally:
+        _stop([worker])
+
+
+def fanout_rq(tmp: str, n: int, kind: str, url: str) -> float:
+    """RQ: ``n`` jobs, then the finalizer enqueued with ``depends_on`` every one; two ``rq worker``s,
+    started and idle."""
+    import shutil
+
+    path = f"{tmp}/final-{time.monotonic_ns()}"
+    env = child_env(BENCH_RQ_URL=url)
+    rq_cli = shutil.which("rq", path=os.path.dirname(sys.executable)) or "rq"
+    subprocess.run([sys.executable, "-c", "import redis, os; redis.Redis.from_url(os.environ['BENCH_RQ_URL'])"
+                    ".flushdb()"], env=env, check=True)
+    workers = [subprocess.Popen([rq_cli, "worker", "--url", url, "-q", "bench"], env=env, cwd=HERE,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for _ in range(2)]
+    try:
+        time.sleep(2.0)  # started and idle
+        name, more = _job(kind)
+        return _fan_out(f"""
+            import os, time
+            import redis
+            from rq import Queue
+            import bench_rq_jobs
+            q = Queue("bench", connection=redis.Redis.from_url(os.environ["BENCH_RQ_URL"]))
+            began = time.time()
+            jobs = [q.enqueue(bench_rq_jobs.{name}, i{more}) for i in range({n})]
+            q.enqueue(bench_rq_jobs.final, {path!r}, depends_on=jobs)
+            print(began)
+        """, path, n, env, 1800)
+    finally:
+        _stop(workers)
+
+
+def compare_main(quick: bool, runs: int, compare: list[str], postgres: str | None) -> int:
+    """Fan out, then finalize: the same workloads on litemultistep, Celery (chord) and RQ
+    (``depends_on``), each timed from the first add to the finalizer's end, workers started and idle."""
+    figures: list[Figure] = []
+    ratios: list[str] = []
+    add = recorder(figures)
+    n, rq_n, cpu_n = (1_000, 500, 100) if quick else (10_000, 2_000, 400)
+    print(f"fan-out comparison ({'quick' if quick else 'full'}), {runs} run(s) each", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="lms-fanout-") as tmp:
+        def repeat(fn: Callable[[], float]) -> list[float]:
+            return [fn() for _ in range(runs)]
+
+        ours: dict[str, Figure] = {}
+        for kind, size in (("noop", n), ("burn", cpu_n)):
+            what = f"{size:,} no-op jobs" if kind == "noop" else f"{size} CPU-bound jobs of 10 ms"
+            ours[kind] = add(f"litemultistep (SQLite), {what} + 1 finalizer, worker -c 2", "s",
+                             repeat(lambda k=kind, s=size: fanout_litemultistep(tmp, s, k)))
+            if postgres:
+                from litemultistep.pg import temporary_schema
+
+                def on_pg(k: str = kind, s: int = size) -> float:
+                    with temporary_schema(postgres) as url:
+                        return fanout_litemultistep(tmp, s, k, url)
+
+                add(f"litemultistep (PostgreSQL), {what} + 1 finalizer, worker -c 2", "s", repeat(on_pg))
+            if "celery" in compare:
+                for broker, backend, label in (("amqp://guest:guest@127.0.0.1:5672//", "redis://127.0.0.1:6379/15",
+                                                "RabbitMQ broker, Redis results"),
+                                               ("redis://127.0.0.1:6379/13", "redis://127.0.0.1:6379/15",
+                                                "Redis broker and results")):
+                    host, port = ("127.0.0.1", 5672) if broker.startswith("amqp") else ("127.0.0.1", 6379)
+                    if not (_answers(host, port) and _answers("127.0.0.1", 6379)):
+                        print(f"skipped Celery ({label}): nothing answers at {host}:{port} or 127.0.0.1:6379",
+                              file=sys.stderr)
+                        continue
+                    theirs = add(f"Celery chord ({label}), {what} + 1 finalizer, worker -c 2 prefork", "s",
+                                 repeat(lambda k=kind, s=size, b=broker, r=backend: fanout_celery(tmp, s, k, b, r)))
+                    ratios.append(f"{what}: Celery ({label}) / litemultistep (SQLite): "
+                                  f"{statistics.median(theirs.values) / statistics.median(ours[kind].values):.1f}x")
+            if "rq" in compare:
+                if not _answers("127.0.0.1", 6379):
+                    print("skipped RQ: no Redis answers at 127.0.0.1:6379", file=sys.stderr)
+                    continue
+                rq_size = rq_n if kind == "noop" else size
+                rq_what = f"{rq_size:,} no-op jobs" if kind == "noop" else what
+                theirs = add(f"RQ, {rq_what} + 1 finalizer depending on each, 2 workers", "s",
+                             repeat(lambda k=kind, s=rq_size: fanout_rq(tmp, s, k, "redis://127.0.0.1:6379/14")))
+                if rq_size == size:
+                    ratios.append(f"{what}: RQ / litemultistep (SQLite): "
+                                  f"{statistics.median(theirs.values) / statistics.median(ours[kind].values):.1f}x")
+    report(figures, ratios, "local Redis 7 and RabbitMQ for the others")
+    return 0
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and one run each: a smoke test")
-    parser.add_argument("--compare", choices=["huey", "procrastinate"], action="append", default=[],
+    parser.add_argument("--compare", choices=["huey", "procrastinate", "celery", "rq"], action="append", default=[],
                         help="also run huey's SqliteHuey on the same workloads (SQLite), or procrastinate on the "
-                             "same server (with --db)")
+                             "same server (with --db); celery and rq: fan out then finalize, against Celery's chord "
+                             "and RQ's depends_on on the local RabbitMQ and Redis (with --db, litemultistep on "
+                             "PostgreSQL too)")
     parser.add_argument("--db", metavar="URL",
                         help="benchmark the PostgreSQL backend on this database (postgresql://...) instead")
     parser.add_argument("--runs", type=int, help="runs of each drain (default 3, 1 with --quick)")
@@ -661,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         packages.append(os.path.join(os.path.abspath(args.baseline), "litemultistep"))
     for package in packages:
         compileall.compile_dir(package, quiet=1)
-    for name, extra in (("huey", "bench"), ("procrastinate", "bench"), ("psycopg", "postgres")):
+    for name, extra in (("huey", "bench"), ("procrastinate", "bench"), ("celery", "bench"), ("rq", "bench"),
+                        ("psycopg", "postgres")):
         if name in args.compare or name == "psycopg" and args.db:
             try:
                 __import__(name)
@@ -671,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compare procrastinate runs on PostgreSQL: give --db postgresql://...")
     quick = args.quick
     runs = args.runs or (1 if quick else 3)
+    if {"celery", "rq"} & set(args.compare):
+        return compare_main(quick, runs, args.compare, args.db)
     if args.db:
         return postgres_main(args.db, quick, runs, args.compare)
     if args.web:

@@ -32,3 +32,15 @@ def burn(seconds: float) -> None:
 
 def echo(i: int) -> int:
     return i
+
+
+def final(path: str) -> None:
+    """A finalizer that says how many jobs of its task completed before it."""
+    import litemultistep
+
+    stamp(path, f"final-{litemultistep.current_task().progress().completed_count}")
+
+
+def burn_job(i: int, seconds: float) -> None:
+    """Job ``i`` of a fan-out: about ``seconds`` of CPU work."""
+    burn(seconds)
