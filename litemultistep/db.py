@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from .errors import DatabaseUnusable, LiteMultiStepError
 
 #: Version of the schema this litemultistep writes; an older database is upgraded, a newer one refused.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class TaskState(IntEnum):
@@ -73,8 +73,8 @@ class JobKind(IntEnum):
     FINALIZE = 1
 
 
-#: the schema's tables, the same on every backend
-TABLES = ("task", "job", "failure", "worker", "finished_task")
+#: the schema's tables, the same on every backend (``throughput``: jobs completed and failed per minute)
+TABLES = ("task", "job", "failure", "worker", "finished_task", "throughput")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ NORMAL, FINALIZE = JobKind.NORMAL, JobKind.FINALIZE
 #: rows written or deleted per transaction in bulk work, so no writer waits long behind it
 CHUNK = 20_000
 CLAIM_WINDOW = rules.CLAIM_WINDOW
+#: seconds over which a task's current rate is measured (the ``rate_*`` columns of its row)
+RATE_WINDOW = 10.0
 DEFAULT_MAX_CRASHES = rules.DEFAULT_MAX_CRASHES
 _NONCE_ALPHABET = string.ascii_letters + string.digits
 
@@ -275,11 +277,12 @@ def _advance_chain(c: Connection, pk: int, task_id: str,
 def _finish_task(c: Connection, pk: int, task_id: str) -> None:
     t = now()
     c.execute(
-        "INSERT INTO finished_task (task_id, slug, normal_count, finalize_count, created_at, finished_at) "
-        "SELECT task_id, slug, normal_count, finalize_count, created_at, ? FROM task WHERE id = ? "
+        "INSERT INTO finished_task (task_id, slug, normal_count, finalize_count, created_at, finished_at, "
+        "failed_attempts) SELECT task_id, slug, normal_count, finalize_count, created_at, ?, failed_attempts "
+        "FROM task WHERE id = ? "
         "ON CONFLICT (task_id) DO UPDATE SET slug = excluded.slug, normal_count = excluded.normal_count, "
         "finalize_count = excluded.finalize_count, created_at = excluded.created_at, "
-        "finished_at = excluded.finished_at", (t, pk))
+        "finished_at = excluded.finished_at, failed_attempts = excluded.failed_attempts", (t, pk))
     # Only finalizer rows and their failure records are left: normal jobs were deleted as they succeeded.
     c.execute("DELETE FROM task WHERE id = ?", (pk,))
     c.execute("DELETE FROM finished_task WHERE finished_at < ?", (t - config.keep_finished(),))
@@ -344,6 +347,8 @@ class _Delta:
     task_id: str = ""
     completed: int = 0
     failed: int = 0
+    #: failures recorded (a failed attempt, whether it is retried or not)
+    failed_attempts: int = 0
     pending: int = 0
     running: int = 0
     #: when a claim served the task (ns), 0 if none did
@@ -542,8 +547,10 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
             change.results += 1 if job.kind == NORMAL and o.result is not None else 0
             change.decide = True
             change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
-        elif not rules.retries(job.attempt, rules_of_task[0]):
-            change.failed += 1
+        else:
+            change.failed_attempts += 1
+            if not rules.retries(job.attempt, rules_of_task[0]):
+                change.failed += 1
         if job.kind == NORMAL:
             change.ran += 1
             change.seconds += o.duration
@@ -603,18 +610,32 @@ def _record_failure(c: Connection, worker_id: int, o: Outcome, max_retries: int,
 def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[ClaimedJob]:
     """Apply each task's changes in one UPDATE, in key order (the same order in every transaction),
     then start or advance finalization where a completion made it due; returns the finalizers handed
-    to ``worker_id``."""
+    to ``worker_id``. What completed and failed in all is added to this minute's counts last
+    (:func:`_count_minute`), so that row is held for the least time."""
     handed: list[ClaimedJob] = []
+    t = now()
+    completed = failed_attempts = 0
     for pk in sorted(tally):
         d = tally[pk]
+        completed += d.completed
+        failed_attempts += d.failed_attempts
         mean = d.seconds / d.ran if d.ran else None
+        # the rate window: a window open RATE_WINDOW seconds closes with its jobs (and these) as its
+        # rate, and a new one opens now (SET sees the row as it was, on both backends)
         row = c.execute(
             "UPDATE task SET completed_count = completed_count + ?, failed_count = failed_count + ?, "
+            "failed_attempts = failed_attempts + ?, "
             "pending_count = pending_count + ?, running_count = running_count + ?, "
             "last_served = CASE WHEN ? > last_served THEN ? ELSE last_served END, "
-            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration), result_count = result_count + ? "
+            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration), result_count = result_count + ?, "
+            "rate = CASE WHEN rate_since IS NOT NULL AND ? >= rate_since + ? "
+            "THEN (rate_count + ?) / (? - rate_since) ELSE rate END, "
+            "rate_count = CASE WHEN rate_since IS NOT NULL AND ? >= rate_since + ? THEN 0 ELSE rate_count + ? END, "
+            "rate_since = CASE WHEN rate_since IS NULL OR ? >= rate_since + ? THEN ? ELSE rate_since END "
             "WHERE id = ? RETURNING task_id, state, finalizable, normal_count, completed_count, failed_count",
-            (d.completed, d.failed, d.pending, d.running, d.served, d.served, mean, mean, d.results, pk)).fetchone()
+            (d.completed, d.failed, d.failed_attempts, d.pending, d.running, d.served, d.served, mean, mean,
+             d.results, t, RATE_WINDOW, d.completed, t, t, RATE_WINDOW, d.completed, t, RATE_WINDOW, t,
+             pk)).fetchone()
         if row is None or not d.decide:
             continue
         task_id, state, finalizable, normal, completed_now, failed_now = row
@@ -625,7 +646,33 @@ def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[C
             nxt = _advance_chain(c, pk, task_id, worker_id)
         if nxt is not None:
             handed.append(nxt)
+    if completed or failed_attempts:
+        _count_minute(c, int(t // 60), completed, failed_attempts)
     return handed
+
+
+def _count_minute(c: Connection, minute: int, completed: int, failed: int) -> None:
+    """Add to one minute's counts of completed jobs and failed attempts (the throughput history)."""
+    c.execute("INSERT INTO throughput (minute, completed, failed) VALUES (?, ?, ?) ON CONFLICT (minute) DO UPDATE "
+              "SET completed = throughput.completed + excluded.completed, failed = throughput.failed + excluded.failed",
+              (minute, completed, failed))
+
+
+def prune_history(db: Database, keep: float | None = None) -> int:
+    """Fold the minutes of the throughput history older than ``keep`` seconds (default
+    :func:`config.keep_history`, a day) into minute 0, which keeps what they counted, so the totals
+    never go down. A read when there is nothing to prune. Returns how many minutes went."""
+    cutoff = int((now() - (config.keep_history() if keep is None else keep)) // 60)
+    if db.connection().execute("SELECT 1 FROM throughput WHERE minute > 0 AND minute < ? LIMIT 1",
+                               (cutoff,)).fetchone() is None:
+        return 0
+    with db.write() as c:
+        # each old row is deleted, and counted, by one transaction only, however many prune at once
+        rows = c.execute("DELETE FROM throughput WHERE minute > 0 AND minute < ? RETURNING completed, failed",
+                         (cutoff,)).fetchall()
+        if rows:
+            _count_minute(c, 0, sum(r[0] for r in rows), sum(r[1] for r in rows))
+    return len(rows)
 
 
 def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, message: str,
@@ -647,7 +694,7 @@ def _stale(job: ClaimedJob, worker_id: int, again: bool = False) -> None:
 
 
 def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running: int = 0, failed: int = 0,
-           tally: _Tally | None = None) -> None:
+           failed_attempts: int = 0, tally: _Tally | None = None) -> None:
     """Count, for each of some jobs, a change of its task's counters: into ``tally``, or applied at once."""
     own = _Tally() if tally is None else tally
     for pk in task_pks:
@@ -655,6 +702,7 @@ def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running:
         d.pending += pending
         d.running += running
         d.failed += failed
+        d.failed_attempts += failed_attempts
     if tally is None:
         _apply(c, own)
 
@@ -680,7 +728,7 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     failed = [r for r in rows if r[2] == FAILED]
     own = _Tally() if tally is None else tally
     _shift(c, back, running=-1, pending=1, tally=own)
-    _shift(c, (r[1] for r in failed), running=-1, failed=1, tally=own)
+    _shift(c, (r[1] for r in failed), running=-1, failed=1, failed_attempts=1, tally=own)
     if tally is None:
         _apply(c, own)
     if back:

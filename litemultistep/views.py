@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 from . import rules
 from .config import resolve_db
-from .db import Database, JobKind, JobState, TaskState
+from .db import Database, JobKind, JobState, TaskState, now
+from .engine import RATE_WINDOW
 from .errors import NoResult, NoSuchJob, NoSuchMultiStepTask
 from .runner import REPORT_LIMIT
 
@@ -29,7 +30,8 @@ _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_coun
                  # finite, and PostgreSQL does not refuse to add it up ("value out of range")
                  + ", ".join(f"(SELECT sum(CASE WHEN {c} <= {float(REPORT_LIMIT)!r} THEN {c} END) FROM job "
                              f"WHERE job.task = task.id AND job.state = {int(JobState.RUNNING)})"
-                             for c in ("progress_done", "progress_total")))
+                             for c in ("progress_done", "progress_total"))
+                 + ", failed_attempts, rate_since, rate_count, rate")
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,22 @@ class Progress:
     #: report()'s limit, which only an older version stored, counts as none)
     reported_done: float | None = None
     reported_total: float | None = None
+    #: every failed attempt of the task's jobs so far, retried or not (a finished task keeps it)
+    failed_attempts: int = 0
+    #: jobs completed a second, over about the last 10 s (None until it is known, and once finished)
+    rate: float | None = None
+    #: seconds until the jobs not done yet are done at that rate (None: no rate, blocked, finished)
+    seconds_left: float | None = None
 
     @property
     def total_job_count(self) -> int:
         return self.normal_job_count + self.finalize_job_count
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the task's creation to its end (``finished_at - created_at``); None until
+        it has finished."""
+        return None if self.finished_at is None else max(0.0, self.finished_at - self.created_at)
 
     @property
     def finished(self) -> bool:
@@ -94,6 +108,7 @@ class Progress:
         """The JSON shape of ``status --json``: every field plus ``total_job_count``."""
         d = dict(self.__dict__)  # the fields are plain values: no deep copy needed (asdict's cost)
         d["total_job_count"] = self.total_job_count
+        d["duration"] = self.duration
         return d
 
 
@@ -109,14 +124,33 @@ def duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def _progress_from_row(row: tuple[Any, ...]) -> Progress:
+def current_rate(since: float | None, count: int, last: float | None, at: float) -> float | None:
+    """A task's jobs completed a second over the last :data:`~litemultistep.engine.RATE_WINDOW`
+    seconds, from its rate window: ``count`` jobs since ``since``, after a window that measured
+    ``last``. A window open longer than that (the task stalled) is its own measure, which falls
+    towards 0 as it stays open. None while not known (a first window under a second old)."""
+    if since is None:
+        return None
+    elapsed = max(0.0, at - since)
+    if elapsed >= RATE_WINDOW or last is None:
+        return count / elapsed if elapsed >= 1.0 else None
+    # the jobs of the open window, and the last window's rate for the rest of the span
+    return (count + last * (RATE_WINDOW - elapsed)) / RATE_WINDOW
+
+
+def _progress_from_row(row: tuple[Any, ...], at: float | None = None) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
-     created_at, scheduled, keep, results, reported_done, reported_total) = row
+     created_at, scheduled, keep, results, reported_done, reported_total, failed_attempts,
+     rate_since, rate_count, last_rate) = row
     label = rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, failed, queued, running,
                              scheduled)
     pending = normal + finalize - completed - failed - running
+    rate = current_rate(rate_since, rate_count, last_rate, now() if at is None else at)
+    left = normal + finalize - completed - failed
+    seconds_left = left / rate if rate and label not in ("blocked", "building") else None
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
-                    running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total)
+                    running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total,
+                    failed_attempts, rate, seconds_left)
 
 
 #: the largest id a job can have: both backends keep ids in signed 64-bit integers
@@ -147,14 +181,20 @@ def progress(db: Database, task_id: str) -> Progress:
     row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is not None:
         return _progress_from_row(row)
-    done = conn.execute("SELECT slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
-                        "WHERE task_id = ?", (task_id,)).fetchone()
+    done = conn.execute(f"SELECT {_FINISHED_COLUMNS} FROM finished_task WHERE task_id = ?", (task_id,)).fetchone()
     if done is None:
         raise NoSuchMultiStepTask(f"no task {task_id!r} in {db.path}: it never existed, was nuked, or "
                                   "finished long enough ago that its summary was dropped")
-    slug, normal, finalize, created_at, finished_at = done
+    return _finished_from_row(done)
+
+
+_FINISHED_COLUMNS = "task_id, slug, normal_count, finalize_count, created_at, finished_at, failed_attempts"
+
+
+def _finished_from_row(row: tuple[Any, ...]) -> Progress:
+    task_id, slug, normal, finalize, created_at, finished_at, failed_attempts = row
     return Progress(task_id, slug, "finished", True, normal, finalize, normal + finalize, 0, 0, 0,
-                    created_at, finished_at)
+                    created_at, finished_at, failed_attempts=failed_attempts)
 
 
 @dataclass(frozen=True)
@@ -257,7 +297,8 @@ def active_tasks(db: Any = None, limit: int | None = None, offset: int = 0) -> l
     # the sort passes over
     where = "" if limit is None else f" WHERE id IN (SELECT id FROM task ORDER BY created_at, id{_page(limit, offset)})"
     rows = db.connection().execute(f"SELECT {_TASK_COLUMNS} FROM task{where} ORDER BY created_at, id").fetchall()
-    return [_progress_from_row(r) for r in rows]
+    at = now()
+    return [_progress_from_row(r, at) for r in rows]
 
 
 def task_counts(db: Any = None) -> tuple[int, int]:
@@ -272,9 +313,9 @@ def finished_tasks(db: Any = None, limit: int | None = None, offset: int = 0) ->
     """Summaries of recently finished tasks, newest first."""
     db = resolve_db(db)
     rows = db.connection().execute(
-        "SELECT task_id, slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
-        f"ORDER BY finished_at DESC, task_id{_page(limit, offset)}").fetchall()
-    return [Progress(t, s, "finished", True, n, f, n + f, 0, 0, 0, c, fin) for t, s, n, f, c, fin in rows]
+        f"SELECT {_FINISHED_COLUMNS} FROM finished_task ORDER BY finished_at DESC, task_id{_page(limit, offset)}"
+    ).fetchall()
+    return [_finished_from_row(r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -308,21 +349,72 @@ def failure_count(db: Any = None) -> int:
     return int(db.connection().execute("SELECT coalesce(sum(failed_count), 0) FROM task").fetchone()[0])
 
 
+def _failure_filter(task_id: str | None, exc_type: str | None, message: str | None = None
+                    ) -> tuple[str, list[Any]]:
+    where = ""
+    params: list[Any] = []
+    for term, value in (("t.task_id", task_id), ("f.exc_type", exc_type), ("f.message", message)):
+        if value is not None:
+            where, params = f"{where} AND {term} = ?", [*params, value]
+    return where, params
+
+
 def failures(db: Any = None, task_id: str | None = None, exc_type: str | None = None,
-             limit: int | None = None, offset: int = 0) -> list[FailureInfo]:
+             limit: int | None = None, offset: int = 0, message: str | None = None) -> list[FailureInfo]:
     """Jobs that are failed now (not retried since), each with its last failure, oldest first; only
-    ``task_id``'s, only those whose exception is ``exc_type``, with ``limit`` that many from ``offset``."""
+    ``task_id``'s, only those whose exception is ``exc_type`` (and whose message is ``message``), with
+    ``limit`` that many from ``offset``."""
     db = resolve_db(db)
-    where, params = "", []
-    if task_id is not None:
-        where, params = " AND t.task_id = ?", [task_id]
-    if exc_type is not None:
-        where, params = where + " AND f.exc_type = ?", [*params, exc_type]
+    where, params = _failure_filter(task_id, exc_type, message)
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
         f"f.failed_at FROM {_FAILED_JOBS}{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
         (JobState.FAILED, *params)).fetchall()
     return [FailureInfo(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """The jobs failed now whose last failure has one exception type and one message."""
+
+    exc_type: str
+    message: str
+    #: how many jobs
+    count: int
+    #: when the first and the last of them failed (Unix time)
+    first_failed_at: float
+    last_failed_at: float
+    #: the first few of them (:data:`GROUP_JOB_IDS`), oldest failure first
+    job_ids: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+#: job ids a failure group names
+GROUP_JOB_IDS = 5
+
+
+def failure_groups(db: Any = None, task_id: str | None = None, exc_type: str | None = None,
+                   limit: int | None = None, offset: int = 0) -> list[FailureGroup]:
+    """The jobs failed now, grouped by their last failure's exception type and message, the biggest
+    group first; only ``task_id``'s, only ``exc_type``'s; with ``limit``, that many groups from ``offset``."""
+    db = resolve_db(db)
+    where, params = _failure_filter(task_id, exc_type)
+    # one pass: each failed job with its group's size, first and last time, and its rank in the group
+    rows = db.connection().execute(
+        "SELECT exc_type, message, job_id, n, first_at, last_at FROM (SELECT f.exc_type AS exc_type, "
+        "f.message AS message, j.id AS job_id, row_number() OVER ranked AS k, count(*) OVER g AS n, "
+        "min(f.failed_at) OVER g AS first_at, max(f.failed_at) OVER g AS last_at "
+        f"FROM {_FAILED_JOBS}{where} WINDOW g AS (PARTITION BY f.exc_type, f.message), "
+        "ranked AS (PARTITION BY f.exc_type, f.message ORDER BY f.failed_at, j.id)) AS x "
+        "WHERE k <= ? ORDER BY n DESC, exc_type, message, k", (JobState.FAILED, *params, GROUP_JOB_IDS)).fetchall()
+    groups: list[FailureGroup] = []
+    for exc, message, job_id, n, first_at, last_at in rows:
+        if not groups or (groups[-1].exc_type, groups[-1].message) != (exc, message):
+            groups.append(FailureGroup(exc, message, int(n), first_at, last_at, []))
+        groups[-1].job_ids.append(job_id)
+    return groups[offset:] if limit is None else groups[offset:offset + limit]
 
 
 def failure_kinds(db: Any = None, task_id: str | None = None) -> list[tuple[str, int]]:
@@ -501,17 +593,113 @@ def task_doc(db: Database, task_id: str) -> dict[str, Any]:
 
 
 def failures_doc(db: Database, task_id: str | None = None, exc_type: str | None = None,
-                 limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+                 limit: int | None = None, offset: int = 0, message: str | None = None) -> dict[str, Any]:
     """``failed --json``: failed jobs (filtered as :func:`failures` does) and scheduled retries."""
     if task_id is not None:
         progress(db, task_id)  # an unknown id is an error, not an empty list
     scheduled = scheduled_retries(db, task_id)
     if exc_type is not None:
         scheduled = [s for s in scheduled if s.exc_type == exc_type]
-    return {"failures": [f.as_dict() for f in failures(db, task_id, exc_type, limit, offset)],
+    if message is not None:
+        scheduled = [s for s in scheduled if s.message == message]
+    return {"failures": [f.as_dict() for f in failures(db, task_id, exc_type, limit, offset, message)],
             "scheduled": [s.as_dict() for s in scheduled]}
+
+
+def groups_doc(db: Database, task_id: str | None = None, exc_type: str | None = None,
+               limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+    """``failed --group --json``: the failed jobs grouped by exception type and message."""
+    if task_id is not None:
+        progress(db, task_id)
+    return {"groups": [g.as_dict() for g in failure_groups(db, task_id, exc_type, limit, offset)]}
 
 
 def workers_doc(db: Database) -> dict[str, Any]:
     """``workers --json``: every registered worker, alive or not, and the jobs each holds."""
     return {"workers": [w.as_dict() for w in workers(db)]}
+
+
+# -- history and metrics ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Jobs completed and job attempts failed in each minute of a span, oldest first: the last
+    entry is the minute ``end_minute`` (Unix time // 60), which is still counting."""
+
+    end_minute: int
+    completed: list[int]
+    failed: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def throughput(db: Any = None, minutes: int = 60, at: float | None = None) -> Throughput:
+    """The throughput history of the last ``minutes`` minutes (the current one included)."""
+    db = resolve_db(db)
+    last = int((now() if at is None else at) // 60)
+    first = last - minutes + 1
+    counts = {m: (c, f) for m, c, f in db.connection().execute(
+        "SELECT minute, completed, failed FROM throughput WHERE minute >= ? AND minute <= ?",
+        (first, last)).fetchall()}
+    span = [counts.get(m, (0, 0)) for m in range(first, last + 1)]
+    return Throughput(last, [int(c) for c, _ in span], [int(f) for _, f in span])
+
+
+def totals(db: Any = None) -> tuple[int, int]:
+    """Jobs completed and job attempts failed since the database was made (or upgraded to keep count)."""
+    db = resolve_db(db)
+    row = db.connection().execute("SELECT coalesce(sum(completed), 0), coalesce(sum(failed), 0) FROM throughput"
+                                  ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+#: the states ``litemultistep_jobs`` and ``litemultistep_tasks`` have, always all of them
+JOB_STATES = ("pending", "running", "scheduled", "failed")
+TASK_STATES = ("building", "running", "blocked", "finalizing", "finished")
+
+
+def metrics(db: Any = None, lease: float = 30.0) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the database: jobs and tasks by state, workers
+    alive or not, and the totals of completed jobs and failed attempts. It reads the tasks' counters,
+    the scheduled retries' index, the workers and the history, never a pass over the jobs."""
+    db = resolve_db(db)
+    conn = db.connection()
+    waiting, running, failed = conn.execute(
+        "SELECT coalesce(sum(normal_count + finalize_count - completed_count - failed_count - running_count), 0), "
+        "coalesce(sum(running_count), 0), coalesce(sum(failed_count), 0) FROM task").fetchone()
+    # ordered by run_at: only then does SQLite read the scheduled retries' own index (job_scheduled)
+    # rather than every job of the (task, state) index
+    scheduled = dict(conn.execute(f"SELECT task, count(*) FROM (SELECT task FROM job WHERE state = "
+                                  f"{int(JobState.SCHEDULED)} ORDER BY run_at) AS s GROUP BY task").fetchall())
+    n_scheduled = sum(scheduled.values())
+    jobs = {"pending": int(waiting) - n_scheduled, "running": int(running), "scheduled": n_scheduled,
+            "failed": int(failed)}
+    tasks = dict.fromkeys(TASK_STATES, 0)
+    for pk, state, n_failed, queued, n_running in conn.execute(
+            "SELECT id, state, failed_count, pending_count, running_count FROM task").fetchall():
+        tasks[rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, n_failed, queued,
+                               n_running, scheduled.get(pk, 0))] += 1
+    tasks["finished"] = int(conn.execute("SELECT count(*) FROM finished_task").fetchone()[0])
+    registered = int(conn.execute("SELECT count(*) FROM worker").fetchone()[0])
+    dead = len(db.dead_workers(lease))
+    completed, failed_attempts = totals(db)
+    out = ["# HELP litemultistep_jobs Jobs of unfinished tasks by state: pending (queued, or a finalizer not "
+           "reached yet), running, scheduled (failed, waiting for an automatic retry), failed.",
+           "# TYPE litemultistep_jobs gauge"]
+    out += [f'litemultistep_jobs{{state="{k}"}} {v}' for k, v in jobs.items()]
+    out += ["# HELP litemultistep_tasks Tasks by state (finished: summaries still kept).",
+            "# TYPE litemultistep_tasks gauge"]
+    out += [f'litemultistep_tasks{{state="{k}"}} {v}' for k, v in tasks.items()]
+    out += ["# HELP litemultistep_workers Registered workers, alive or dead (a dead one stays listed until "
+            "a worker or check --repair removes it).", "# TYPE litemultistep_workers gauge",
+            f'litemultistep_workers{{alive="true"}} {registered - dead}',
+            f'litemultistep_workers{{alive="false"}} {dead}',
+            "# HELP litemultistep_jobs_completed_total Jobs (and finalizers) completed.",
+            "# TYPE litemultistep_jobs_completed_total counter",
+            f"litemultistep_jobs_completed_total {completed}",
+            "# HELP litemultistep_jobs_failed_total Job attempts that failed, retried or not.",
+            "# TYPE litemultistep_jobs_failed_total counter",
+            f"litemultistep_jobs_failed_total {failed_attempts}"]
+    return "\n".join(out) + "\n"

@@ -196,8 +196,11 @@ class TestFile:
                     words = sql.split()
                     if words[:2] == ["CREATE", "INDEX"]:
                         conn.execute(f"DROP INDEX {words[2]}")
-                    else:
+                    elif words[:2] == ["CREATE", "TABLE"]:
+                        conn.execute(f"DROP TABLE {words[2]}")
+                    elif words[0] == "ALTER":
                         conn.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+                    # (an UPDATE fills a new column: nothing to undo)
             conn.execute(f"PRAGMA user_version = {old}")
             conn.commit()
             conn.close()

@@ -222,8 +222,11 @@ def test_an_older_schema_is_upgraded_once_by_many_processes(db):
                     words = sql.split()
                     if words[:2] == ["CREATE", "INDEX"]:  # "CREATE INDEX i ON ..." -> "DROP INDEX i"
                         c.execute(f"DROP INDEX {words[2]}")
-                    else:  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
+                    elif words[:2] == ["CREATE", "TABLE"]:  # "CREATE TABLE t (...)" -> "DROP TABLE t"
+                        c.execute(f"DROP TABLE {words[2]}")
+                    elif words[0] == "ALTER":  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
                         c.execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+                    # (an UPDATE fills a new column: nothing to undo)
             c.execute("UPDATE litemultistep_schema SET version = 2")
     finally:
         database.close()
