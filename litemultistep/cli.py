@@ -446,22 +446,38 @@ def _watch_loop(database: Database, task_id: str, bar: Progress, deadline: float
 @cli.command(context_settings=CONTEXT)
 @_db_then("")
 @click.option("--task", "task_id", metavar="TASK_ID", help="Only this task's failures.")
+@click.option("--exc-type", metavar="NAME", help="Only failures of this exception type (as shown, e.g. KeyError "
+                                                 "or mymodule.MyError).")
+@click.option("--group", "grouped", is_flag=True, help="One line per exception type and message, with how many "
+                                                      "jobs, when the first and the last failed, and a few job ids.")
+@click.option("--limit", type=click.IntRange(1), metavar="N", help="At most N failures (with --group: N groups), "
+                                                                   "and N scheduled retries.")
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show each failure's traceback.")
 @json_option
-def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_json: bool) -> None:
+def failed(args: Sequence[str], task_id: str | None, exc_type: str | None, grouped: bool, limit: int | None,
+           show_traceback: bool, as_json: bool) -> None:
     """List failed jobs (job id, task, call, exception and message, attempt, time), and the failed
-    jobs whose automatic retry is scheduled (`retry` runs them now)."""
+    jobs whose automatic retry is scheduled (`retry` runs them now); with --group, how many jobs
+    failed of each exception and message."""
     db, _ = split_db(args, 0)
     database = _open(db)
+    if exc_type is not None and "\x00" in exc_type:
+        raise click.UsageError("--exc-type cannot hold a NUL character")
+    if grouped:
+        _failed_groups(database, task_id, exc_type, limit, as_json)
+        return
     if as_json:
-        _emit_json(views.failures_doc(database, task_id))
+        doc = views.failures_doc(database, task_id, exc_type, limit)
+        doc["scheduled"] = doc["scheduled"][:limit]
+        _emit_json(doc)
         return
     if task_id is not None:
         views.progress(database, task_id)  # unknown id: a clear error
-    fails = views.failures(database, task_id)
-    scheduled = views.scheduled_retries(database, task_id)
+    fails = views.failures(database, task_id, exc_type, limit)
+    scheduled = [s for s in views.scheduled_retries(database, task_id)
+                 if exc_type is None or s.exc_type == exc_type][:limit]
     if not fails and not scheduled:
-        say("No failed jobs.")
+        say("No failed jobs" + (" match." if exc_type else "."))
         return
     for f in fails:
         kind = "finalizer" if f.finalizer else "job"
@@ -474,6 +490,25 @@ def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_js
         say(f"job {sch.job_id} of {sch.task_id}: {_call(sch.func, sch.args)}  attempt {sch.attempt} failed, "
             f"retry scheduled at {_when(sch.run_at)}")
         say(f"  {sch.exc_type}: {sch.message}")
+
+
+def _failed_groups(database: Database, task_id: str | None, exc_type: str | None, limit: int | None,
+                   as_json: bool) -> None:
+    if as_json:
+        _emit_json(views.groups_doc(database, task_id, exc_type, limit))
+        return
+    if task_id is not None:
+        views.progress(database, task_id)
+    groups = views.failure_groups(database, task_id, exc_type, limit)
+    if not groups:
+        say("No failed jobs" + (" match." if exc_type else "."))
+        return
+    for g in groups:
+        more = ", ..." if g.count > len(g.job_ids) else ""
+        say((f"{g.count:,}", "bold"), f" {'job' if g.count == 1 else 'jobs'}  {g.exc_type}: {g.message}")
+        when = (f"failed at {_when(g.first_failed_at)}" if g.count == 1 else
+                f"first failed {_when(g.first_failed_at)}, last {_when(g.last_failed_at)}")
+        say(f"  {when}; job{'s' if g.count > 1 else ''} {', '.join(map(str, g.job_ids))}{more}")
 
 
 @cli.command(context_settings=CONTEXT)
