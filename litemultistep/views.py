@@ -145,9 +145,11 @@ def _progress_from_row(row: tuple[Any, ...], at: float | None = None) -> Progres
     label = rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, failed, queued, running,
                              scheduled)
     pending = normal + finalize - completed - failed - running
-    rate = current_rate(rate_since, rate_count, last_rate, now() if at is None else at)
+    # a task that is building or blocked runs nothing: it has no rate (and no time left)
+    moving = label not in ("blocked", "building")
+    rate = current_rate(rate_since, rate_count, last_rate, now() if at is None else at) if moving else None
     left = normal + finalize - completed - failed
-    seconds_left = left / rate if rate and label not in ("blocked", "building") else None
+    seconds_left = left / rate if rate else None
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
                     running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total,
                     failed_attempts, rate, seconds_left)

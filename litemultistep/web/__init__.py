@@ -55,6 +55,8 @@ FAILURES_PAGE = 100
 #: finished tasks shown under the active ones; running jobs shown on a task's page
 FINISHED_SHOWN = 20
 RUNNING_SHOWN = 20
+#: minutes the tasks page's throughput chart spans
+CHART_MINUTES = 60
 
 _SECURITY_HEADERS = {
     # nothing but this site's own script and style; no inline script at all
@@ -239,6 +241,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
     env.filters["number"] = lambda n: f"{n:,}" if isinstance(n, int) else f"{n:g}"
     env.filters["arguments"] = _arguments
+    env.filters["rate"] = _rate
     env.globals["task_url"] = _task_url
     templates = Jinja2Templates(env=env)
 
@@ -280,8 +283,9 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         number = min(number, last)
         doc = documents.get(("tasks", number), lambda: views.status_doc(
             database, TASKS_PAGE, (number - 1) * TASKS_PAGE, FINISHED_SHOWN))
+        chart = documents.get(("chart",), lambda: _chart(views.throughput(database, CHART_MINUTES)))
         return page(request, "tasks.html", doc=doc, page_number=number, last_page=last, active_count=active,
-                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE)
+                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE, chart=chart)
 
     def task_page(request: Request) -> Response:
         task_id = request.path_params["task_id"]
@@ -338,6 +342,11 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
 
     def api_workers(request: Request) -> Response:
         return _JSON(documents.get(("workers",), lambda: views.workers_doc(database)))
+
+    def metrics(request: Request) -> Response:
+        """Prometheus text: read from the tasks' counters and the history, never from the job table."""
+        return Response(documents.get(("metrics",), lambda: views.metrics(database)),
+                        media_type="text/plain; version=0.0.4", headers={"Cache-Control": "no-store"})
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -401,6 +410,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         Route("/api/tasks/{task_id:path}", api_task),
         Route("/api/failures", api_failures),
         Route("/api/workers", api_workers),
+        Route("/metrics", metrics),
         Route("/actions/{what}", action, methods=["POST"]),
         Mount("/static", StaticFiles(packages=[("litemultistep.web", "static")]), name="static"),
     ]
@@ -421,6 +431,43 @@ class _JSON(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return views.to_json(content).encode("utf-8")
+
+
+def _rate(per_second: float | None) -> str:
+    """Jobs a second for people: ``1,204/s``, ``3.5/s``, ``12/min``; a dash when not known."""
+    if per_second is None:
+        return "–"
+    if per_second >= 100:
+        return f"{per_second:,.0f}/s"
+    if per_second >= 1:
+        return f"{per_second:.1f}/s"
+    return f"{per_second * 60:.2g}/min" if per_second * 60 >= 0.1 else "0/min"
+
+
+#: the chart's drawing area, in SVG units
+_CHART_W, _CHART_H = 600, 100
+
+
+def _chart(history: views.Throughput) -> dict[str, Any]:
+    """What the tasks page draws of the throughput history: one bar a minute, completed jobs below
+    the failed attempts, on a scale rounded up to 1, 2 or 5 times a power of ten."""
+    peak = max((c + f for c, f in zip(history.completed, history.failed, strict=True)), default=0)
+    top = next(m * 10 ** e for e in range(24) for m in (1, 2, 5) if m * 10 ** e >= peak)
+    n = len(history.completed)
+    step = _CHART_W / max(n, 1)
+    bars = []
+    for i, (done, failed) in enumerate(zip(history.completed, history.failed, strict=True)):
+        minute = history.end_minute - (n - 1 - i)
+        h_done = _CHART_H * done / top
+        h_failed = _CHART_H * failed / top
+        bars.append({"x": round(i * step + 1, 2), "width": round(step - 2, 2),
+                     "done_y": round(_CHART_H - h_done, 2), "done_h": round(h_done, 2),
+                     "failed_y": round(_CHART_H - h_done - h_failed, 2), "failed_h": round(h_failed, 2),
+                     "label": f"{time.strftime('%H:%M', time.localtime(minute * 60))}: {done:,} completed"
+                              + (f", {failed:,} failed" if failed else "")})
+    return {"bars": bars, "top": top, "width": _CHART_W, "height": _CHART_H, "minutes": n,
+            "completed": sum(history.completed), "failed": sum(history.failed),
+            "last_minute": history.completed[-1] if n else 0, "last_failed": history.failed[-1] if n else 0}
 
 
 def _rendered(response: Response) -> tuple[int, bytes]:

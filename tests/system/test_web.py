@@ -614,10 +614,92 @@ uvicorn.Server(uvicorn.Config(outer, log_level="warning")).run(sockets=[sock])
         assert 'src="/jobs/static/live.js"' in html
         with urllib.request.urlopen(base + "/tasks/" + quote(task.task_id, safe=""), timeout=10) as r:
             assert r.status == 200
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            assert metric_samples(r.read().decode())[("litemultistep_tasks", (("state", "running"),))] == 1
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         proc.stdout.close()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What Prometheus' own parser reads in the text: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_are_prometheus_text_behind_the_password(any_db, serve, spawn, tmp_path):
+    with MultiStepTask.create("good", db=any_db) as good:
+        for _ in range(5):
+            good.add_job(jobfuncs.noop)
+    with MultiStepTask.create("bad", db=any_db, max_retries=1, retry_delay=0.01) as bad:
+        bad.add_job(jobfuncs.boom, "twice")
+    assert spawn(any_db, "--burst", "-c", "2").wait(30) == 0
+    waiting = MultiStepTask.create("waiting", db=any_db)
+    waiting.add_job(jobfuncs.noop)
+    waiting.mark_finalizable()
+    env = {**env_for_workers(), "LITEMULTISTEP_WEB_PASSWORD": "s3cret"}
+    server = serve(any_db, env=env)  # read-only: /metrics needs no --allow-actions
+    assert server.get("/metrics")[0] == 401
+    right = base64.b64encode(b"prometheus:s3cret").decode()
+    status, body, headers = server.get("/metrics", headers={"Authorization": f"Basic {right}"})
+    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    got = metric_samples(body)
+    assert {state: got[("litemultistep_jobs", (("state", state),))]
+            for state in ("pending", "running", "scheduled", "failed")} == \
+        {"pending": 1, "running": 0, "scheduled": 0, "failed": 1}
+    assert {state: got[("litemultistep_tasks", (("state", state),))]
+            for state in ("building", "running", "blocked", "finalizing", "finished")} == \
+        {"building": 0, "running": 1, "blocked": 1, "finalizing": 0, "finished": 1}
+    assert got[("litemultistep_workers", (("alive", "true"),))] == 0   # the burst worker left
+    assert got[("litemultistep_jobs_completed_total", ())] == 5
+    assert got[("litemultistep_jobs_failed_total", ())] == 2
+    worker = spawn(any_db)
+    auth = {"Authorization": f"Basic {right}"}
+
+    def counted() -> bool:
+        got = metric_samples(server.get("/metrics", headers=auth)[1])
+        return (got[("litemultistep_workers", (("alive", "true"),))] == 1
+                and got[("litemultistep_jobs_completed_total", ())] == 6)
+
+    wait_for(counted, 30, "the live worker and its work in /metrics")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+def test_the_tasks_page_draws_throughput_and_rates(db, serve, spawn, page, log_path):
+    with MultiStepTask.create("steady", db=db) as steady:
+        for i in range(300):
+            steady.add_job(jobfuncs.paced_record, log_path, str(i))
+    with MultiStepTask.create("failing", db=db) as failing:
+        for _ in range(30):
+            failing.add_job(jobfuncs.boom, "chart")
+    server = serve(db, "--refresh", "0.3")
+    page.goto(server.url + "/")
+    chart = page.locator("#throughput")
+    assert chart.locator("svg").count() == 1 and chart.locator("rect.completed").count() == 0
+    worker = spawn(db, "-c", "2")
+    row = page.locator(f'table.tasks:not(.finished) tr[data-key="{steady.task_id}"]')
+    rates = set()
+
+    def finished() -> bool:
+        cells = row.locator("td").all_inner_texts() if row.count() else []
+        if cells:
+            rates.add((cells[-3], cells[-2]))
+        return row.count() == 0 and "300 jobs completed" in chart.locator("figcaption").inner_text()
+
+    until(page, finished, 60, "the chart to count the task's jobs")
+    # while it ran, the task showed a rate in jobs a second and the time it had left
+    assert any(rate.endswith("/s") and left != "–" for rate, left in rates), rates
+    assert "30 attempts failed" in chart.locator("figcaption").inner_text()
+    assert chart.locator("rect.completed").count() >= 1 and chart.locator("rect.failed").count() >= 1
+    assert page.evaluate("document.querySelectorAll('script').length") == 1  # the page's own live.js alone
+    assert page.errors == []
+    shot(page, "tasks-throughput")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
 
 
 def _answers(url: str) -> bool:
