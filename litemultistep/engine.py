@@ -52,6 +52,7 @@ from .errors import (
     NoSuchMultiStepTask,
     NotReadyForFinalization,
 )
+from .jobs import describe_call
 
 log = logging.getLogger(__name__)
 
@@ -598,13 +599,37 @@ def _record_failure(c: Connection, worker_id: int, o: Outcome, max_retries: int,
     kept either way. Whether the job was still ours."""
     job, t = o.job, now()
     retry = rules.retries(job.attempt, max_retries)
+    run_at = t + rules.retry_wait(delay, job.attempt) if retry else None
     cur = c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ? AND worker = ? AND state = ?",
-                    (SCHEDULED if retry else FAILED, t + rules.retry_wait(delay, job.attempt) if retry else None,
-                     job.id, worker_id, RUNNING))
+                    (SCHEDULED if retry else FAILED, run_at, job.id, worker_id, RUNNING))
     if cur.rowcount != 1:
         return False
     _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t)
+    _log_failure(job, o.exc_type, o.message, max(max_retries + 1, job.attempt), run_at, t, o.traceback)
     return True
+
+
+def _log_failure(job: ClaimedJob, exc_type: str, message: str, attempts: int, run_at: float | None, t: float,
+                 tb: str = "") -> None:
+    """A failed attempt, in the log of the process that records it (a worker, or an inline runner):
+    a WARNING while another attempt is to come, an ERROR once the job is out of retries, and its
+    traceback at DEBUG. Control characters of the job's text are escaped: one failure, one line."""
+    what = f"task {job.task_id}: {'finalizer' if job.is_finalizer else 'job'} {job.id}"
+    failed = (f"{what} failed, attempt {job.attempt} of {attempts}: {describe_call(job.func, job.args)}: "
+              f"{exc_type}: {_one_line(message)}")
+    if run_at is not None:
+        log.warning("%s; next attempt in %.3g s (at %s)", failed, max(0.0, run_at - t),
+                    time.strftime("%H:%M:%S", time.localtime(run_at)))
+    else:
+        log.error("%s; no retries left (`litemultistep retry DB %d` runs it again)", failed, job.id)
+    if tb and log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: traceback of attempt %d:\n%s", what, job.attempt, tb.rstrip())
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[ClaimedJob]:
@@ -723,7 +748,8 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     why, limit = crashed
     rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
                      f"THEN {FAILED} ELSE {QUEUED} END WHERE state = ? AND {where} "
-                     "RETURNING id, task, state, crashes, attempts", (limit, RUNNING, *params)).fetchall()
+                     "RETURNING id, task, state, crashes, attempts, kind, func, args", (limit, RUNNING, *params)
+                     ).fetchall()
     back = [r[1] for r in rows if r[2] == QUEUED]
     failed = [r for r in rows if r[2] == FAILED]
     own = _Tally() if tally is None else tally
@@ -734,10 +760,12 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     if back:
         c.notify()
     t = now()
-    for job_id, pk, _, crashes, attempt in failed:
-        _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed",
-                        f"the process running it died {crashes} time(s), the crash limit ({why})", "", attempt, t)
-        log.error("job %d failed: the process running it died %d time(s) (%s)", job_id, crashes, why)
+    for job_id, pk, _, crashes, attempt, kind, func, args in failed:
+        message = f"the process running it died {crashes} time(s), the crash limit ({why})"
+        _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed", message, "", attempt, t)
+        (task_id,) = c.execute("SELECT task_id FROM task WHERE id = ?", (pk,)).fetchone() or ("?",)
+        _log_failure(ClaimedJob(job_id, pk, task_id, kind, None, func, args, attempt), "litemultistep.WorkerCrashed",
+                     message, attempt, None, t)
     return len(rows)
 
 

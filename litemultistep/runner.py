@@ -148,8 +148,11 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
     rtoken = _reporter.set(reporter or _ignore)
     start = time.perf_counter()
     dtoken = _deadline.set(None if timeout is None else time.monotonic() + timeout)
+    # one line at its start, its end and its failure, each naming it "job" or "finalizer" with its
+    # attempt; the worker that records a failure logs it at WARNING or ERROR (engine._log_failure)
+    what = "finalizer" if job.is_finalizer else "job"
     if log.isEnabledFor(logging.INFO):
-        log.info("start %s %d of %s: %s", "finalizer" if job.is_finalizer else "job", job.id, job.task_id,
+        log.info("start %s %d of %s (attempt %d): %s", what, job.id, job.task_id, job.attempt,
                  describe_call(job.func, job.args))
     catch: tuple[type[BaseException], ...] = (BaseException,) if catch_all else (Exception, SystemExit)
     try:
@@ -163,8 +166,8 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
     except catch as e:
         duration = time.perf_counter() - start
         message = clean_text(_text(e))
-        log.info("failed job %d of %s after %.3fs: %s: %s", job.id, job.task_id, duration, _type_name(e),
-                 message.encode("unicode_escape").decode("ascii")[:300])
+        log.info("failed %s %d of %s (attempt %d) after %.3fs: %s", what, job.id, job.task_id, job.attempt,
+                 duration, _type_name(e))
         outcome = Outcome(job, False, _type_name(e), message, clean_text(_traceback()), duration)
         return Result(outcome, e, duration)
     finally:
@@ -177,10 +180,10 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         try:
             stored = encode_result(result)
         except ResultNotSerializable as e:
-            log.info("failed job %d of %s: %s", job.id, job.task_id, e)
+            log.info("failed %s %d of %s (attempt %d): %s", what, job.id, job.task_id, job.attempt, e)
             return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", clean_text(str(e)), "",
                                   duration), e, duration)
-    log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
+    log.info("done %s %d of %s (attempt %d) in %.3fs", what, job.id, job.task_id, job.attempt, duration)
     return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
 
 

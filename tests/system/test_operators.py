@@ -5,6 +5,7 @@ task's summary."""
 from __future__ import annotations
 
 import json
+import re
 
 import jobfuncs
 import pytest
@@ -53,3 +54,39 @@ def test_failed_groups_filters_and_limits(db, tmp_path):
     assert finished["task_id"] == good.task_id
     assert finished["failed_attempts"] == 2 and finished["duration"] > 0
     assert cli("failed", db, "--limit", "0").returncode == 2
+
+
+def test_each_failed_attempt_is_in_the_log_of_a_quiet_worker(db):
+    with MultiStepTask.create("flaky", db=db, max_retries=1, retry_delay=0.2) as task:
+        task.add_job(jobfuncs.boom, "no luck\nsecond line")
+    burst = cli("worker", db, "--burst", "-q")
+    assert burst.returncode == 0
+    [job_id] = [f.job_id for f in task.failures()]
+    log = burst.stderr.splitlines()
+    warning = [line for line in log if " WARNING " in line]
+    error = [line for line in log if " ERROR " in line]
+    assert len(warning) == 1 and len(error) == 1, burst.stderr
+    call = "jobfuncs:boom[[\"no luck\\nsecond line\"],{}]"
+    assert (f"task {task.task_id}: job {job_id} failed, attempt 1 of 2: {call}: "
+            "RuntimeError: no luck\\nsecond line; next attempt in 0.2 s (at ") in warning[0]
+    assert (f"task {task.task_id}: job {job_id} failed, attempt 2 of 2: {call}: RuntimeError: "
+            f"no luck\\nsecond line; no retries left (`litemultistep retry DB {job_id}` runs it again)") in error[0]
+    assert " INFO " not in burst.stderr and "Traceback" not in burst.stderr
+    # -v adds each attempt's traceback; the start and end of every job name it and its attempt
+    with MultiStepTask.create("verbose", db=db) as again:
+        again.add_job(jobfuncs.boom, "loud")
+        again.add_finalization_job(jobfuncs.noop)
+    verbose = cli("worker", db, "--burst", "-v", "--queues", "verbose~*")
+    [job_id] = [f.job_id for f in again.failures()]
+    assert f"task {again.task_id}: job {job_id}: traceback of attempt 1:\n" in verbose.stderr
+    assert 'raise RuntimeError(message)' in verbose.stderr
+    assert f"start job {job_id} of {again.task_id} (attempt 1): jobfuncs:boom" in verbose.stderr
+    assert f"failed job {job_id} of {again.task_id} (attempt 1) after " in verbose.stderr
+    with MultiStepTask.create("finalized", db=db) as done:
+        done.add_finalization_job(jobfuncs.noop)
+    plain = cli("worker", db, "--burst", "--queues", "finalized~*")
+    start = re.search(rf" INFO .* start finalizer (\d+) of {re.escape(done.task_id)} \(attempt 1\): jobfuncs:noop",
+                      plain.stderr)
+    assert start, plain.stderr
+    assert re.search(rf" INFO .* done finalizer {start.group(1)} of {re.escape(done.task_id)} \(attempt 1\) in ",
+                     plain.stderr)
