@@ -329,6 +329,7 @@ def status(args: Sequence[str], as_json: bool) -> None:
                ProgressBar(total=1, completed=1, width=20), p.total_job_count, 0, 0, 0, p.total_job_count,
                f"finished {_age(now - (p.finished_at or now))} ago"] for p in finished],
            right=("done", "failed", "pending", "running", "total"))
+    _say_dead_holders(views.jobs_of_dead_workers(database))
 
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:
@@ -355,6 +356,8 @@ def _status_one(database: Database, task_id: str, as_json: bool) -> None:
             f", reports {r.reported_done:g}" + (f" of {r.reported_total:g}" if r.reported_total is not None else ""))
         say(f"  running {'finalizer' if r.finalizer else 'job'} {r.job_id} {_call(r.func, r.args)} "
             f"{since} (worker {r.worker_id}, attempt {r.attempt}{reported})")
+        if not r.worker_alive:
+            say(("    dead:", "red"), f" {r.dead_worker_note()}")
     for sch in scheduled:
         say(f"  retry of job {sch.job_id} {_call(sch.func, sch.args)} scheduled at {_when(sch.run_at)} "
             f"(after {sch.exc_type}: {sch.message})")
@@ -587,6 +590,21 @@ def workers(args: Sequence[str], as_json: bool) -> None:
            [[w.id, w.pid, w.hostname, w.kind, w.concurrency, _age(now - w.started_at) + " ago",
              "yes" if w.alive else Text("no", "red") if _console().is_terminal else "no", running(w), w.queues or "all"]
             for w in rows])
+    _say_dead_holders(views.jobs_of_dead_workers(database))
+
+
+def _say_dead_holders(orphans: Sequence[views.RunningJob]) -> None:
+    """A line for each dead worker that still holds jobs (looking changes nothing: they stay held
+    until a live worker, within a second, or `check --repair` puts them back)."""
+    by_worker: dict[int | None, list[views.RunningJob]] = {}
+    for r in orphans:
+        by_worker.setdefault(r.worker_id, []).append(r)
+    for worker_id, held in by_worker.items():
+        who = f"worker {worker_id}" if worker_id is not None else "a worker no longer registered"
+        jobs = "; ".join(f"{'jobs' if a != b else 'job'} {a}{'' if a == b else f'-{b}'} of {task}"
+                         for a, b, task in views.id_runs([(r.job_id, r.task_id) for r in held]))
+        it = "it" if len(held) == 1 else "them"
+        say(("dead:", "red"), f" {who} is dead; `check --repair` or any live worker puts {it} back ({jobs})")
 
 
 def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:

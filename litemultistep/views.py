@@ -455,9 +455,19 @@ class RunningJob:
     #: what the job last reported of its own progress (litemultistep.report), if anything
     reported_done: float | None = None
     reported_total: float | None = None
+    #: whether the worker holding it is alive; a dead worker's job goes back to its queue when a live
+    #: worker (within a second) or ``check --repair`` finds it
+    worker_alive: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def dead_worker_note(self) -> str:
+        """What to say of a job whose worker is dead (empty if it lives)."""
+        if self.worker_alive:
+            return ""
+        who = f"worker {self.worker_id}" if self.worker_id is not None else "its worker"
+        return f"{who} is dead; `check --repair` or any live worker puts it back"
 
 
 K = TypeVar("K", bound=Hashable)
@@ -475,15 +485,32 @@ def id_runs(jobs: Sequence[tuple[int, K]]) -> list[tuple[int, int, K]]:
     return runs
 
 
-def running_jobs(db: Any = None, task_id: str | None = None) -> list[RunningJob]:
-    """Jobs held by workers now, longest-held first."""
+def running_jobs(db: Any = None, task_id: str | None = None, lease: float = 30.0) -> list[RunningJob]:
+    """Jobs held by workers now, longest-held first, each saying whether its worker is alive. Only
+    looks: a dead worker's jobs stay as they are until a live worker or ``check --repair`` puts them back."""
     db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    # the state as a literal: only then may SQLite use the partial index job_running
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, j.worker, j.attempts, j.claimed_at, j.progress_done, "
-        f"j.progress_total FROM job j JOIN task t ON t.id = j.task WHERE j.state = ?{where} "
-        "ORDER BY j.claimed_at, j.id", (JobState.RUNNING, *params)).fetchall()
-    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
+        f"j.progress_total FROM job j JOIN task t ON t.id = j.task WHERE j.state = {int(JobState.RUNNING)}{where} "
+        "ORDER BY j.claimed_at, j.id", params).fetchall()
+    if not rows:
+        return []
+    alive = _live_workers(db, lease)
+    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, r[5], r[6], r[7], r[8], r[9], r[5] in alive)
+            for r in rows]
+
+
+def _live_workers(db: Database, lease: float) -> set[int]:
+    """The ids of the registered workers that are alive now."""
+    dead = {w.id for w in db.dead_workers(lease)}
+    return {w for (w,) in db.connection().execute("SELECT id FROM worker").fetchall() if w not in dead}
+
+
+def jobs_of_dead_workers(db: Any = None, lease: float = 30.0) -> list[RunningJob]:
+    """The jobs held by workers that are dead (or no longer registered), oldest claim first."""
+    return [r for r in running_jobs(db, lease=lease) if not r.worker_alive]
 
 
 @dataclass(frozen=True)

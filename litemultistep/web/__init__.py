@@ -284,8 +284,9 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         doc = documents.get(("tasks", number), lambda: views.status_doc(
             database, TASKS_PAGE, (number - 1) * TASKS_PAGE, FINISHED_SHOWN))
         chart = documents.get(("chart",), lambda: _chart(views.throughput(database, CHART_MINUTES)))
+        orphans = documents.get(("orphans",), lambda: views.jobs_of_dead_workers(database))
         return page(request, "tasks.html", doc=doc, page_number=number, last_page=last, active_count=active,
-                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE, chart=chart)
+                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE, chart=chart, orphans=orphans)
 
     def task_page(request: Request) -> Response:
         task_id = request.path_params["task_id"]

@@ -622,6 +622,42 @@ uvicorn.Server(uvicorn.Config(outer, log_level="warning")).run(sockets=[sock])
         proc.stdout.close()
 
 
+def test_a_killed_workers_job_is_marked_dead_in_every_view(any_db, serve, spawn, log_path):
+    task = MultiStepTask.create("orphaned", db=any_db)
+    task.add_job(jobfuncs.sleep_forever, log_path, "held")
+    task.mark_finalizable()
+    proc = spawn(any_db)
+    wait_for(lambda: any(line.startswith("start held") for line in Path(log_path).read_text().splitlines())
+             if Path(log_path).exists() else False, 30, "the job to start")
+    [worker] = json.loads(cli("workers", any_db, "--json").stdout)["workers"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    note = f"worker {worker['id']} is dead; `check --repair` or any live worker puts it back"
+    before = None if is_pg(any_db) else _dump(any_db)
+    overview = cli("status", any_db)
+    assert note in overview.stdout, overview.stdout
+    one = cli("status", any_db, task.task_id)
+    assert note in one.stdout, one.stdout
+    [running] = json.loads(cli("status", any_db, task.task_id, "--json").stdout)["running"]
+    assert running["worker_alive"] is False and running["worker_id"] == worker["id"]
+    listed = cli("workers", any_db)
+    assert note in listed.stdout, listed.stdout
+    assert json.loads(cli("workers", any_db, "--json").stdout)["workers"][0]["alive"] is False
+    server = serve(any_db)
+    _, html, _ = server.get("/tasks/" + quote(task.task_id, safe=""))
+    assert f"worker {worker['id']} is dead; <code>check --repair</code> or any live worker puts it back" in html
+    assert '<span class="state state-blocked">dead</span>' in html
+    assert f"(worker {worker['id']}); <code>check --repair</code>" in server.get("/")[1]
+    assert f"worker {worker['id']} is dead; <code>check --repair</code>" in server.get("/workers")[1]
+    assert server.api("/api/tasks/" + quote(task.task_id, safe=""))["running"][0]["worker_alive"] is False
+    if before is not None:
+        assert _dump(any_db) == before  # looking wrote nothing
+    assert cli("check", any_db, "--repair").returncode == 0
+    p = task.progress()
+    assert (p.running_count, p.pending_count) == (0, 1)
+    assert "is dead" not in cli("status", any_db).stdout
+
+
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """What Prometheus' own parser reads in the text: (sample name, labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
