@@ -874,6 +874,19 @@ def retry_task(db: Database, task_id: str) -> list[int]:
         return _retry_where(c, "task = ?", [pk])
 
 
+def retry_group(db: Database, exc_type: str, message: str, task_id: str | None = None) -> list[int]:
+    """Requeue every failed job whose last failure has this exception type and message (a group of
+    ``failed --group``), only ``task_id``'s when given; returns their ids."""
+    where = (f"id IN (SELECT j.id FROM job j JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
+             f"WHERE j.state = {FAILED} AND f.exc_type = ? AND f.message = ?")
+    params: list[object] = [exc_type, message]
+    with db.write() as c:
+        if task_id is not None:
+            where += " AND j.task = ?"
+            params.append(_task_row(c, task_id)[0])
+        return _retry_where(c, where + ")", params)
+
+
 def retry_all(db: Database) -> list[int]:
     """Requeue every failed job of every task, and run every scheduled retry now; returns their ids."""
     with db.write() as c:

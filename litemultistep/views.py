@@ -530,14 +530,15 @@ class ScheduledRetry:
         return dict(self.__dict__)
 
 
-def scheduled_retries(db: Any = None, task_id: str | None = None) -> list[ScheduledRetry]:
-    """Failed jobs waiting for their automatic retry, soonest first, each with its last failure."""
+def scheduled_retries(db: Any = None, task_id: str | None = None, limit: int | None = None) -> list[ScheduledRetry]:
+    """Failed jobs waiting for their automatic retry, soonest first, each with its last failure (with
+    ``limit``, the first that many)."""
     db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.attempts, j.run_at, f.exc_type, f.message FROM job j "
         "JOIN task t ON t.id = j.task LEFT JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
-        f"WHERE j.state = ?{where} ORDER BY j.run_at, j.id", (JobState.SCHEDULED, *params)).fetchall()
+        f"WHERE j.state = ?{where} ORDER BY j.run_at, j.id{_page(limit, 0)}", (JobState.SCHEDULED, *params)).fetchall()
     return [ScheduledRetry(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "", r[7] or "") for r in rows]
 
 
@@ -611,14 +612,18 @@ def status_doc(db: Database, limit: int | None = None, offset: int = 0,
             "finished": [p.as_dict() for p in finished_tasks(db, finished_limit)]}
 
 
-def task_doc(db: Database, task_id: str) -> dict[str, Any]:
+def task_doc(db: Database, task_id: str, failure_limit: int | None = None, failure_offset: int = 0,
+             scheduled_limit: int | None = None) -> dict[str, Any]:
     """``status DB TASK_ID --json``: one task, its finalization chain, failures, running jobs and
-    scheduled retries. Raises :class:`NoSuchMultiStepTask` for an unknown id."""
+    scheduled retries. Raises :class:`NoSuchMultiStepTask` for an unknown id. The web page reads a
+    page of the failures (``failure_limit`` from ``failure_offset``) and the first ``scheduled_limit``
+    scheduled retries, so a task with thousands of failures is a page of bounded size."""
     p = progress(db, task_id)
+    scheduled = scheduled_retries(db, task_id, scheduled_limit)
     return {"task": p.as_dict(), "finalizers": finalizers(db, task_id),
-            "failures": [f.as_dict() for f in failures(db, task_id)],
+            "failures": [f.as_dict() for f in failures(db, task_id, limit=failure_limit, offset=failure_offset)],
             "running": [r.as_dict() for r in running_jobs(db, task_id)],
-            "scheduled": [s.as_dict() for s in scheduled_retries(db, task_id)]}
+            "scheduled": [s.as_dict() for s in scheduled]}
 
 
 def failures_doc(db: Database, task_id: str | None = None, exc_type: str | None = None,

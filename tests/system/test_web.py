@@ -248,7 +248,7 @@ def test_retry_one_job_and_nuke_from_the_page(db, tmp_path, serve, spawn, page, 
     worker = spawn(db)
     wait_for(lambda: task.failed_count == 1, 20, "the job to fail")
     page.goto(server.url + "/failures")
-    page.get_by_role("button", name="Retry").click()
+    page.get_by_role("button", name="Retry", exact=True).click()
     page.wait_for_selector("p.notice")
     assert page.locator("p.notice").inner_text() == "Requeued 1 job."
     assert page.url.startswith(server.url + "/failures")
@@ -331,7 +331,8 @@ def test_user_text_stays_text_on_every_page(db, tmp_path, serve, spawn, page):
         assert task.task_id in page.locator("main").inner_text(), name
         shot(page, f"xss-{name}")
     page.goto(server.url + pages["task"])
-    assert page.locator("pre.message").inner_text() == XSS
+    assert page.locator("article.failure pre.message").inner_text() == XSS
+    assert page.locator("article.group pre.message").inner_text() == XSS
     assert json.dumps(XSS, ensure_ascii=False) in page.locator("table.running").inner_text()
     assert page.dialogs == [] and page.errors == []
 
@@ -620,6 +621,50 @@ uvicorn.Server(uvicorn.Config(outer, log_level="warning")).run(sockets=[sock])
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_three_thousand_identical_failures_are_one_group_on_a_small_page(db, serve, page):
+    with MultiStepTask.create("many failures", db=db) as task:
+        for _ in range(3000):
+            task.add_job(jobfuncs.boom, "the same " * 20)
+        task.add_job(jobfuncs.boom, "a different one")
+    burst = cli("worker", db, "-c", "2", "--burst", "-q", timeout=120)
+    assert burst.returncode == 0 and task.failed_count == 3001
+    server = serve(db, "--allow-actions", "--refresh", "0.3")
+    path = "/tasks/" + quote(task.task_id, safe="")
+    status, html, _ = server.get(path)
+    assert status == 200 and len(html.encode()) < 300_000, len(html)
+    assert html.count('<article class="group"') == 2 and 'data-count="3000"' in html
+    assert html.count('<article class="failure"') == 20
+    api = server.api("/api/failures?group=1&task=" + quote(task.task_id, safe=""))
+    assert [g["count"] for g in api["groups"]] == [3000, 1]
+    one = server.api("/api/failures?limit=2&message=" + quote("a different one"))["failures"]
+    assert [f["message"] for f in one] == ["a different one"]
+    # what the page's live update fetches every 0.3 s is as small
+    _, live, _ = server.get(path, headers={"X-Live": "1"})
+    assert len(live.encode()) < 300_000
+    page.goto(server.url + path)
+    groups = page.locator("article.group")
+    assert groups.count() == 2 and groups.first.get_attribute("data-count") == "3000"
+    assert groups.first.locator(".count").inner_text() == "3,000"
+    assert page.locator("article.failure").count() == 20
+    sizes = []
+    page.on("response", lambda r: sizes.append(len(r.body())) if r.url.endswith(path) else None)
+    until(page, lambda: len(sizes) >= 2, 10, "two live updates")
+    assert max(sizes) < 300_000, sizes
+    shot(page, "task-3000-failures")
+    page.get_by_role("link", name="Later →").click()
+    assert page.locator("article.failure").count() == 20 and "page=2" in page.url
+    # the failures page retries one group: the 3,000, and not the other one
+    page.goto(server.url + "/failures?task=" + quote(task.task_id, safe=""))
+    assert page.locator("article.group").count() == 2
+    page.locator("article.group").first.get_by_role("button", name="Retry all 3,000").click()
+    page.wait_for_selector("p.notice")
+    assert page.locator("p.notice").inner_text() == "Requeued 3000 jobs."
+    p = task.progress()
+    assert (p.failed_count, p.pending_count) == (1, 3000)
+    assert [f.message for f in task.failures()] == ["a different one"]
+    assert page.errors == []
 
 
 def test_a_killed_workers_job_is_marked_dead_in_every_view(any_db, serve, spawn, log_path):
