@@ -115,20 +115,25 @@ def _table(title: str, columns: Sequence[str], rows: list[list[Any]], right: Seq
     from rich.table import Table
     from rich.text import Text
 
-    cells = [[c.plain if isinstance(c, Text) else str(c) for c in row if not isinstance(c, ProgressBar)]
-             for row in rows]
-    widest = sum(max((len(r[i]) for r in cells), default=0) + 3 for i in range(len(cells[0]))) if cells else 0
+    def width(cell: Any) -> int:
+        return int(cell.width or 40) if isinstance(cell, ProgressBar) else len(
+            cell.plain if isinstance(cell, Text) else str(cell))
+
+    # every cell and header whole, with the table's borders and padding: else rich would cut a state
+    # to "bl…" or fold an id, so the table would no longer say it in words
+    widest = sum(max([len(name), *(width(r[i]) for r in rows)]) + 3 for i, name in enumerate(columns)) + 1
     out = _console()
     if not out.is_terminal or widest > out.width:  # a cut or folded id could not be copied: plain lines
-        print("\t".join(columns))
+        bars = {i for i, cell in enumerate(rows[0]) if isinstance(cell, ProgressBar)} if rows else set()
+        print("\t".join(c for i, c in enumerate(columns) if i not in bars))
         for row in rows:
-            line = "\t".join(str(cell.plain if isinstance(cell, Text) else cell) for cell in row
-                             if not isinstance(cell, ProgressBar))
-            print(line if not out.is_terminal else _safe(line))
+            parts = [str(cell.plain if isinstance(cell, Text) else cell) for cell in row
+                     if not isinstance(cell, ProgressBar)]
+            print("\t".join(parts if not out.is_terminal else map(_safe, parts)))  # user text escaped, tabs kept
         return
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left", no_wrap=col in ("task", "id", "job"))
+        table.add_column(col, justify="right" if col in right else "left", no_wrap=True)
     for row in rows:
         table.add_row(*[c if isinstance(c, (Text, ProgressBar)) else Text(_safe(str(c))) for c in row])
     out.print(table)
@@ -318,18 +323,34 @@ def status(args: Sequence[str], as_json: bool) -> None:
     if not active and not finished:
         say("No active tasks.")
         return
-    _table(f"Tasks in {database.path}", ["task", "state", "progress", "done", "failed", "pending", "running",
-                                           "total", "age"],
-           [[p.task_id, p.state,
-             ProgressBar(total=max(p.total_job_count, 1), completed=p.completed_count, width=20)
-             if _console().is_terminal else f"{p.percent:.0f}%",
-             p.completed_count, p.failed_count, p.pending_count, p.running_count, p.total_job_count,
-             _age(now - p.created_at)] for p in active]
-           + [[p.task_id, "finished", "100%" if not _console().is_terminal else
-               ProgressBar(total=1, completed=1, width=20), p.total_job_count, 0, 0, 0, p.total_job_count,
-               f"finished {_age(now - (p.finished_at or now))} ago"] for p in finished],
-           right=("done", "failed", "pending", "running", "total"))
+    from rich.text import Text
+
+    terminal = _console().is_terminal
+    # in a terminal: a bar and its percent; piped (and in a terminal too narrow): the percent alone.
+    # States are words, never a colour alone (TERM=dumb, NO_COLOR, a colour-blind reader).
+    columns = ["task", "state", "progress", *(["%"] if terminal else []), "done", "failed", "scheduled",
+               "pending", "running", "total", "age"]
+
+    def row(p: views.Progress, age: str) -> list[Any]:
+        done = 100.0 if p.finished else p.percent
+        percent = f"{done:.0f}%"
+        total = max(p.total_job_count, 1)
+        bar = (ProgressBar(total=total, completed=total if p.finished else p.completed_count, width=20)
+               if terminal else percent)
+        state = Text(p.state, _STATE_STYLES.get(p.state, "")) if terminal else p.state
+        return [p.task_id, state, bar, *([percent] if terminal else []), p.completed_count,
+                Text(str(p.failed_count), "red") if terminal and p.failed_count else p.failed_count,
+                p.scheduled_count, p.pending_count, p.running_count, p.total_job_count, age]
+
+    _table(f"Tasks in {database.path}", columns,
+           [row(p, _age(now - p.created_at)) for p in active]
+           + [row(p, f"finished {_age(now - (p.finished_at or now))} ago") for p in finished],
+           right=("%", "done", "failed", "scheduled", "pending", "running", "total"))
     _say_dead_holders(views.jobs_of_dead_workers(database))
+
+
+#: how a task's state is coloured in a terminal (its name says it without the colour)
+_STATE_STYLES = {"blocked": "red", "finished": "green", "finalizing": "cyan", "building": "dim"}
 
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:

@@ -618,8 +618,10 @@ def _log_failure(job: ClaimedJob, exc_type: str, message: str, attempts: int, ru
     failed = (f"{what} failed, attempt {job.attempt} of {attempts}: {describe_call(job.func, job.args)}: "
               f"{exc_type}: {_one_line(message)}")
     if run_at is not None:
-        log.warning("%s; next attempt in %.3g s (at %s)", failed, max(0.0, run_at - t),
-                    time.strftime("%H:%M:%S", time.localtime(run_at)))
+        wait = max(0.0, run_at - t)
+        log.warning("%s; next attempt in %s (at %s)", failed, f"{wait:.2g} s" if wait < 60 else
+                    f"{wait / 60:.0f} min" if wait < 7200 else f"{wait / 3600:.1f} h",
+                    time.strftime("%Y-%m-%d %H:%M:%S" if wait >= 43200 else "%H:%M:%S", time.localtime(run_at)))
     else:
         log.error("%s; no retries left (`litemultistep retry DB %d` runs it again)", failed, job.id)
     if tb and log.isEnabledFor(logging.DEBUG):
