@@ -243,3 +243,26 @@ def test_counts_survive_an_upgrade_from_schema_5(tmp_path):
     finally:
         upgraded.close()
     assert os.path.exists(path)
+
+
+def test_drain_says_what_it_counted(store, tmp_path):
+    from litemultistep import DrainSummary, FailedAttempt
+
+    with MultiStepTask.create("drained", db=store, max_retries=2, retry_delay=0.001) as task:
+        task.add_job(jobfuncs.fail_times, str(tmp_path / "counter"), 1)   # fails once, then passes
+        task.add_job(jobfuncs.boom, "always")                              # fails all 3 attempts
+        task.add_job(jobfuncs.noop)
+        task.add_finalization_job(jobfuncs.noop)                           # never reached
+    summary = drain(store)
+    assert isinstance(summary, DrainSummary)
+    assert (summary.completed_jobs, summary.failed_attempts, summary.failed_jobs) == (2, 4, 1)
+    assert (summary.completed, summary.failed) == (2, 4)    # the older names
+    assert summary.finalized == [] and summary.results == {}
+    assert all(isinstance(f, FailedAttempt) for f in summary.failures)
+    always = [f for f in summary.failures if f.func == "jobfuncs:boom"]
+    assert [f.attempt for f in always] == [1, 2, 3]
+    last = always[-1]
+    assert (last.task_id, last.exc_type, last.message, last.finalizer) == (task.task_id, "RuntimeError", "always",
+                                                                          False)
+    assert last.job_id == task.failures()[0].job_id and "Traceback" in last.traceback and last.duration >= 0
+    assert last.args == '[["always"],{}]'
