@@ -5,7 +5,9 @@ locked as they are taken), or a few for bulk work; no transaction is ever open w
 The SQL is the same on both backends but for what a :class:`~litemultistep.db.Dialect` names. Counters
 live in the task row and change in the same transaction as the job rows they count, so they are exact
 and reading them is one row lookup; a transaction changes each task's row once, at its end, in key
-order (:func:`_apply`), so no two transactions wait on each other in a cycle.
+order (:func:`_apply`), so no two transactions wait on each other in a cycle. After the task rows, last,
+it adds what it completed and what failed to the current minute's row of ``throughput`` (the history
+that ``/metrics`` and the throughput chart read); :func:`prune_history` folds old minutes into minute 0.
 
 The rules a reader can check in this file:
 
