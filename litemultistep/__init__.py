@@ -39,6 +39,8 @@ from .errors import (
 _LAZY = {
     "configure": "config",
     "Database": "db",
+    "DrainSummary": "runner",
+    "FailedAttempt": "runner",
     "NetworkFilesystemWarning": "sqlite",
     "Workers": "embedding",
     "report": "runner",
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
     from .config import configure
     from .db import Database
     from .embedding import Workers
-    from .runner import report, time_left
+    from .runner import DrainSummary, FailedAttempt, report, time_left
     from .sqlite import NetworkFilesystemWarning
     from .task import JobHandle, JobSpec, MultiStepTask, current_task, job
     from .views import FailureInfo, JobResult, Progress
@@ -84,6 +86,8 @@ __all__ = [
     "DatabaseBusy",
     "DatabaseUnavailable",
     "DatabaseUnusable",
+    "DrainSummary",
+    "FailedAttempt",
     "FailureInfo",
     "FinalizationAlreadyBegun",
     "InvalidSetting",

@@ -115,20 +115,25 @@ def _table(title: str, columns: Sequence[str], rows: list[list[Any]], right: Seq
     from rich.table import Table
     from rich.text import Text
 
-    cells = [[c.plain if isinstance(c, Text) else str(c) for c in row if not isinstance(c, ProgressBar)]
-             for row in rows]
-    widest = sum(max((len(r[i]) for r in cells), default=0) + 3 for i in range(len(cells[0]))) if cells else 0
+    def width(cell: Any) -> int:
+        return int(cell.width or 40) if isinstance(cell, ProgressBar) else len(
+            cell.plain if isinstance(cell, Text) else str(cell))
+
+    # every cell and header whole, with the table's borders and padding: else rich would cut a state
+    # to "bl…" or fold an id, so the table would no longer say it in words
+    widest = sum(max([len(name), *(width(r[i]) for r in rows)]) + 3 for i, name in enumerate(columns)) + 1
     out = _console()
     if not out.is_terminal or widest > out.width:  # a cut or folded id could not be copied: plain lines
-        print("\t".join(columns))
+        bars = {i for i, cell in enumerate(rows[0]) if isinstance(cell, ProgressBar)} if rows else set()
+        print("\t".join(c for i, c in enumerate(columns) if i not in bars))
         for row in rows:
-            line = "\t".join(str(cell.plain if isinstance(cell, Text) else cell) for cell in row
-                             if not isinstance(cell, ProgressBar))
-            print(line if not out.is_terminal else _safe(line))
+            parts = [str(cell.plain if isinstance(cell, Text) else cell) for cell in row
+                     if not isinstance(cell, ProgressBar)]
+            print("\t".join(parts if not out.is_terminal else map(_safe, parts)))  # user text escaped, tabs kept
         return
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left", no_wrap=col in ("task", "id", "job"))
+        table.add_column(col, justify="right" if col in right else "left", no_wrap=True)
     for row in rows:
         table.add_row(*[c if isinstance(c, (Text, ProgressBar)) else Text(_safe(str(c))) for c in row])
     out.print(table)
@@ -318,17 +323,34 @@ def status(args: Sequence[str], as_json: bool) -> None:
     if not active and not finished:
         say("No active tasks.")
         return
-    _table(f"Tasks in {database.path}", ["task", "state", "progress", "done", "failed", "pending", "running",
-                                           "total", "age"],
-           [[p.task_id, p.state,
-             ProgressBar(total=max(p.total_job_count, 1), completed=p.completed_count, width=20)
-             if _console().is_terminal else f"{p.percent:.0f}%",
-             p.completed_count, p.failed_count, p.pending_count, p.running_count, p.total_job_count,
-             _age(now - p.created_at)] for p in active]
-           + [[p.task_id, "finished", "100%" if not _console().is_terminal else
-               ProgressBar(total=1, completed=1, width=20), p.total_job_count, 0, 0, 0, p.total_job_count,
-               f"finished {_age(now - (p.finished_at or now))} ago"] for p in finished],
-           right=("done", "failed", "pending", "running", "total"))
+    from rich.text import Text
+
+    terminal = _console().is_terminal
+    # in a terminal: a bar and its percent; piped (and in a terminal too narrow): the percent alone.
+    # States are words, never a colour alone (TERM=dumb, NO_COLOR, a colour-blind reader).
+    columns = ["task", "state", "progress", *(["%"] if terminal else []), "done", "failed", "scheduled",
+               "pending", "running", "total", "age"]
+
+    def row(p: views.Progress, age: str) -> list[Any]:
+        done = 100.0 if p.finished else p.percent
+        percent = f"{done:.0f}%"
+        total = max(p.total_job_count, 1)
+        bar = (ProgressBar(total=total, completed=total if p.finished else p.completed_count, width=20)
+               if terminal else percent)
+        state = Text(p.state, _STATE_STYLES.get(p.state, "")) if terminal else p.state
+        return [p.task_id, state, bar, *([percent] if terminal else []), p.completed_count,
+                Text(str(p.failed_count), "red") if terminal and p.failed_count else p.failed_count,
+                p.scheduled_count, p.pending_count, p.running_count, p.total_job_count, age]
+
+    _table(f"Tasks in {database.path}", columns,
+           [row(p, _age(now - p.created_at)) for p in active]
+           + [row(p, f"finished {_age(now - (p.finished_at or now))} ago") for p in finished],
+           right=("%", "done", "failed", "scheduled", "pending", "running", "total"))
+    _say_dead_holders(views.jobs_of_dead_workers(database))
+
+
+#: how a task's state is coloured in a terminal (its name says it without the colour)
+_STATE_STYLES = {"blocked": "red", "finished": "green", "finalizing": "cyan", "building": "dim"}
 
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:
@@ -357,6 +379,8 @@ def _status_one(database: Database, task_id: str, as_json: bool) -> None:
             f", reports {r.reported_done:g}" + (f" of {r.reported_total:g}" if r.reported_total is not None else ""))
         say(f"  running {'finalizer' if r.finalizer else 'job'} {r.job_id} {_call(r.func, r.args)} "
             f"{since} (worker {r.worker_id}, attempt {r.attempt}{reported})")
+        if not r.worker_alive:
+            say(("    dead:", "red"), f" {r.dead_worker_note()}")
     for sch in scheduled:
         say(f"  retry of job {sch.job_id} {_call(sch.func, sch.args)} scheduled at {_when(sch.run_at)} "
             f"(after {sch.exc_type}: {sch.message})")
@@ -448,22 +472,38 @@ def _watch_loop(database: Database, task_id: str, bar: Progress, deadline: float
 @cli.command(context_settings=CONTEXT)
 @_db_then("")
 @click.option("--task", "task_id", metavar="TASK_ID", help="Only this task's failures.")
+@click.option("--exc-type", metavar="NAME", help="Only failures of this exception type (as shown, e.g. KeyError "
+                                                 "or mymodule.MyError).")
+@click.option("--group", "grouped", is_flag=True, help="One line per exception type and message, with how many "
+                                                      "jobs, when the first and the last failed, and a few job ids.")
+@click.option("--limit", type=click.IntRange(1), metavar="N", help="At most N failures (with --group: N groups), "
+                                                                   "and N scheduled retries.")
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show each failure's traceback.")
 @json_option
-def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_json: bool) -> None:
+def failed(args: Sequence[str], task_id: str | None, exc_type: str | None, grouped: bool, limit: int | None,
+           show_traceback: bool, as_json: bool) -> None:
     """List failed jobs (job id, task, call, exception and message, attempt, time), and the failed
-    jobs whose automatic retry is scheduled (`retry` runs them now)."""
+    jobs whose automatic retry is scheduled (`retry` runs them now); with --group, how many jobs
+    failed of each exception and message."""
     db, _ = split_db(args, 0)
     database = _open(db)
+    if exc_type is not None and "\x00" in exc_type:
+        raise click.UsageError("--exc-type cannot hold a NUL character")
+    if grouped:
+        _failed_groups(database, task_id, exc_type, limit, as_json)
+        return
     if as_json:
-        _emit_json(views.failures_doc(database, task_id))
+        doc = views.failures_doc(database, task_id, exc_type, limit)
+        doc["scheduled"] = doc["scheduled"][:limit]
+        _emit_json(doc)
         return
     if task_id is not None:
         views.progress(database, task_id)  # unknown id: a clear error
-    fails = views.failures(database, task_id)
-    scheduled = views.scheduled_retries(database, task_id)
+    fails = views.failures(database, task_id, exc_type, limit)
+    scheduled = [s for s in views.scheduled_retries(database, task_id)
+                 if exc_type is None or s.exc_type == exc_type][:limit]
     if not fails and not scheduled:
-        say("No failed jobs.")
+        say("No failed jobs" + (" match." if exc_type else "."))
         return
     for f in fails:
         kind = "finalizer" if f.finalizer else "job"
@@ -477,6 +517,25 @@ def failed(args: Sequence[str], task_id: str | None, show_traceback: bool, as_js
         say(f"job {sch.job_id} of {sch.task_id}: {_call(sch.func, sch.args)}  attempt {sch.attempt} failed, "
             f"retry scheduled at {_when(sch.run_at)}")
         say(f"  {sch.exc_type}: {sch.message}")
+
+
+def _failed_groups(database: Database, task_id: str | None, exc_type: str | None, limit: int | None,
+                   as_json: bool) -> None:
+    if as_json:
+        _emit_json(views.groups_doc(database, task_id, exc_type, limit))
+        return
+    if task_id is not None:
+        views.progress(database, task_id)
+    groups = views.failure_groups(database, task_id, exc_type, limit)
+    if not groups:
+        say("No failed jobs" + (" match." if exc_type else "."))
+        return
+    for g in groups:
+        more = ", ..." if g.count > len(g.job_ids) else ""
+        say((f"{g.count:,}", "bold"), f" {'job' if g.count == 1 else 'jobs'}  {g.exc_type}: {g.message}")
+        when = (f"failed at {_when(g.first_failed_at)}" if g.count == 1 else
+                f"first failed {_when(g.first_failed_at)}, last {_when(g.last_failed_at)}")
+        say(f"  {when}; job{'s' if g.count > 1 else ''} {', '.join(map(str, g.job_ids))}{more}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -555,6 +614,21 @@ def workers(args: Sequence[str], as_json: bool) -> None:
            [[w.id, w.pid, w.hostname, w.kind, w.concurrency, _age(now - w.started_at) + " ago",
              "yes" if w.alive else Text("no", "red") if _console().is_terminal else "no", running(w), w.queues or "all"]
             for w in rows])
+    _say_dead_holders(views.jobs_of_dead_workers(database))
+
+
+def _say_dead_holders(orphans: Sequence[views.RunningJob]) -> None:
+    """A line for each dead worker that still holds jobs (looking changes nothing: they stay held
+    until a live worker, within a second, or `check --repair` puts them back)."""
+    by_worker: dict[int | None, list[views.RunningJob]] = {}
+    for r in orphans:
+        by_worker.setdefault(r.worker_id, []).append(r)
+    for worker_id, held in by_worker.items():
+        who = f"worker {worker_id}" if worker_id is not None else "a worker no longer registered"
+        jobs = "; ".join(f"{'jobs' if a != b else 'job'} {a}{'' if a == b else f'-{b}'} of {task}"
+                         for a, b, task in views.id_runs([(r.job_id, r.task_id) for r in held]))
+        it = "it" if len(held) == 1 else "them"
+        say(("dead:", "red"), f" {who} is dead; `check --repair` or any live worker puts {it} back ({jobs})")
 
 
 def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:

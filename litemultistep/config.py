@@ -27,6 +27,7 @@ class _Settings:
     mode: Mode | None = None
     synchronous: Synchronous | None = None
     keep_finished: float | None = None
+    keep_history: float | None = None
 
 
 _settings = _Settings()
@@ -37,6 +38,7 @@ def configure(
     mode: Mode | None = _UNSET,
     synchronous: Synchronous | None = _UNSET,
     keep_finished: float | None = _UNSET,
+    keep_history: float | None = _UNSET,
 ) -> None:
     """Set process-wide defaults; an argument left out keeps its current value, ``None`` resets it.
 
@@ -50,6 +52,9 @@ def configure(
         (every commit reaches the disk). Else ``LITEMULTISTEP_SYNCHRONOUS``.
     :param keep_finished: seconds a summary of a finished task stays visible to ``status``
         (default 3600). Else ``LITEMULTISTEP_KEEP_FINISHED``.
+    :param keep_history: seconds the per-minute counts of completed and failed jobs are kept, for the
+        web page's throughput chart (default 86400, a day; older minutes still count in ``/metrics``'
+        totals). Else ``LITEMULTISTEP_KEEP_HISTORY``.
     """
     if mode is not _UNSET and mode not in (None, "async", "sync"):
         raise InvalidSetting(f"mode must be 'async' or 'sync', not {mode!r}")
@@ -57,8 +62,10 @@ def configure(
         raise InvalidSetting(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
     if keep_finished is not _UNSET and keep_finished is not None:
         keep_finished = seconds(keep_finished, "keep_finished", zero_ok=True, text_ok=True)
+    if keep_history is not _UNSET and keep_history is not None:
+        keep_history = seconds(keep_history, "keep_history", zero_ok=True, text_ok=True)
     for name, value in (("db", db), ("mode", mode), ("synchronous", synchronous),
-                        ("keep_finished", keep_finished)):
+                        ("keep_finished", keep_finished), ("keep_history", keep_history)):
         if value is not _UNSET:
             setattr(_settings, name, value)
 
@@ -112,11 +119,20 @@ def keep_finished() -> float:
     return seconds(value, "LITEMULTISTEP_KEEP_FINISHED", zero_ok=True, text_ok=True) if value else 3600.0
 
 
+def keep_history() -> float:
+    """Seconds the per-minute counts of completed and failed jobs are kept (a day by default)."""
+    if _settings.keep_history is not None:
+        return float(_settings.keep_history)
+    value = os.environ.get("LITEMULTISTEP_KEEP_HISTORY", "").strip()
+    return seconds(value, "LITEMULTISTEP_KEEP_HISTORY", zero_ok=True, text_ok=True) if value else 86400.0
+
+
 def validate() -> None:
     """Check every setting now, so a bad one is refused where it is given, before anything runs."""
     mode()
     synchronous()
     keep_finished()
+    keep_history()
 
 
 def resolve_db(db: Any = None) -> Database:

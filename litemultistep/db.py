@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from .errors import DatabaseUnusable, LiteMultiStepError
 
 #: Version of the schema this litemultistep writes; an older database is upgraded, a newer one refused.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class TaskState(IntEnum):
@@ -77,8 +77,8 @@ class JobKind(IntEnum):
 #: every query that means to use that index repeats word for word (SQLite requires it)
 CLAIMABLE = "pending_count > 0 AND state IN (1, 2) AND (max_running IS NULL OR running_count < max_running)"
 
-#: the schema's tables, the same on every backend
-TABLES = ("task", "job", "failure", "worker", "finished_task")
+#: the schema's tables, the same on every backend (``throughput``: jobs completed and failed per minute)
+TABLES = ("task", "job", "failure", "worker", "finished_task", "throughput")
 
 
 @dataclass(frozen=True)

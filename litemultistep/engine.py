@@ -5,7 +5,9 @@ locked as they are taken), or a few for bulk work; no transaction is ever open w
 The SQL is the same on both backends but for what a :class:`~litemultistep.db.Dialect` names. Counters
 live in the task row and change in the same transaction as the job rows they count, so they are exact
 and reading them is one row lookup; a transaction changes each task's row once, at its end, in key
-order (:func:`_apply`), so no two transactions wait on each other in a cycle.
+order (:func:`_apply`), so no two transactions wait on each other in a cycle. After the task rows, last,
+it adds what it completed and what failed to the current minute's row of ``throughput`` (the history
+that ``/metrics`` and the throughput chart read); :func:`prune_history` folds old minutes into minute 0.
 
 The rules a reader can check in this file:
 
@@ -52,6 +54,7 @@ from .errors import (
     NoSuchMultiStepTask,
     NotReadyForFinalization,
 )
+from .jobs import describe_call
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ NORMAL, FINALIZE = JobKind.NORMAL, JobKind.FINALIZE
 #: rows written or deleted per transaction in bulk work, so no writer waits long behind it
 CHUNK = 20_000
 CLAIM_WINDOW = rules.CLAIM_WINDOW
+#: seconds over which a task's current rate is measured (the ``rate_*`` columns of its row)
+RATE_WINDOW = 10.0
 DEFAULT_MAX_CRASHES = rules.DEFAULT_MAX_CRASHES
 _NONCE_ALPHABET = string.ascii_letters + string.digits
 
@@ -298,11 +303,12 @@ def _advance_chain(c: Connection, pk: int, task_id: str,
 def _finish_task(c: Connection, pk: int, task_id: str) -> None:
     t = now()
     c.execute(
-        "INSERT INTO finished_task (task_id, slug, normal_count, finalize_count, created_at, finished_at) "
-        "SELECT task_id, slug, normal_count, finalize_count, created_at, ? FROM task WHERE id = ? "
+        "INSERT INTO finished_task (task_id, slug, normal_count, finalize_count, created_at, finished_at, "
+        "failed_attempts) SELECT task_id, slug, normal_count, finalize_count, created_at, ?, failed_attempts "
+        "FROM task WHERE id = ? "
         "ON CONFLICT (task_id) DO UPDATE SET slug = excluded.slug, normal_count = excluded.normal_count, "
         "finalize_count = excluded.finalize_count, created_at = excluded.created_at, "
-        "finished_at = excluded.finished_at", (t, pk))
+        "finished_at = excluded.finished_at, failed_attempts = excluded.failed_attempts", (t, pk))
     # Only finalizer rows and their failure records are left: normal jobs were deleted as they succeeded.
     c.execute("DELETE FROM task WHERE id = ?", (pk,))
     c.execute("DELETE FROM finished_task WHERE finished_at < ?", (t - config.keep_finished(),))
@@ -367,6 +373,8 @@ class _Delta:
     task_id: str = ""
     completed: int = 0
     failed: int = 0
+    #: failures recorded (a failed attempt, whether it is retried or not)
+    failed_attempts: int = 0
     pending: int = 0
     running: int = 0
     #: when a claim served the task (ns), 0 if none did
@@ -579,8 +587,10 @@ def _record(c: Connection, worker_id: int, outcomes: Iterable[Outcome], done: It
             change.results += 1 if job.kind == NORMAL and o.result is not None else 0
             change.decide = True
             change.finalizer_completed = change.finalizer_completed or job.kind == FINALIZE
-        elif state == FAILED:
-            change.failed += 1
+        else:
+            change.failed_attempts += 1
+            if state == FAILED:
+                change.failed += 1
         if job.kind == NORMAL:
             change.ran += 1
             change.seconds += o.duration
@@ -629,35 +639,77 @@ def _record_failure(c: Connection, worker_id: int, o: Outcome) -> int | None:
     is kept either way. SCHEDULED or FAILED, or None if the job was no longer ours."""
     job, t = o.job, now()
     row = c.execute(f"SELECT coalesce(j.max_retries, t.max_retries), coalesce(j.retry_delay, t.retry_delay), "
-                    f"j.attempts - j.round_start, j.round FROM job j JOIN task t ON t.id = j.task "
+                    f"j.round_start, j.round FROM job j JOIN task t ON t.id = j.task "
                     f"WHERE j.id = ? AND j.worker = ? AND j.state = {RUNNING}", (job.id, worker_id)).fetchone()
     if row is None:
         return None
-    max_retries, delay, attempt, round_ = row
+    max_retries, delay, round_start, round_ = row
+    attempt = job.attempt - round_start  # of this round
     retry = o.retryable and rules.retries(attempt, max_retries)
     wait = o.retry_delay if o.retry_delay is not None else rules.retry_wait(delay, attempt)
     state = SCHEDULED if retry else FAILED
-    c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ?",
-              (state, t + min(wait, rules.MAX_RETRY_DELAY) if retry else None, job.id))
+    run_at = t + min(wait, rules.MAX_RETRY_DELAY) if retry else None
+    c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ?", (state, run_at, job.id))
     _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t, round_)
+    _log_failure(job, o.exc_type, o.message, round_start + max_retries + 1 if o.retryable else job.attempt,
+                 run_at, t, o.traceback)
     return state
+
+
+def _log_failure(job: ClaimedJob, exc_type: str, message: str, attempts: int, run_at: float | None, t: float,
+                 tb: str = "") -> None:
+    """A failed attempt, in the log of the process that records it (a worker, or an inline runner):
+    a WARNING while another attempt is to come, an ERROR once the job is out of retries, and its
+    traceback at DEBUG. Control characters of the job's text are escaped: one failure, one line."""
+    what = f"task {job.task_id}: {'finalizer' if job.is_finalizer else 'job'} {job.id}"
+    failed = (f"{what} failed, attempt {job.attempt} of {attempts}: {describe_call(job.func, job.args)}: "
+              f"{exc_type}: {_one_line(message)}")
+    if run_at is not None:
+        wait = max(0.0, run_at - t)
+        log.warning("%s; next attempt in %s (at %s)", failed, f"{wait:.2g} s" if wait < 60 else
+                    f"{wait / 60:.0f} min" if wait < 7200 else f"{wait / 3600:.1f} h",
+                    time.strftime("%Y-%m-%d %H:%M:%S" if wait >= 43200 else "%H:%M:%S", time.localtime(run_at)))
+    else:
+        log.error("%s; no retries left (`litemultistep retry DB %d` runs it again)", failed, job.id)
+    if tb and log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: traceback of attempt %d:\n%s", what, job.attempt, tb.rstrip())
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[ClaimedJob]:
     """Apply each task's changes in one UPDATE, in key order (the same order in every transaction),
     then start or advance finalization where a completion made it due; returns the finalizers handed
-    to ``worker_id``."""
+    to ``worker_id``. What completed and failed in all is added to this minute's counts last
+    (:func:`_count_minute`), so that row is held for the least time."""
     handed: list[ClaimedJob] = []
+    t = now()
+    completed = failed_attempts = 0
     for pk in sorted(tally):
         d = tally[pk]
+        completed += d.completed
+        failed_attempts += d.failed_attempts
         mean = d.seconds / d.ran if d.ran else None
+        # the rate window: a window open RATE_WINDOW seconds closes with its jobs (and these) as its
+        # rate, and a new one opens now (SET sees the row as it was, on both backends)
         row = c.execute(
             "UPDATE task SET completed_count = completed_count + ?, failed_count = failed_count + ?, "
+            "failed_attempts = failed_attempts + ?, "
             "pending_count = pending_count + ?, running_count = running_count + ?, "
             "last_served = CASE WHEN ? > last_served THEN ? ELSE last_served END, "
-            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration), result_count = result_count + ? "
+            "avg_duration = coalesce((avg_duration + ?) / 2, ?, avg_duration), result_count = result_count + ?, "
+            "rate = CASE WHEN rate_since IS NOT NULL AND ? >= rate_since + ? "
+            "THEN (rate_count + ?) / (? - rate_since) ELSE rate END, "
+            "rate_count = CASE WHEN rate_since IS NOT NULL AND ? >= rate_since + ? THEN 0 ELSE rate_count + ? END, "
+            "rate_since = CASE WHEN rate_since IS NULL OR ? >= rate_since + ? THEN ? ELSE rate_since END "
             "WHERE id = ? RETURNING task_id, state, finalizable, normal_count, completed_count, failed_count",
-            (d.completed, d.failed, d.pending, d.running, d.served, d.served, mean, mean, d.results, pk)).fetchone()
+            (d.completed, d.failed, d.failed_attempts, d.pending, d.running, d.served, d.served, mean, mean,
+             d.results, t, RATE_WINDOW, d.completed, t, t, RATE_WINDOW, d.completed, t, RATE_WINDOW, t,
+             pk)).fetchone()
         if row is None or not d.decide:
             continue
         task_id, state, finalizable, normal, completed_now, failed_now = row
@@ -668,7 +720,33 @@ def _apply(c: Connection, tally: _Tally, worker_id: int | None = None) -> list[C
             nxt = _advance_chain(c, pk, task_id, worker_id)
         if nxt is not None:
             handed.append(nxt)
+    if completed or failed_attempts:
+        _count_minute(c, int(t // 60), completed, failed_attempts)
     return handed
+
+
+def _count_minute(c: Connection, minute: int, completed: int, failed: int) -> None:
+    """Add to one minute's counts of completed jobs and failed attempts (the throughput history)."""
+    c.execute("INSERT INTO throughput (minute, completed, failed) VALUES (?, ?, ?) ON CONFLICT (minute) DO UPDATE "
+              "SET completed = throughput.completed + excluded.completed, failed = throughput.failed + excluded.failed",
+              (minute, completed, failed))
+
+
+def prune_history(db: Database, keep: float | None = None) -> int:
+    """Fold the minutes of the throughput history older than ``keep`` seconds (default
+    :func:`config.keep_history`, a day) into minute 0, which keeps what they counted, so the totals
+    never go down. A read when there is nothing to prune. Returns how many minutes went."""
+    cutoff = int((now() - (config.keep_history() if keep is None else keep)) // 60)
+    if db.connection().execute("SELECT 1 FROM throughput WHERE minute > 0 AND minute < ? LIMIT 1",
+                               (cutoff,)).fetchone() is None:
+        return 0
+    with db.write() as c:
+        # each old row is deleted, and counted, by one transaction only, however many prune at once
+        rows = c.execute("DELETE FROM throughput WHERE minute > 0 AND minute < ? RETURNING completed, failed",
+                         (cutoff,)).fetchall()
+        if rows:
+            _count_minute(c, 0, sum(r[0] for r in rows), sum(r[1] for r in rows))
+    return len(rows)
 
 
 def _insert_failure(c: Connection, job_id: int, task_pk: int, exc_type: str, message: str,
@@ -690,7 +768,7 @@ def _stale(job: ClaimedJob, worker_id: int, again: bool = False) -> None:
 
 
 def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running: int = 0, failed: int = 0,
-           tally: _Tally | None = None) -> None:
+           failed_attempts: int = 0, tally: _Tally | None = None) -> None:
     """Count, for each of some jobs, a change of its task's counters: into ``tally``, or applied at once."""
     own = _Tally() if tally is None else tally
     for pk in task_pks:
@@ -698,6 +776,7 @@ def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running:
         d.pending += pending
         d.running += running
         d.failed += failed
+        d.failed_attempts += failed_attempts
     if tally is None:
         _apply(c, own)
 
@@ -718,22 +797,24 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
     why, limit = crashed
     rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
                      f"THEN {FAILED} ELSE {QUEUED} END WHERE state = ? AND {where} "
-                     "RETURNING id, task, state, crashes, attempts, round", (limit, RUNNING, *params)).fetchall()
+                     "RETURNING id, task, state, crashes, attempts, round, kind, func, args", (limit, RUNNING, *params)
+                     ).fetchall()
     back = [r[1] for r in rows if r[2] == QUEUED]
     failed = [r for r in rows if r[2] == FAILED]
     own = _Tally() if tally is None else tally
     _shift(c, back, running=-1, pending=1, tally=own)
-    _shift(c, (r[1] for r in failed), running=-1, failed=1, tally=own)
+    _shift(c, (r[1] for r in failed), running=-1, failed=1, failed_attempts=1, tally=own)
     if tally is None:
         _apply(c, own)
     if back:
         c.notify()
     t = now()
-    for job_id, pk, _, crashes, attempt, round_ in failed:
-        _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed",
-                        f"the process running it died {crashes} time(s), the crash limit ({why})", "", attempt, t,
-                        round_)
-        log.error("job %d failed: the process running it died %d time(s) (%s)", job_id, crashes, why)
+    for job_id, pk, _, crashes, attempt, round_, kind, func, args in failed:
+        message = f"the process running it died {crashes} time(s), the crash limit ({why})"
+        _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed", message, "", attempt, t, round_)
+        (task_id,) = c.execute("SELECT task_id FROM task WHERE id = ?", (pk,)).fetchone() or ("?",)
+        _log_failure(ClaimedJob(job_id, pk, task_id, kind, None, func, args, attempt), "litemultistep.WorkerCrashed",
+                     message, attempt, None, t)
     return len(rows)
 
 
@@ -853,6 +934,19 @@ def retry_task(db: Database, task_id: str) -> list[int]:
     with db.write() as c:
         pk = _task_row(c, task_id)[0]
         return _retry_where(c, "task = ?", [pk])
+
+
+def retry_group(db: Database, exc_type: str, message: str, task_id: str | None = None) -> list[int]:
+    """Requeue every failed job whose last failure has this exception type and message (a group of
+    ``failed --group``), only ``task_id``'s when given; returns their ids."""
+    where = (f"id IN (SELECT j.id FROM job j JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
+             f"WHERE j.state = {FAILED} AND f.exc_type = ? AND f.message = ?")
+    params: list[object] = [exc_type, message]
+    with db.write() as c:
+        if task_id is not None:
+            where += " AND j.task = ?"
+            params.append(_task_row(c, task_id)[0])
+        return _retry_where(c, where + ")", params)
 
 
 def retry_all(db: Database) -> list[int]:

@@ -123,7 +123,9 @@ SCHEMA = [
     "max_retries INTEGER NOT NULL DEFAULT 0, retry_delay DOUBLE PRECISION NOT NULL DEFAULT 1.0, "
     "created_at DOUBLE PRECISION NOT NULL, timeout DOUBLE PRECISION, avg_duration DOUBLE PRECISION, "
     "builder_pid INTEGER, keep_results INTEGER NOT NULL DEFAULT 0, result_count BIGINT NOT NULL DEFAULT 0, "
-    "builder BIGINT, max_running INTEGER, priority INTEGER NOT NULL DEFAULT 0, retry_on TEXT)",
+    "builder BIGINT, failed_attempts BIGINT NOT NULL DEFAULT 0, rate_since DOUBLE PRECISION, "
+    "rate_count BIGINT NOT NULL DEFAULT 0, rate DOUBLE PRECISION, "
+    "max_running INTEGER, priority INTEGER NOT NULL DEFAULT 0, retry_on TEXT)",
     "CREATE TABLE job (id BIGSERIAL PRIMARY KEY, task BIGINT NOT NULL REFERENCES task (id) ON DELETE CASCADE, "
     "kind INTEGER NOT NULL, position INTEGER, func TEXT NOT NULL, args TEXT NOT NULL, state INTEGER NOT NULL, "
     "attempts INTEGER NOT NULL DEFAULT 0, worker BIGINT, run_at DOUBLE PRECISION, "
@@ -147,8 +149,11 @@ SCHEMA = [
     "expires_at DOUBLE PRECISION, lock_path TEXT NOT NULL, heartbeat_mono DOUBLE PRECISION, "
     "concurrency INTEGER NOT NULL DEFAULT 1)",
     "CREATE TABLE finished_task (task_id TEXT PRIMARY KEY, slug TEXT NOT NULL, normal_count BIGINT NOT NULL, "
-    "finalize_count BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL, finished_at DOUBLE PRECISION NOT NULL)",
+    "finalize_count BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL, finished_at DOUBLE PRECISION NOT NULL, "
+    "failed_attempts BIGINT NOT NULL DEFAULT 0)",
     "CREATE INDEX finished_task_finished_at ON finished_task (finished_at)",
+    "CREATE TABLE throughput (minute BIGINT PRIMARY KEY, completed BIGINT NOT NULL DEFAULT 0, "
+    "failed BIGINT NOT NULL DEFAULT 0)",
     f"CREATE INDEX task_claimable ON task (priority DESC, last_served) WHERE {CLAIMABLE}",
     # id last: a claim takes a task's queued jobs in id order straight from the index, with no sort
     # (on SQLite the rowid rides along in every index for free)
@@ -171,7 +176,19 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
     5: ["ALTER TABLE task ADD COLUMN builder BIGINT", "CREATE INDEX task_building ON task (builder) WHERE state = 0"],
-    6: ["ALTER TABLE task ADD COLUMN max_running INTEGER",
+    6: [
+        "ALTER TABLE task ADD COLUMN failed_attempts BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN rate_since DOUBLE PRECISION",
+        "ALTER TABLE task ADD COLUMN rate_count BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN rate DOUBLE PRECISION",
+        "ALTER TABLE finished_task ADD COLUMN failed_attempts BIGINT NOT NULL DEFAULT 0",
+        "CREATE TABLE throughput (minute BIGINT PRIMARY KEY, completed BIGINT NOT NULL DEFAULT 0, "
+        "failed BIGINT NOT NULL DEFAULT 0)",
+        # the failures still stored: what an older version counted of a task's failed attempts
+        "UPDATE task SET failed_attempts = (SELECT count(*) FROM failure f WHERE f.task = task.id "
+        "AND f.job IN (SELECT id FROM job))",
+    ],
+    7: ["ALTER TABLE task ADD COLUMN max_running INTEGER",
         "ALTER TABLE task ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE task ADD COLUMN retry_on TEXT",
         "ALTER TABLE job ADD COLUMN max_retries INTEGER",

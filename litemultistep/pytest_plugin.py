@@ -70,7 +70,9 @@ def litemultistep_sync() -> Iterator[None]:
 @pytest.fixture
 def litemultistep_drain(litemultistep_db: str) -> Callable[..., DrainSummary]:
     """A callable that runs every queued job, normal and finalization, in this process until none is
-    left, and returns a summary (``completed``, ``failed``, ``finalized`` task ids, ``failures``).
+    left, and returns a :class:`~litemultistep.DrainSummary`: ``completed_jobs``, ``failed_attempts``,
+    ``failed_jobs`` (still failed at the end), ``finalized`` task ids, ``failures`` (each a
+    :class:`~litemultistep.FailedAttempt`) and ``results``.
 
     ``litemultistep_drain(raise_on_failure=True)`` re-raises the first job exception, so a failing
     job fails the test with its own traceback.

@@ -150,9 +150,14 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
     rtoken = _reporter.set(reporter or _ignore)
     start = time.perf_counter()
     dtoken = _deadline.set(None if timeout is None else time.monotonic() + timeout)
-    if log.isEnabledFor(logging.INFO):
-        log.info("start %s %d of %s: %s", "finalizer" if job.is_finalizer else "job", job.id, job.task_id,
-                 describe_call(job.func, job.args))
+    # one line at its start, its end and its failure, each naming it "job" or "finalizer" with its
+    # attempt, at DEBUG: a line a job costs more than the work of a short job (the worker logs what
+    # its jobs ran every 10 s at INFO, and whoever records a failure logs it at WARNING or ERROR)
+    what = "finalizer" if job.is_finalizer else "job"
+    debug = log.isEnabledFor(logging.DEBUG)
+    if debug:
+        log.debug("start %s %d of %s (attempt %d): %s", what, job.id, job.task_id, job.attempt,
+                  describe_call(job.func, job.args))
     catch: tuple[type[BaseException], ...] = (BaseException,) if catch_all else (Exception, SystemExit)
     try:
         fn = resolve(job.func)
@@ -165,8 +170,8 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
     except catch as e:
         duration = time.perf_counter() - start
         message = clean_text(_text(e))
-        log.info("failed job %d of %s after %.3fs: %s: %s", job.id, job.task_id, duration, _type_name(e),
-                 message.encode("unicode_escape").decode("ascii")[:300])
+        log.debug("failed %s %d of %s (attempt %d) after %.3fs: %s", what, job.id, job.task_id, job.attempt,
+                  duration, _type_name(e))
         retryable, delay = retry_of(e, job.retry_on)
         outcome = Outcome(job, False, _type_name(e), message, clean_text(_traceback()), duration,
                           retryable=retryable, retry_delay=delay)
@@ -181,10 +186,11 @@ def execute(db: Database | str, job: ClaimedJob, catch_all: bool = False, timeou
         try:
             stored = encode_result(result)
         except ResultNotSerializable as e:
-            log.info("failed job %d of %s: %s", job.id, job.task_id, e)
+            log.debug("failed %s %d of %s (attempt %d): %s", what, job.id, job.task_id, job.attempt, e)
             return Result(Outcome(job, False, "litemultistep.ResultNotSerializable", clean_text(str(e)), "",
                                   duration, retryable=False), e, duration)
-    log.info("done job %d of %s in %.3fs", job.id, job.task_id, duration)
+    if debug:
+        log.debug("done %s %d of %s (attempt %d) in %.3fs", what, job.id, job.task_id, job.attempt, duration)
     return Result(Outcome(job, True, duration=duration, result=stored), None, duration, result)
 
 
@@ -274,18 +280,63 @@ def _close_inline_runners() -> None:
     InlineRunner._runners.clear()
 
 
+@dataclass(frozen=True)
+class FailedAttempt:
+    """One failed attempt of a job that :func:`drain` ran: what its failure record holds."""
+
+    job_id: int
+    task_id: str
+    #: the job's callable (``module:qualname``) and its stored ``[args, kwargs]`` JSON
+    func: str
+    args: str
+    #: whether it is a finalization job
+    finalizer: bool
+    #: which attempt of the job this was (from 1)
+    attempt: int
+    #: the exception's class (with its module unless a builtin), its ``str()``, and the traceback
+    exc_type: str
+    message: str
+    traceback: str
+    #: seconds it ran
+    duration: float
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> FailedAttempt:
+        job = outcome.job
+        return cls(job.id, job.task_id, job.func, job.args, job.is_finalizer, job.attempt, outcome.exc_type,
+                   outcome.message, outcome.traceback, outcome.duration)
+
+
 @dataclass
 class DrainSummary:
-    """What :func:`drain` did."""
+    """What :func:`drain` (and the pytest fixture ``litemultistep_drain``) did.
 
-    completed: int = 0
-    failed: int = 0
-    #: ids of the tasks whose last finalizer ran (they are gone now)
+    ``completed`` and ``failed`` are the older names of ``completed_jobs`` and ``failed_attempts``.
+    """
+
+    #: jobs and finalizers that ran and returned
+    completed_jobs: int = 0
+    #: attempts that failed: a job that failed twice, then succeeded on its automatic retry, counts 2
+    failed_attempts: int = 0
+    #: jobs still failed at the end: their last attempt failed (drain runs every automatic retry, so
+    #: these are out of retries); each job once
+    failed_jobs: int = 0
+    #: ids of the tasks whose last finalizer ran (they are gone now), sorted
     finalized: list[str] = field(default_factory=list)
-    #: the failures, as recorded
-    failures: list[Outcome] = field(default_factory=list)
+    #: every failed attempt, in the order they ran
+    failures: list[FailedAttempt] = field(default_factory=list)
     #: for tasks that keep results: each task's results, in the order its jobs were added
     results: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> int:
+        """The older name of :attr:`completed_jobs`."""
+        return self.completed_jobs
+
+    @property
+    def failed(self) -> int:
+        """The older name of :attr:`failed_attempts`."""
+        return self.failed_attempts
 
 
 def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None = None) -> DrainSummary:
@@ -293,11 +344,15 @@ def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None
 
     Automatic retries that are waiting for their delay run at once. With ``raise_on_failure`` the first
     job exception is re-raised with its traceback (after its failure is recorded).
+
+    :param queues: only the tasks whose id matches one of these globs (as ``worker --queues``).
+    :returns: a :class:`DrainSummary` of what ran.
     """
     runner = InlineRunner.for_db(db)
     summary = DrainSummary()
     touched: set[str] = set()
     kept: dict[str, list[tuple[int, Any]]] = {}
+    last_failed: dict[int, bool] = {}
     while True:
         batches = engine.claim(db, runner.worker_id, max_batch=1, queues=queues)
         if not batches:
@@ -307,13 +362,15 @@ def drain(db: Database, raise_on_failure: bool = False, queues: list[str] | None
         for result in runner.run_chain(batches[0][0], raise_errors=raise_on_failure):
             job = result.outcome.job
             touched.add(job.task_id)
+            last_failed[job.id] = not result.outcome.ok
             if result.outcome.ok:
-                summary.completed += 1
+                summary.completed_jobs += 1
                 if job.keep:
                     kept.setdefault(job.task_id, []).append((job.id, result.value))
             else:
-                summary.failed += 1
-                summary.failures.append(result.outcome)
+                summary.failed_attempts += 1
+                summary.failures.append(FailedAttempt.of(result.outcome))
+    summary.failed_jobs = sum(last_failed.values())
     summary.finalized = sorted(t for t in touched if engine.task_finished(db, t))
     summary.results = {t: [value for _, value in sorted(pairs, key=lambda p: p[0])] for t, pairs in kept.items()}
     return summary

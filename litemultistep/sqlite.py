@@ -137,6 +137,13 @@ def models() -> list[type[Any]]:
         #: the worker id of the runner filling the task in its ``with`` block: once that runner is gone,
         #: workers remove the task (the ``builder_pid`` of older versions is only read by ``check``)
         builder = pw.IntegerField(null=True)
+        #: every failed attempt of the task's jobs, retried or not (counted as each is recorded)
+        failed_attempts = _default(pw.IntegerField, 0)
+        #: the task's current rate: jobs completed since ``rate_since`` (wall clock), in a window of
+        #: ``engine.RATE_WINDOW`` seconds, and the rate (jobs/s) the window before measured
+        rate_since = pw.FloatField(null=True)
+        rate_count = _default(pw.IntegerField, 0)
+        rate = pw.FloatField(null=True)
         #: jobs of the task that may run at once, across every worker (NULL: no limit)
         max_running = pw.IntegerField(null=True)
         #: workers serve higher priorities first
@@ -219,8 +226,17 @@ def models() -> list[type[Any]]:
         finalize_count = pw.IntegerField()
         created_at = pw.FloatField()
         finished_at = pw.FloatField(index=True)
+        failed_attempts = _default(pw.IntegerField, 0)
 
-    return [Task, Job, Failure, Worker, FinishedTask]
+    class Throughput(_Model):
+        """Jobs completed and attempts failed in each minute (``minute``: Unix time // 60), written in the
+        work's own transactions; minute 0 holds what older minutes counted once they are pruned."""
+
+        minute = pw.IntegerField(primary_key=True)
+        completed = _default(pw.IntegerField, 0)
+        failed = _default(pw.IntegerField, 0)
+
+    return [Task, Job, Failure, Worker, FinishedTask, Throughput]
 
 
 # Partial indexes keep the claim and recovery paths to one index probe each. The claim query in
@@ -258,7 +274,19 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     4: ["CREATE INDEX job_finalizers ON job (task, position) WHERE kind = 1"],
     5: ["ALTER TABLE task ADD COLUMN builder INTEGER", "CREATE INDEX task_building ON task (builder) WHERE state = 0"],
-    6: ["ALTER TABLE task ADD COLUMN max_running INTEGER",
+    6: [
+        "ALTER TABLE task ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN rate_since REAL",
+        "ALTER TABLE task ADD COLUMN rate_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE task ADD COLUMN rate REAL",
+        "ALTER TABLE finished_task ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE throughput (minute INTEGER NOT NULL PRIMARY KEY, completed INTEGER NOT NULL DEFAULT 0, "
+        "failed INTEGER NOT NULL DEFAULT 0)",
+        # the failures still stored: what an older version counted of a task's failed attempts
+        "UPDATE task SET failed_attempts = (SELECT count(*) FROM failure f WHERE f.task = task.id "
+        "AND f.job IN (SELECT id FROM job))",
+    ],
+    7: ["ALTER TABLE task ADD COLUMN max_running INTEGER",
         "ALTER TABLE task ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE task ADD COLUMN retry_on TEXT",
         "ALTER TABLE job ADD COLUMN max_retries INTEGER",
@@ -625,7 +653,9 @@ def _schema_state(conn: sqlite3.Connection, path: str) -> str:
         raise SchemaTooNew(f"{path} was written by a newer litemultistep (schema v{version}; this version "
                            f"knows v{SCHEMA_VERSION}): upgrade litemultistep to use it")
     # Touch every table's root page: a truncated file fails here, at open, not in the middle of work.
-    for table in TABLES:
+    # (A file of an older version lacks the tables its upgrade adds.)
+    present = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+    for table in TABLES if version == SCHEMA_VERSION else [t for t in TABLES if t in present]:
         conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchall()
     return "current" if version == SCHEMA_VERSION else "old"
 

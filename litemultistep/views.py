@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 from . import rules
 from .config import resolve_db
-from .db import Database, JobKind, JobState, TaskState
+from .db import Database, JobKind, JobState, TaskState, now
+from .engine import RATE_WINDOW
 from .errors import NoResult, NoSuchJob, NoSuchMultiStepTask
 from .runner import REPORT_LIMIT
 
@@ -30,7 +31,7 @@ _TASK_COLUMNS = ("task_id, slug, state, finalizable, normal_count, finalize_coun
                  + ", ".join(f"(SELECT sum(CASE WHEN {c} <= {float(REPORT_LIMIT)!r} THEN {c} END) FROM job "
                              f"WHERE job.task = task.id AND job.state = {int(JobState.RUNNING)})"
                              for c in ("progress_done", "progress_total"))
-                 + ", max_running, priority")
+                 + ", failed_attempts, rate_since, rate_count, rate, max_running, priority")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class Progress:
     #: report()'s limit, which only an older version stored, counts as none)
     reported_done: float | None = None
     reported_total: float | None = None
+    #: every failed attempt of the task's jobs so far, retried or not (a finished task keeps it)
+    failed_attempts: int = 0
+    #: jobs completed a second, over about the last 10 s (None until it is known, and once finished)
+    rate: float | None = None
+    #: seconds until the jobs not done yet are done at that rate (None: no rate, blocked, finished)
+    seconds_left: float | None = None
     #: jobs of the task that may run at once (None: no limit), and its priority (higher goes first)
     max_running: int | None = None
     priority: int = 0
@@ -72,6 +79,12 @@ class Progress:
     @property
     def total_job_count(self) -> int:
         return self.normal_job_count + self.finalize_job_count
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the task's creation to its end (``finished_at - created_at``); None until
+        it has finished."""
+        return None if self.finished_at is None else max(0.0, self.finished_at - self.created_at)
 
     @property
     def finished(self) -> bool:
@@ -98,6 +111,7 @@ class Progress:
         """The JSON shape of ``status --json``: every field plus ``total_job_count``."""
         d = dict(self.__dict__)  # the fields are plain values: no deep copy needed (asdict's cost)
         d["total_job_count"] = self.total_job_count
+        d["duration"] = self.duration
         return d
 
 
@@ -113,15 +127,35 @@ def duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def _progress_from_row(row: tuple[Any, ...]) -> Progress:
+def current_rate(since: float | None, count: int, last: float | None, at: float) -> float | None:
+    """A task's jobs completed a second over the last :data:`~litemultistep.engine.RATE_WINDOW`
+    seconds, from its rate window: ``count`` jobs since ``since``, after a window that measured
+    ``last``. A window open longer than that (the task stalled) is its own measure, which falls
+    towards 0 as it stays open. None while not known (a first window under a second old)."""
+    if since is None:
+        return None
+    elapsed = max(0.0, at - since)
+    if elapsed >= RATE_WINDOW or last is None:
+        return count / elapsed if elapsed >= 1.0 else None
+    # the jobs of the open window, and the last window's rate for the rest of the span
+    return (count + last * (RATE_WINDOW - elapsed)) / RATE_WINDOW
+
+
+def _progress_from_row(row: tuple[Any, ...], at: float | None = None) -> Progress:
     (task_id, slug, state, finalizable, normal, finalize, completed, failed, queued, running,
-     created_at, scheduled, keep, results, reported_done, reported_total, max_running, priority) = row
+     created_at, scheduled, keep, results, reported_done, reported_total, failed_attempts,
+     rate_since, rate_count, last_rate, max_running, priority) = row
     label = rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, failed, queued, running,
                              scheduled)
     pending = normal + finalize - completed - failed - running
+    # a task that is building or blocked runs nothing: it has no rate (and no time left)
+    moving = label not in ("blocked", "building")
+    rate = current_rate(rate_since, rate_count, last_rate, now() if at is None else at) if moving else None
+    left = normal + finalize - completed - failed
+    seconds_left = left / rate if rate else None
     return Progress(task_id, slug, label, bool(finalizable), normal, finalize, completed, failed, pending,
                     running, created_at, None, scheduled, bool(keep), results, reported_done, reported_total,
-                    max_running, priority)
+                    failed_attempts, rate, seconds_left, max_running, priority)
 
 
 #: the largest id a job can have: both backends keep ids in signed 64-bit integers
@@ -152,14 +186,20 @@ def progress(db: Database, task_id: str) -> Progress:
     row = conn.execute(f"SELECT {_TASK_COLUMNS} FROM task WHERE task_id = ?", (task_id,)).fetchone()
     if row is not None:
         return _progress_from_row(row)
-    done = conn.execute("SELECT slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
-                        "WHERE task_id = ?", (task_id,)).fetchone()
+    done = conn.execute(f"SELECT {_FINISHED_COLUMNS} FROM finished_task WHERE task_id = ?", (task_id,)).fetchone()
     if done is None:
         raise NoSuchMultiStepTask(f"no task {task_id!r} in {db.path}: it never existed, was nuked, or "
                                   "finished long enough ago that its summary was dropped")
-    slug, normal, finalize, created_at, finished_at = done
+    return _finished_from_row(done)
+
+
+_FINISHED_COLUMNS = "task_id, slug, normal_count, finalize_count, created_at, finished_at, failed_attempts"
+
+
+def _finished_from_row(row: tuple[Any, ...]) -> Progress:
+    task_id, slug, normal, finalize, created_at, finished_at, failed_attempts = row
     return Progress(task_id, slug, "finished", True, normal, finalize, normal + finalize, 0, 0, 0,
-                    created_at, finished_at)
+                    created_at, finished_at, failed_attempts=failed_attempts)
 
 
 @dataclass(frozen=True)
@@ -262,7 +302,8 @@ def active_tasks(db: Any = None, limit: int | None = None, offset: int = 0) -> l
     # the sort passes over
     where = "" if limit is None else f" WHERE id IN (SELECT id FROM task ORDER BY created_at, id{_page(limit, offset)})"
     rows = db.connection().execute(f"SELECT {_TASK_COLUMNS} FROM task{where} ORDER BY created_at, id").fetchall()
-    return [_progress_from_row(r) for r in rows]
+    at = now()
+    return [_progress_from_row(r, at) for r in rows]
 
 
 def task_counts(db: Any = None) -> tuple[int, int]:
@@ -277,9 +318,9 @@ def finished_tasks(db: Any = None, limit: int | None = None, offset: int = 0) ->
     """Summaries of recently finished tasks, newest first."""
     db = resolve_db(db)
     rows = db.connection().execute(
-        "SELECT task_id, slug, normal_count, finalize_count, created_at, finished_at FROM finished_task "
-        f"ORDER BY finished_at DESC, task_id{_page(limit, offset)}").fetchall()
-    return [Progress(t, s, "finished", True, n, f, n + f, 0, 0, 0, c, fin) for t, s, n, f, c, fin in rows]
+        f"SELECT {_FINISHED_COLUMNS} FROM finished_task ORDER BY finished_at DESC, task_id{_page(limit, offset)}"
+    ).fetchall()
+    return [_finished_from_row(r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -315,21 +356,72 @@ def failure_count(db: Any = None) -> int:
     return int(db.connection().execute("SELECT coalesce(sum(failed_count), 0) FROM task").fetchone()[0])
 
 
+def _failure_filter(task_id: str | None, exc_type: str | None, message: str | None = None
+                    ) -> tuple[str, list[Any]]:
+    where = ""
+    params: list[Any] = []
+    for term, value in (("t.task_id", task_id), ("f.exc_type", exc_type), ("f.message", message)):
+        if value is not None:
+            where, params = f"{where} AND {term} = ?", [*params, value]
+    return where, params
+
+
 def failures(db: Any = None, task_id: str | None = None, exc_type: str | None = None,
-             limit: int | None = None, offset: int = 0) -> list[FailureInfo]:
+             limit: int | None = None, offset: int = 0, message: str | None = None) -> list[FailureInfo]:
     """Jobs that are failed now (not retried since), each with its last failure, oldest first; only
-    ``task_id``'s, only those whose exception is ``exc_type``, with ``limit`` that many from ``offset``."""
+    ``task_id``'s, only those whose exception is ``exc_type`` (and whose message is ``message``), with
+    ``limit`` that many from ``offset``."""
     db = resolve_db(db)
-    where, params = "", []
-    if task_id is not None:
-        where, params = " AND t.task_id = ?", [task_id]
-    if exc_type is not None:
-        where, params = where + " AND f.exc_type = ?", [*params, exc_type]
+    where, params = _failure_filter(task_id, exc_type, message)
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, f.exc_type, f.message, f.traceback, f.attempt, "
         f"f.failed_at, f.round FROM {_FAILED_JOBS}{where} ORDER BY f.failed_at, j.id{_page(limit, offset)}",
         (JobState.FAILED, *params)).fetchall()
     return [FailureInfo(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """The jobs failed now whose last failure has one exception type and one message."""
+
+    exc_type: str
+    message: str
+    #: how many jobs
+    count: int
+    #: when the first and the last of them failed (Unix time)
+    first_failed_at: float
+    last_failed_at: float
+    #: the first few of them (:data:`GROUP_JOB_IDS`), oldest failure first
+    job_ids: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+#: job ids a failure group names
+GROUP_JOB_IDS = 5
+
+
+def failure_groups(db: Any = None, task_id: str | None = None, exc_type: str | None = None,
+                   limit: int | None = None, offset: int = 0) -> list[FailureGroup]:
+    """The jobs failed now, grouped by their last failure's exception type and message, the biggest
+    group first; only ``task_id``'s, only ``exc_type``'s; with ``limit``, that many groups from ``offset``."""
+    db = resolve_db(db)
+    where, params = _failure_filter(task_id, exc_type)
+    # one pass: each failed job with its group's size, first and last time, and its rank in the group
+    rows = db.connection().execute(
+        "SELECT exc_type, message, job_id, n, first_at, last_at FROM (SELECT f.exc_type AS exc_type, "
+        "f.message AS message, j.id AS job_id, row_number() OVER ranked AS k, count(*) OVER g AS n, "
+        "min(f.failed_at) OVER g AS first_at, max(f.failed_at) OVER g AS last_at "
+        f"FROM {_FAILED_JOBS}{where} WINDOW g AS (PARTITION BY f.exc_type, f.message), "
+        "ranked AS (PARTITION BY f.exc_type, f.message ORDER BY f.failed_at, j.id)) AS x "
+        "WHERE k <= ? ORDER BY n DESC, exc_type, message, k", (JobState.FAILED, *params, GROUP_JOB_IDS)).fetchall()
+    groups: list[FailureGroup] = []
+    for exc, message, job_id, n, first_at, last_at in rows:
+        if not groups or (groups[-1].exc_type, groups[-1].message) != (exc, message):
+            groups.append(FailureGroup(exc, message, int(n), first_at, last_at, []))
+        groups[-1].job_ids.append(job_id)
+    return groups[offset:] if limit is None else groups[offset:offset + limit]
 
 
 def failure_kinds(db: Any = None, task_id: str | None = None) -> list[tuple[str, int]]:
@@ -368,9 +460,19 @@ class RunningJob:
     #: what the job last reported of its own progress (litemultistep.report), if anything
     reported_done: float | None = None
     reported_total: float | None = None
+    #: whether the worker holding it is alive; a dead worker's job goes back to its queue when a live
+    #: worker (within a second) or ``check --repair`` finds it
+    worker_alive: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def dead_worker_note(self) -> str:
+        """What to say of a job whose worker is dead (empty if it lives)."""
+        if self.worker_alive:
+            return ""
+        who = f"worker {self.worker_id}" if self.worker_id is not None else "its worker"
+        return f"{who} is dead; `check --repair` or any live worker puts it back"
 
 
 K = TypeVar("K", bound=Hashable)
@@ -388,15 +490,32 @@ def id_runs(jobs: Sequence[tuple[int, K]]) -> list[tuple[int, int, K]]:
     return runs
 
 
-def running_jobs(db: Any = None, task_id: str | None = None) -> list[RunningJob]:
-    """Jobs held by workers now, longest-held first."""
+def running_jobs(db: Any = None, task_id: str | None = None, lease: float = 30.0) -> list[RunningJob]:
+    """Jobs held by workers now, longest-held first, each saying whether its worker is alive. Only
+    looks: a dead worker's jobs stay as they are until a live worker or ``check --repair`` puts them back."""
     db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
+    # the state as a literal: only then may SQLite use the partial index job_running
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.kind, j.worker, j.attempts, j.claimed_at, j.progress_done, "
-        f"j.progress_total FROM job j JOIN task t ON t.id = j.task WHERE j.state = ?{where} "
-        "ORDER BY j.claimed_at, j.id", (JobState.RUNNING, *params)).fetchall()
-    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, *r[5:]) for r in rows]
+        f"j.progress_total FROM job j JOIN task t ON t.id = j.task WHERE j.state = {int(JobState.RUNNING)}{where} "
+        "ORDER BY j.claimed_at, j.id", params).fetchall()
+    if not rows:
+        return []
+    alive = _live_workers(db, lease)
+    return [RunningJob(r[0], r[1], r[2], r[3], r[4] == JobKind.FINALIZE, r[5], r[6], r[7], r[8], r[9], r[5] in alive)
+            for r in rows]
+
+
+def _live_workers(db: Database, lease: float) -> set[int]:
+    """The ids of the registered workers that are alive now."""
+    dead = {w.id for w in db.dead_workers(lease)}
+    return {w for (w,) in db.connection().execute("SELECT id FROM worker").fetchall() if w not in dead}
+
+
+def jobs_of_dead_workers(db: Any = None, lease: float = 30.0) -> list[RunningJob]:
+    """The jobs held by workers that are dead (or no longer registered), oldest claim first."""
+    return [r for r in running_jobs(db, lease=lease) if not r.worker_alive]
 
 
 @dataclass(frozen=True)
@@ -416,14 +535,15 @@ class ScheduledRetry:
         return dict(self.__dict__)
 
 
-def scheduled_retries(db: Any = None, task_id: str | None = None) -> list[ScheduledRetry]:
-    """Failed jobs waiting for their automatic retry, soonest first, each with its last failure."""
+def scheduled_retries(db: Any = None, task_id: str | None = None, limit: int | None = None) -> list[ScheduledRetry]:
+    """Failed jobs waiting for their automatic retry, soonest first, each with its last failure (with
+    ``limit``, the first that many)."""
     db = resolve_db(db)
     where, params = ("", ()) if task_id is None else (" AND t.task_id = ?", (task_id,))
     rows = db.connection().execute(
         "SELECT j.id, t.task_id, j.func, j.args, j.attempts, j.run_at, f.exc_type, f.message FROM job j "
         "JOIN task t ON t.id = j.task LEFT JOIN failure f ON f.id = (SELECT max(id) FROM failure WHERE job = j.id) "
-        f"WHERE j.state = ?{where} ORDER BY j.run_at, j.id", (JobState.SCHEDULED, *params)).fetchall()
+        f"WHERE j.state = ?{where} ORDER BY j.run_at, j.id{_page(limit, 0)}", (JobState.SCHEDULED, *params)).fetchall()
     return [ScheduledRetry(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "", r[7] or "") for r in rows]
 
 
@@ -497,28 +617,128 @@ def status_doc(db: Database, limit: int | None = None, offset: int = 0,
             "finished": [p.as_dict() for p in finished_tasks(db, finished_limit)]}
 
 
-def task_doc(db: Database, task_id: str) -> dict[str, Any]:
+def task_doc(db: Database, task_id: str, failure_limit: int | None = None, failure_offset: int = 0,
+             scheduled_limit: int | None = None) -> dict[str, Any]:
     """``status DB TASK_ID --json``: one task, its finalization chain, failures, running jobs and
-    scheduled retries. Raises :class:`NoSuchMultiStepTask` for an unknown id."""
+    scheduled retries. Raises :class:`NoSuchMultiStepTask` for an unknown id. The web page reads a
+    page of the failures (``failure_limit`` from ``failure_offset``) and the first ``scheduled_limit``
+    scheduled retries, so a task with thousands of failures is a page of bounded size."""
     p = progress(db, task_id)
+    scheduled = scheduled_retries(db, task_id, scheduled_limit)
     return {"task": p.as_dict(), "finalizers": finalizers(db, task_id),
-            "failures": [f.as_dict() for f in failures(db, task_id)],
+            "failures": [f.as_dict() for f in failures(db, task_id, limit=failure_limit, offset=failure_offset)],
             "running": [r.as_dict() for r in running_jobs(db, task_id)],
-            "scheduled": [s.as_dict() for s in scheduled_retries(db, task_id)]}
+            "scheduled": [s.as_dict() for s in scheduled]}
 
 
 def failures_doc(db: Database, task_id: str | None = None, exc_type: str | None = None,
-                 limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+                 limit: int | None = None, offset: int = 0, message: str | None = None) -> dict[str, Any]:
     """``failed --json``: failed jobs (filtered as :func:`failures` does) and scheduled retries."""
     if task_id is not None:
         progress(db, task_id)  # an unknown id is an error, not an empty list
     scheduled = scheduled_retries(db, task_id)
     if exc_type is not None:
         scheduled = [s for s in scheduled if s.exc_type == exc_type]
-    return {"failures": [f.as_dict() for f in failures(db, task_id, exc_type, limit, offset)],
+    if message is not None:
+        scheduled = [s for s in scheduled if s.message == message]
+    return {"failures": [f.as_dict() for f in failures(db, task_id, exc_type, limit, offset, message)],
             "scheduled": [s.as_dict() for s in scheduled]}
+
+
+def groups_doc(db: Database, task_id: str | None = None, exc_type: str | None = None,
+               limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+    """``failed --group --json``: the failed jobs grouped by exception type and message."""
+    if task_id is not None:
+        progress(db, task_id)
+    return {"groups": [g.as_dict() for g in failure_groups(db, task_id, exc_type, limit, offset)]}
 
 
 def workers_doc(db: Database) -> dict[str, Any]:
     """``workers --json``: every registered worker, alive or not, and the jobs each holds."""
     return {"workers": [w.as_dict() for w in workers(db)]}
+
+
+# -- history and metrics ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Jobs completed and job attempts failed in each minute of a span, oldest first: the last
+    entry is the minute ``end_minute`` (Unix time // 60), which is still counting."""
+
+    end_minute: int
+    completed: list[int]
+    failed: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def throughput(db: Any = None, minutes: int = 60, at: float | None = None) -> Throughput:
+    """The throughput history of the last ``minutes`` minutes (the current one included)."""
+    db = resolve_db(db)
+    last = int((now() if at is None else at) // 60)
+    first = last - minutes + 1
+    counts = {m: (c, f) for m, c, f in db.connection().execute(
+        "SELECT minute, completed, failed FROM throughput WHERE minute >= ? AND minute <= ?",
+        (first, last)).fetchall()}
+    span = [counts.get(m, (0, 0)) for m in range(first, last + 1)]
+    return Throughput(last, [int(c) for c, _ in span], [int(f) for _, f in span])
+
+
+def totals(db: Any = None) -> tuple[int, int]:
+    """Jobs completed and job attempts failed since the database was made (or upgraded to keep count)."""
+    db = resolve_db(db)
+    row = db.connection().execute("SELECT coalesce(sum(completed), 0), coalesce(sum(failed), 0) FROM throughput"
+                                  ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+#: the states ``litemultistep_jobs`` and ``litemultistep_tasks`` have, always all of them
+JOB_STATES = ("pending", "running", "scheduled", "failed")
+TASK_STATES = ("building", "running", "blocked", "finalizing", "finished")
+
+
+def metrics(db: Any = None, lease: float = 30.0) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the database: jobs and tasks by state, workers
+    alive or not, and the totals of completed jobs and failed attempts. It reads the tasks' counters,
+    the scheduled retries' index, the workers and the history, never a pass over the jobs."""
+    db = resolve_db(db)
+    conn = db.connection()
+    waiting, running, failed = conn.execute(
+        "SELECT coalesce(sum(normal_count + finalize_count - completed_count - failed_count - running_count), 0), "
+        "coalesce(sum(running_count), 0), coalesce(sum(failed_count), 0) FROM task").fetchone()
+    # ordered by run_at: only then does SQLite read the scheduled retries' own index (job_scheduled)
+    # rather than every job of the (task, state) index
+    scheduled = dict(conn.execute(f"SELECT task, count(*) FROM (SELECT task FROM job WHERE state = "
+                                  f"{int(JobState.SCHEDULED)} ORDER BY run_at) AS s GROUP BY task").fetchall())
+    n_scheduled = sum(scheduled.values())
+    jobs = {"pending": int(waiting) - n_scheduled, "running": int(running), "scheduled": n_scheduled,
+            "failed": int(failed)}
+    tasks = dict.fromkeys(TASK_STATES, 0)
+    for pk, state, n_failed, queued, n_running in conn.execute(
+            "SELECT id, state, failed_count, pending_count, running_count FROM task").fetchall():
+        tasks[rules.task_state(state == TaskState.BUILDING, state == TaskState.FINALIZING, n_failed, queued,
+                               n_running, scheduled.get(pk, 0))] += 1
+    tasks["finished"] = int(conn.execute("SELECT count(*) FROM finished_task").fetchone()[0])
+    registered = int(conn.execute("SELECT count(*) FROM worker").fetchone()[0])
+    dead = len(db.dead_workers(lease))
+    completed, failed_attempts = totals(db)
+    out = ["# HELP litemultistep_jobs Jobs of unfinished tasks by state: pending (queued, or a finalizer not "
+           "reached yet), running, scheduled (failed, waiting for an automatic retry), failed.",
+           "# TYPE litemultistep_jobs gauge"]
+    out += [f'litemultistep_jobs{{state="{k}"}} {v}' for k, v in jobs.items()]
+    out += ["# HELP litemultistep_tasks Tasks by state (finished: summaries still kept).",
+            "# TYPE litemultistep_tasks gauge"]
+    out += [f'litemultistep_tasks{{state="{k}"}} {v}' for k, v in tasks.items()]
+    out += ["# HELP litemultistep_workers Registered workers, alive or dead (a dead one stays listed until "
+            "a worker or check --repair removes it).", "# TYPE litemultistep_workers gauge",
+            f'litemultistep_workers{{alive="true"}} {registered - dead}',
+            f'litemultistep_workers{{alive="false"}} {dead}',
+            "# HELP litemultistep_jobs_completed_total Jobs (and finalizers) completed.",
+            "# TYPE litemultistep_jobs_completed_total counter",
+            f"litemultistep_jobs_completed_total {completed}",
+            "# HELP litemultistep_jobs_failed_total Job attempts that failed, retried or not.",
+            "# TYPE litemultistep_jobs_failed_total counter",
+            f"litemultistep_jobs_failed_total {failed_attempts}"]
+    return "\n".join(out) + "\n"

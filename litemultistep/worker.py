@@ -547,6 +547,7 @@ class Worker:
                 raise DatabaseUnusable(f"{self.db.path} was deleted or replaced while this worker served it; "
                                        "stopping (start a worker on the new one)")
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
+            engine.prune_history(self.db)
             self._stop_what_is_no_longer_ours()
             self._end_strays()
             due.promote = 0.0

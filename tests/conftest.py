@@ -163,10 +163,13 @@ def undo_migrations(execute: Callable[[str], object], migrations: dict[int, list
             words = sql.split()
             if words[:2] == ["CREATE", "INDEX"]:  # "CREATE INDEX i ON ..." -> "DROP INDEX i"
                 execute(f"DROP INDEX {words[2]}")
+            elif words[:2] == ["CREATE", "TABLE"]:  # "CREATE TABLE t (...)" -> "DROP TABLE t"
+                execute(f"DROP TABLE {words[2]}")
             elif words[:2] == ["DROP", "INDEX"]:
                 execute(DROPPED_INDEXES[words[2]])
-            else:  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
+            elif words[0] == "ALTER":  # "ALTER TABLE t ADD COLUMN c ..." -> "... DROP COLUMN c"
                 execute(f"ALTER TABLE {words[2]} DROP COLUMN {words[5]}")
+            # (an UPDATE fills a new column: nothing to undo)
 
 
 def die(lock: object) -> None:

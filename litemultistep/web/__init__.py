@@ -55,6 +55,15 @@ FAILURES_PAGE = 100
 #: finished tasks shown under the active ones; running jobs shown on a task's page
 FINISHED_SHOWN = 20
 RUNNING_SHOWN = 20
+#: minutes the tasks page's throughput chart spans
+CHART_MINUTES = 60
+#: on a task's page: failures a page, failure groups and scheduled retries shown
+TASK_FAILURES_PAGE = 20
+GROUPS_SHOWN = 20
+SCHEDULED_SHOWN = 50
+#: characters of a message, and of a traceback, a page shows (the rest: `failed --json`, the API)
+MESSAGE_SHOWN = 4000
+TRACEBACK_SHOWN = 40000
 
 _SECURITY_HEADERS = {
     # nothing but this site's own script and style; no inline script at all
@@ -125,6 +134,20 @@ def _exc_type(request: Request) -> str | None:
 
 def _task_url(base: str, task_id: str) -> str:
     return f"{base}/tasks/{quote(task_id, safe='')}"
+
+
+def _failures_url(base: str, task_id: str | None = None, exc_type: str | None = None,
+                  message: str | None = None) -> str:
+    """The failures page, filtered: by task, exception type, and message (one group)."""
+    query = {k: v for k, v in (("task", task_id), ("exc_type", exc_type), ("message", message)) if v is not None}
+    return f"{base}/failures" + (f"?{urlencode(query)}" if query else "")
+
+
+def _message(request: Request) -> str | None:
+    message = request.query_params.get("message")  # an empty message is a message
+    if message is not None and "\x00" in message:
+        raise HTTPException(400, "message cannot hold a NUL character")
+    return message
 
 
 class _BasicAuth:
@@ -239,6 +262,9 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
     env.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
     env.filters["number"] = lambda n: f"{n:,}" if isinstance(n, int) else f"{n:g}"
     env.filters["arguments"] = _arguments
+    env.filters["rate"] = _rate
+    env.filters["clip"] = _clip
+    env.globals.update(MESSAGE_SHOWN=MESSAGE_SHOWN, TRACEBACK_SHOWN=TRACEBACK_SHOWN)
     env.globals["task_url"] = _task_url
     templates = Jinja2Templates(env=env)
 
@@ -280,32 +306,51 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         number = min(number, last)
         doc = documents.get(("tasks", number), lambda: views.status_doc(
             database, TASKS_PAGE, (number - 1) * TASKS_PAGE, FINISHED_SHOWN))
+        chart = documents.get(("chart",), lambda: _chart(views.throughput(database, CHART_MINUTES)))
+        orphans = documents.get(("orphans",), lambda: views.jobs_of_dead_workers(database))
         return page(request, "tasks.html", doc=doc, page_number=number, last_page=last, active_count=active,
-                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE)
+                    finished_count=finished, first_index=(number - 1) * TASKS_PAGE, chart=chart, orphans=orphans)
 
     def task_page(request: Request) -> Response:
         task_id = request.path_params["task_id"]
+        number = _int(request, "page", 1, least=1) or 1
+        # a page of the failures, their groups and the first scheduled retries: a bounded page, and
+        # a bounded live update, however many jobs failed
+        offset = (number - 1) * TASK_FAILURES_PAGE
         try:
-            doc = documents.get(("task", task_id), lambda: views.task_doc(database, task_id))
+            doc = documents.get(("task-page", task_id, number), lambda: views.task_doc(
+                database, task_id, TASK_FAILURES_PAGE + 1, offset, SCHEDULED_SHOWN))
+            groups = documents.get(("groups", task_id), lambda: views.failure_groups(
+                database, task_id, limit=GROUPS_SHOWN + 1))
         except NoSuchMultiStepTask as e:
             return page(request, "missing.html", status_code=404, task_id=task_id, message=str(e))
-        return page(request, "task.html", doc=doc, task_id=task_id, running_shown=RUNNING_SHOWN)
+        return page(request, "task.html", doc=doc, task_id=task_id, running_shown=RUNNING_SHOWN,
+                    failures=doc["failures"][:TASK_FAILURES_PAGE], more=len(doc["failures"]) > TASK_FAILURES_PAGE,
+                    page_number=number, first_index=offset, groups=groups[:GROUPS_SHOWN],
+                    more_groups=len(groups) > GROUPS_SHOWN, scheduled_shown=SCHEDULED_SHOWN,
+                    failures_url=_failures_url)
 
     def failures_page(request: Request) -> Response:
-        task_id, exc_type = _text(request, "task"), _exc_type(request)
+        task_id, exc_type, message = _text(request, "task"), _exc_type(request), _message(request)
         number = _int(request, "page", 1, least=1) or 1
         try:
-            doc = documents.get(("failures", task_id, exc_type, number), lambda: views.failures_doc(
-                database, task_id, exc_type, FAILURES_PAGE + 1, (number - 1) * FAILURES_PAGE))
+            doc = documents.get(("failures", task_id, exc_type, message, number), lambda: views.failures_doc(
+                database, task_id, exc_type, FAILURES_PAGE + 1, (number - 1) * FAILURES_PAGE, message))
+            groups = documents.get(("groups", task_id, exc_type), lambda: views.failure_groups(
+                database, task_id, exc_type, limit=GROUPS_SHOWN + 1))
         except NoSuchMultiStepTask as e:
             return page(request, "missing.html", status_code=404, task_id=task_id, message=str(e))
+        if message is not None:
+            groups = [g for g in groups if g.message == message]
         more = len(doc["failures"]) > FAILURES_PAGE
         kinds = documents.get(("kinds", task_id), lambda: views.failure_kinds(database, task_id))
-        query = {k: v for k, v in (("task", task_id), ("exc_type", exc_type)) if v}
+        query = {k: v for k, v in (("task", task_id), ("exc_type", exc_type), ("message", message)) if v is not None}
         return page(request, "failures.html", failures=doc["failures"][:FAILURES_PAGE],
-                    scheduled=doc["scheduled"], kinds=kinds, task_id=task_id, exc_type=exc_type,
+                    scheduled=doc["scheduled"][:SCHEDULED_SHOWN], scheduled_count=len(doc["scheduled"]),
+                    kinds=kinds, task_id=task_id, exc_type=exc_type, message=message,
                     page_number=number, more=more, query=query, urlencode=urlencode,
-                    first_index=(number - 1) * FAILURES_PAGE)
+                    first_index=(number - 1) * FAILURES_PAGE, groups=groups[:GROUPS_SHOWN],
+                    more_groups=len(groups) > GROUPS_SHOWN, failures_url=_failures_url)
 
     def workers_page(request: Request) -> Response:
         doc = documents.get(("workers",), lambda: views.workers_doc(database))
@@ -331,13 +376,21 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         return _JSON(documents.get(("task", task_id), lambda: views.task_doc(database, task_id)))
 
     def api_failures(request: Request) -> Response:
-        task_id, exc_type = _text(request, "task"), _exc_type(request)
+        task_id, exc_type, message = _text(request, "task"), _exc_type(request), _message(request)
         limit, offset = _int(request, "limit", None, least=1), _int(request, "offset", 0) or 0
-        return _JSON(documents.get(("api-failures", task_id, exc_type, limit, offset),
-                                          lambda: views.failures_doc(database, task_id, exc_type, limit, offset)))
+        if request.query_params.get("group"):
+            return _JSON(documents.get(("api-groups", task_id, exc_type, limit, offset),
+                                       lambda: views.groups_doc(database, task_id, exc_type, limit, offset)))
+        return _JSON(documents.get(("api-failures", task_id, exc_type, limit, offset, message),
+                                   lambda: views.failures_doc(database, task_id, exc_type, limit, offset, message)))
 
     def api_workers(request: Request) -> Response:
         return _JSON(documents.get(("workers",), lambda: views.workers_doc(database)))
+
+    def metrics(request: Request) -> Response:
+        """Prometheus text: read from the tasks' counters and the history, never from the job table."""
+        return Response(documents.get(("metrics",), lambda: views.metrics(database)),
+                        media_type="text/plain; version=0.0.4", headers={"Cache-Control": "no-store"})
 
     # -- actions ------------------------------------------------------------------------------------
 
@@ -357,6 +410,15 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
             if not (job.isascii() and job.isdigit()):
                 raise HTTPException(400, f"a job id is a whole number, not {job!r}")
             ids = await run_in_threadpool(engine.retry_jobs, database, [views.parse_job_id(job)])
+            done = {"done": "retried", "n": len(ids)}
+        elif what == "retry-group":
+            exc_type, message = form.get("exc_type"), form.get("message")
+            if not isinstance(exc_type, str) or not isinstance(message, str) or "\x00" in exc_type + message:
+                raise HTTPException(400, "a group is named by its exc_type and message")
+            scope = task_id or None
+            if scope is not None:
+                views.check_task_id(database, scope)
+            ids = await run_in_threadpool(engine.retry_group, database, exc_type, message, scope)
             done = {"done": "retried", "n": len(ids)}
         elif what == "retry-task":
             views.check_task_id(database, task_id)
@@ -401,6 +463,7 @@ def app(db: Any = None, *, allow_actions: bool = False, password: str | None = N
         Route("/api/tasks/{task_id:path}", api_task),
         Route("/api/failures", api_failures),
         Route("/api/workers", api_workers),
+        Route("/metrics", metrics),
         Route("/actions/{what}", action, methods=["POST"]),
         Mount("/static", StaticFiles(packages=[("litemultistep.web", "static")]), name="static"),
     ]
@@ -421,6 +484,50 @@ class _JSON(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return views.to_json(content).encode("utf-8")
+
+
+def _rate(per_second: float | None) -> str:
+    """Jobs a second for people: ``1,204/s``, ``3.5/s``, ``12/min``; a dash when not known."""
+    if per_second is None:
+        return "–"
+    if per_second >= 100:
+        return f"{per_second:,.0f}/s"
+    if per_second >= 1:
+        return f"{per_second:.1f}/s"
+    return f"{per_second * 60:.2g}/min" if per_second * 60 >= 0.1 else "0/min"
+
+
+#: the chart's drawing area, in SVG units
+_CHART_W, _CHART_H = 600, 100
+
+
+def _chart(history: views.Throughput) -> dict[str, Any]:
+    """What the tasks page draws of the throughput history: one bar a minute, completed jobs below
+    the failed attempts, on a scale rounded up to 1, 2 or 5 times a power of ten."""
+    peak = max((c + f for c, f in zip(history.completed, history.failed, strict=True)), default=0)
+    top = next(m * 10 ** e for e in range(24) for m in (1, 2, 5) if m * 10 ** e >= peak)
+    n = len(history.completed)
+    step = _CHART_W / max(n, 1)
+    bars = []
+    for i, (done, failed) in enumerate(zip(history.completed, history.failed, strict=True)):
+        minute = history.end_minute - (n - 1 - i)
+        h_done = _CHART_H * done / top
+        h_failed = _CHART_H * failed / top
+        bars.append({"x": round(i * step + 1, 2), "width": round(step - 2, 2),
+                     "done_y": round(_CHART_H - h_done, 2), "done_h": round(h_done, 2),
+                     "failed_y": round(_CHART_H - h_done - h_failed, 2), "failed_h": round(h_failed, 2),
+                     "label": f"{time.strftime('%H:%M', time.localtime(minute * 60))}: {done:,} completed"
+                              + (f", {failed:,} failed" if failed else "")})
+    return {"bars": bars, "top": top, "width": _CHART_W, "height": _CHART_H, "minutes": n,
+            "completed": sum(history.completed), "failed": sum(history.failed),
+            "last_minute": history.completed[-1] if n else 0, "last_failed": history.failed[-1] if n else 0}
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters of a text a page shows, saying how much is left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n... ({len(text) - limit:,} more characters: see `litemultistep failed --json`)"
 
 
 def _rendered(response: Response) -> tuple[int, bytes]:

@@ -82,8 +82,10 @@ def test_json_carries_text_exactly(db):
     assert doc["task"]["task_id"] == task.task_id and doc["task"]["slug"] == NASTY_SLUG
 
 
-def in_terminal(*argv: str, columns: int = 80, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run the real command in a pseudo-terminal of ``columns`` columns; (status, what it showed)."""
+def in_terminal(*argv: str, columns: int = 80, env: dict[str, str] | None = None, term: str = "xterm"
+                ) -> tuple[int, str]:
+    """Run the real command in a pseudo-terminal of ``columns`` columns (``TERM=term``); (status, what
+    it showed)."""
     leader, follower = pty.openpty()
     import fcntl
     import struct
@@ -91,7 +93,7 @@ def in_terminal(*argv: str, columns: int = 80, env: dict[str, str] | None = None
 
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     proc = subprocess.Popen([LMS, *argv], stdin=follower, stdout=follower, stderr=follower,
-                            env=dict(env or env_for_workers(), COLUMNS=str(columns), TERM="xterm"), close_fds=True)
+                            env=dict(env or env_for_workers(), COLUMNS=str(columns), TERM=term), close_fds=True)
     os.close(follower)
     chunks = []
     deadline = time.monotonic() + 60
@@ -125,6 +127,42 @@ def test_text_in_a_terminal_is_shown_as_typed_and_escapes_are_defused(db):
         assert "\x1b[31mescape" not in text
     code, text = in_terminal("status", db)
     assert code == 0 and tid in text  # too wide for a table: plain lines, the id whole
+
+
+def test_the_status_table_says_states_and_percent_in_words(db):
+    """Piped, in a dumb terminal and in a colour one, the task table gives each task's percent, its
+    scheduled retries and its state as words: nothing is said by colour alone."""
+    with MultiStepTask.create("blocked", db=db) as blocked:
+        blocked.add_job(jobfuncs.boom, "x")
+    with MultiStepTask.create("retrying", db=db, max_retries=3, retry_delay=3600) as retrying:
+        retrying.add_job(jobfuncs.boom, "later")
+        for _ in range(3):
+            retrying.add_job(jobfuncs.noop)
+    with MultiStepTask.create("done", db=db) as done:
+        done.add_job(jobfuncs.noop)
+    assert cli("worker", db, "--burst", "-q").returncode == 0
+    piped = cli("status", db).stdout.splitlines()
+    assert piped[0].split("\t") == ["task", "state", "progress", "done", "failed", "scheduled", "pending",
+                                     "running", "total", "age"]
+    rows = {line.split("\t")[0]: line.split("\t")[1:9] for line in piped[1:]}
+    assert rows[blocked.task_id] == ["blocked", "0%", "0", "1", "0", "0", "0", "1"]
+    assert rows[retrying.task_id] == ["running", "75%", "3", "0", "1", "1", "0", "4"]
+    assert rows[done.task_id] == ["finished", "100%", "1", "0", "0", "0", "0", "1"]
+    code, dumb = in_terminal("status", db, columns=200, term="dumb")  # rich takes a dumb one for 80 wide
+    assert code == 0
+    lines_shown = dumb.splitlines()
+    assert lines_shown[0].split("\t") == ["task", "state", "%", "done", "failed", "scheduled", "pending",
+                                           "running", "total", "age"]
+    assert f"{retrying.task_id}\trunning\t75%\t3\t0\t1\t" in dumb
+    assert f"{blocked.task_id}\tblocked\t0%\t" in dumb and f"{done.task_id}\tfinished\t100%\t" in dumb
+    code, table = in_terminal("status", db, columns=200)
+    assert code == 0
+    header = next(line for line in table.splitlines() if "scheduled" in line)
+    assert [cell.strip() for cell in header.strip("┃ ").split("┃")][:7] == [
+        "task", "state", "progress", "%", "done", "failed", "scheduled"], header
+    row = next(line for line in table.splitlines() if retrying.task_id in line)
+    assert re.search(r"│ running\s*│.*│\s*75% │\s*3 │\s*0 │\s*1 │", row), row
+    assert re.search(r"│ blocked\s*│", next(line for line in table.splitlines() if blocked.task_id in line))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

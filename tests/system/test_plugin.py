@@ -66,6 +66,7 @@ def test_drain_summary_and_sync_fixture(pytester, backend):
                 raise KeyError("missing")
         """,
         test_user="""
+            import litemultistep
             from litemultistep import MultiStepTask
 
             import userjobs
@@ -76,7 +77,9 @@ def test_drain_summary_and_sync_fixture(pytester, backend):
                     task.add_job(userjobs.bad)
                 summary = litemultistep_drain()
                 assert (summary.completed, summary.failed, summary.finalized) == (1, 1, [])
+                assert (summary.completed_jobs, summary.failed_attempts, summary.failed_jobs) == (1, 1, 1)
                 assert summary.failures[0].exc_type == "KeyError"
+                assert isinstance(summary.failures[0], litemultistep.FailedAttempt)
 
             def test_sync(litemultistep_db, litemultistep_sync):
                 task = MultiStepTask.create("now")

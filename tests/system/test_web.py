@@ -248,7 +248,7 @@ def test_retry_one_job_and_nuke_from_the_page(db, tmp_path, serve, spawn, page, 
     worker = spawn(db)
     wait_for(lambda: task.failed_count == 1, 20, "the job to fail")
     page.goto(server.url + "/failures")
-    page.get_by_role("button", name="Retry").click()
+    page.get_by_role("button", name="Retry", exact=True).click()
     page.wait_for_selector("p.notice")
     assert page.locator("p.notice").inner_text() == "Requeued 1 job."
     assert page.url.startswith(server.url + "/failures")
@@ -331,7 +331,8 @@ def test_user_text_stays_text_on_every_page(db, tmp_path, serve, spawn, page):
         assert task.task_id in page.locator("main").inner_text(), name
         shot(page, f"xss-{name}")
     page.goto(server.url + pages["task"])
-    assert page.locator("pre.message").inner_text() == XSS
+    assert page.locator("article.failure pre.message").inner_text() == XSS
+    assert page.locator("article.group pre.message").inner_text() == XSS
     assert json.dumps(XSS, ensure_ascii=False) in page.locator("table.running").inner_text()
     assert page.dialogs == [] and page.errors == []
 
@@ -614,10 +615,172 @@ uvicorn.Server(uvicorn.Config(outer, log_level="warning")).run(sockets=[sock])
         assert 'src="/jobs/static/live.js"' in html
         with urllib.request.urlopen(base + "/tasks/" + quote(task.task_id, safe=""), timeout=10) as r:
             assert r.status == 200
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            assert metric_samples(r.read().decode())[("litemultistep_tasks", (("state", "running"),))] == 1
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_three_thousand_identical_failures_are_one_group_on_a_small_page(db, serve, page):
+    with MultiStepTask.create("many failures", db=db) as task:
+        for _ in range(3000):
+            task.add_job(jobfuncs.boom, "the same " * 20)
+        task.add_job(jobfuncs.boom, "a different one")
+    burst = cli("worker", db, "-c", "2", "--burst", "-q", timeout=120)
+    assert burst.returncode == 0 and task.failed_count == 3001
+    server = serve(db, "--allow-actions", "--refresh", "0.3")
+    path = "/tasks/" + quote(task.task_id, safe="")
+    status, html, _ = server.get(path)
+    assert status == 200 and len(html.encode()) < 300_000, len(html)
+    assert html.count('<article class="group"') == 2 and 'data-count="3000"' in html
+    assert html.count('<article class="failure"') == 20
+    api = server.api("/api/failures?group=1&task=" + quote(task.task_id, safe=""))
+    assert [g["count"] for g in api["groups"]] == [3000, 1]
+    one = server.api("/api/failures?limit=2&message=" + quote("a different one"))["failures"]
+    assert [f["message"] for f in one] == ["a different one"]
+    # what the page's live update fetches every 0.3 s is as small
+    _, live, _ = server.get(path, headers={"X-Live": "1"})
+    assert len(live.encode()) < 300_000
+    page.goto(server.url + path)
+    groups = page.locator("article.group")
+    assert groups.count() == 2 and groups.first.get_attribute("data-count") == "3000"
+    assert groups.first.locator(".count").inner_text() == "3,000"
+    assert page.locator("article.failure").count() == 20
+    sizes = []
+    page.on("response", lambda r: sizes.append(len(r.body())) if r.url.endswith(path) else None)
+    until(page, lambda: len(sizes) >= 2, 10, "two live updates")
+    assert max(sizes) < 300_000, sizes
+    shot(page, "task-3000-failures")
+    page.get_by_role("link", name="Later →").click()
+    assert page.locator("article.failure").count() == 20 and "page=2" in page.url
+    # the failures page retries one group: the 3,000, and not the other one
+    page.goto(server.url + "/failures?task=" + quote(task.task_id, safe=""))
+    assert page.locator("article.group").count() == 2
+    page.locator("article.group").first.get_by_role("button", name="Retry all 3,000").click()
+    page.wait_for_selector("p.notice")
+    assert page.locator("p.notice").inner_text() == "Requeued 3000 jobs."
+    p = task.progress()
+    assert (p.failed_count, p.pending_count) == (1, 3000)
+    assert [f.message for f in task.failures()] == ["a different one"]
+    assert page.errors == []
+
+
+def test_a_killed_workers_job_is_marked_dead_in_every_view(any_db, serve, spawn, log_path):
+    task = MultiStepTask.create("orphaned", db=any_db)
+    task.add_job(jobfuncs.sleep_forever, log_path, "held")
+    task.mark_finalizable()
+    proc = spawn(any_db)
+    wait_for(lambda: any(line.startswith("start held") for line in Path(log_path).read_text().splitlines())
+             if Path(log_path).exists() else False, 30, "the job to start")
+    [worker] = json.loads(cli("workers", any_db, "--json").stdout)["workers"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    note = f"worker {worker['id']} is dead; `check --repair` or any live worker puts it back"
+    before = None if is_pg(any_db) else _dump(any_db)
+    overview = cli("status", any_db)
+    assert note in overview.stdout, overview.stdout
+    one = cli("status", any_db, task.task_id)
+    assert note in one.stdout, one.stdout
+    [running] = json.loads(cli("status", any_db, task.task_id, "--json").stdout)["running"]
+    assert running["worker_alive"] is False and running["worker_id"] == worker["id"]
+    listed = cli("workers", any_db)
+    assert note in listed.stdout, listed.stdout
+    assert json.loads(cli("workers", any_db, "--json").stdout)["workers"][0]["alive"] is False
+    server = serve(any_db)
+    _, html, _ = server.get("/tasks/" + quote(task.task_id, safe=""))
+    assert f"worker {worker['id']} is dead; <code>check --repair</code> or any live worker puts it back" in html
+    assert '<span class="state state-blocked">dead</span>' in html
+    assert f"(worker {worker['id']}); <code>check --repair</code>" in server.get("/")[1]
+    assert f"worker {worker['id']} is dead; <code>check --repair</code>" in server.get("/workers")[1]
+    assert server.api("/api/tasks/" + quote(task.task_id, safe=""))["running"][0]["worker_alive"] is False
+    if before is not None:
+        assert _dump(any_db) == before  # looking wrote nothing
+    assert cli("check", any_db, "--repair").returncode == 0
+    p = task.progress()
+    assert (p.running_count, p.pending_count) == (0, 1)
+    assert "is dead" not in cli("status", any_db).stdout
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What Prometheus' own parser reads in the text: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_are_prometheus_text_behind_the_password(any_db, serve, spawn, tmp_path):
+    with MultiStepTask.create("good", db=any_db) as good:
+        for _ in range(5):
+            good.add_job(jobfuncs.noop)
+    with MultiStepTask.create("bad", db=any_db, max_retries=1, retry_delay=0.01) as bad:
+        bad.add_job(jobfuncs.boom, "twice")
+    assert spawn(any_db, "--burst", "-c", "2").wait(30) == 0
+    waiting = MultiStepTask.create("waiting", db=any_db)
+    waiting.add_job(jobfuncs.noop)
+    waiting.mark_finalizable()
+    env = {**env_for_workers(), "LITEMULTISTEP_WEB_PASSWORD": "s3cret"}
+    server = serve(any_db, env=env)  # read-only: /metrics needs no --allow-actions
+    assert server.get("/metrics")[0] == 401
+    right = base64.b64encode(b"prometheus:s3cret").decode()
+    status, body, headers = server.get("/metrics", headers={"Authorization": f"Basic {right}"})
+    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    got = metric_samples(body)
+    assert {state: got[("litemultistep_jobs", (("state", state),))]
+            for state in ("pending", "running", "scheduled", "failed")} == \
+        {"pending": 1, "running": 0, "scheduled": 0, "failed": 1}
+    assert {state: got[("litemultistep_tasks", (("state", state),))]
+            for state in ("building", "running", "blocked", "finalizing", "finished")} == \
+        {"building": 0, "running": 1, "blocked": 1, "finalizing": 0, "finished": 1}
+    assert got[("litemultistep_workers", (("alive", "true"),))] == 0   # the burst worker left
+    assert got[("litemultistep_jobs_completed_total", ())] == 5
+    assert got[("litemultistep_jobs_failed_total", ())] == 2
+    worker = spawn(any_db)
+    auth = {"Authorization": f"Basic {right}"}
+
+    def counted() -> bool:
+        got = metric_samples(server.get("/metrics", headers=auth)[1])
+        return (got[("litemultistep_workers", (("alive", "true"),))] == 1
+                and got[("litemultistep_jobs_completed_total", ())] == 6)
+
+    wait_for(counted, 30, "the live worker and its work in /metrics")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+
+def test_the_tasks_page_draws_throughput_and_rates(db, serve, spawn, page, log_path):
+    with MultiStepTask.create("steady", db=db) as steady:
+        for i in range(300):
+            steady.add_job(jobfuncs.paced_record, log_path, str(i))
+    with MultiStepTask.create("failing", db=db) as failing:
+        for _ in range(30):
+            failing.add_job(jobfuncs.boom, "chart")
+    server = serve(db, "--refresh", "0.3")
+    page.goto(server.url + "/")
+    chart = page.locator("#throughput")
+    assert chart.locator("svg").count() == 1 and chart.locator("rect.completed").count() == 0
+    worker = spawn(db, "-c", "2")
+    row = page.locator(f'table.tasks:not(.finished) tr[data-key="{steady.task_id}"]')
+    rates = set()
+
+    def finished() -> bool:
+        cells = row.locator("td").all_inner_texts() if row.count() else []
+        if cells:
+            rates.add((cells[-3], cells[-2]))
+        return row.count() == 0 and "300 jobs completed" in chart.locator("figcaption").inner_text()
+
+    until(page, finished, 60, "the chart to count the task's jobs")
+    # while it ran, the task showed a rate in jobs a second and the time it had left
+    assert any(rate.endswith("/s") and left != "–" for rate, left in rates), rates
+    assert "30 attempts failed" in chart.locator("figcaption").inner_text()
+    assert chart.locator("rect.completed").count() >= 1 and chart.locator("rect.failed").count() >= 1
+    assert page.evaluate("document.querySelectorAll('script').length") == 1  # the page's own live.js alone
+    assert page.errors == []
+    shot(page, "tasks-throughput")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
 
 
 def _answers(url: str) -> bool:
