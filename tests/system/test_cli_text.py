@@ -134,7 +134,8 @@ def test_the_status_table_says_states_and_percent_in_words(db):
     scheduled retries and its state as words: nothing is said by colour alone."""
     with MultiStepTask.create("blocked", db=db) as blocked:
         blocked.add_job(jobfuncs.boom, "x")
-    with MultiStepTask.create("retrying", db=db, max_retries=3, retry_delay=3600) as retrying:
+    # a long slug: the table is wider than the 80 columns rich gives a dumb terminal, whatever else
+    with MultiStepTask.create("retrying-" + "x" * 60, db=db, max_retries=3, retry_delay=3600) as retrying:
         retrying.add_job(jobfuncs.boom, "later")
         for _ in range(3):
             retrying.add_job(jobfuncs.noop)
@@ -148,13 +149,12 @@ def test_the_status_table_says_states_and_percent_in_words(db):
     assert rows[blocked.task_id] == ["blocked", "0%", "0", "1", "0", "0", "0", "1"]
     assert rows[retrying.task_id] == ["running", "75%", "3", "0", "1", "1", "0", "4"]
     assert rows[done.task_id] == ["finished", "100%", "1", "0", "0", "0", "0", "1"]
-    code, dumb = in_terminal("status", db, columns=200, term="dumb")  # rich takes a dumb one for 80 wide
+    # a dumb terminal (a table, or plain lines when rich takes it for 80 columns): the same words
+    code, dumb = in_terminal("status", db, columns=200, term="dumb")
     assert code == 0
-    lines_shown = dumb.splitlines()
-    assert lines_shown[0].split("\t") == ["task", "state", "%", "done", "failed", "scheduled", "pending",
-                                           "running", "total", "age"]
-    assert f"{retrying.task_id}\trunning\t75%\t3\t0\t1\t" in dumb
-    assert f"{blocked.task_id}\tblocked\t0%\t" in dumb and f"{done.task_id}\tfinished\t100%\t" in dumb
+    for task, state, percent in ((retrying, "running", "75%"), (blocked, "blocked", "0%"), (done, "finished", "100%")):
+        line = next(line for line in dumb.splitlines() if task.task_id in line)
+        assert re.search(rf"\b{state}\b.*\b{percent}", line), line
     code, table = in_terminal("status", db, columns=200)
     assert code == 0
     header = next(line for line in table.splitlines() if "scheduled" in line)

@@ -217,7 +217,7 @@ def test_failures_do_not_stop_a_burst_worker(db, log_path, spawn):
     assert proc.wait(60) == 0
     assert task.failed_count == 1 and task.completed_count == 1
     log = spawn.log(proc)
-    assert "failed job" in log and "multi\\nline\\x1b[31m message" in log and "\x1b" not in log
+    assert " failed, attempt 1 of 1: " in log and "multi\\nline\\x1b[31m message" in log and "\x1b" not in log
 
 
 def test_callable_gone_at_run_time_fails_with_the_reason(db, tmp_path, spawn):
