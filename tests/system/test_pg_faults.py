@@ -163,6 +163,32 @@ def test_a_worker_paused_past_its_lease_is_fenced_and_its_finalizer_runs_once_at
     stop(procs)
 
 
+def test_a_whole_host_paused_past_the_lease_overlaps_only_for_the_instant_it_takes_to_look(db, log_path, spawn):
+    """Worker and job processes paused together (what a laptop's sleep or a frozen VM does to a host),
+    past the lease: meanwhile the finalizer runs elsewhere. When the host resumes, its job process
+    stops its job the moment it looks at its clock: that instant is all the overlap there is (the
+    README's bound), measured here from the marks both runs leave."""
+    task = chain_task(db, log_path, 8.0)
+    paused = spawn(db, "-c", "1", "--lease", "3")
+    wait_for(lambda: started(log_path, "F0"), what="F0 to start")
+    other = spawn(db, "-c", "1", "--lease", "3")
+    os.killpg(paused.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: len(started(log_path, "F0")) == 2, timeout=30, what="F0 to start elsewhere")
+    finally:
+        resumed = time.time()
+        os.killpg(paused.pid, signal.SIGCONT)
+    finish(task, spawn, [paused, other])
+    old, new = [r for r in runs(log_path) if r.tag == "F0"]
+    overlap = old.last - resumed
+    print(f"after the host resumed, its stale run went on for {overlap * 1000:.0f} ms")
+    assert not old.ended and overlap < 1.0, f"the stale F0 ran {overlap:.3f} s after the host resumed"
+    runs_after = [r for r in runs(log_path) if r.tag in ("F1", "F2")]
+    assert all(r.start > new.last for r in runs_after) and [r.tag for r in runs_after] == ["F1", "F2"]
+    assert_clean(db)
+    stop([paused, other])
+
+
 class FreezableProxy:
     """A TCP proxy to the server: ``freeze()`` stops carrying bytes both ways (the connections stay
     open, as in a network partition), ``release()`` carries them again."""
