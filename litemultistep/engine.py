@@ -215,7 +215,8 @@ def add_jobs(db: Database, task_id: str, jobs: Sequence[Sequence[Any]], claim_fo
             raise FinalizationAlreadyBegun(f"task {task_id} has begun finalization: it takes no more jobs")
         rows: list[tuple[Any, ...]] = []
         n_normal = 0
-        for kind, func, args, timeout, max_retries, retry_delay, retry_on in (NewJob(*j) for j in jobs):
+        for kind, func, args, timeout, max_retries, retry_delay, retry_on in (
+                j if len(j) == len(NewJob._fields) else NewJob(*j) for j in jobs):
             if kind == NORMAL:
                 rows.append((pk, NORMAL, None, func, args, QUEUED, t, timeout, max_retries, retry_delay, retry_on))
                 n_normal += 1

@@ -268,7 +268,7 @@ def serve(setup: dict[str, Any]) -> int:
     crash_file = os.environ.get(CRASH_FILE_ENV)
     baseline = _Baseline()
     threads = threading.active_count()
-    retire: str | None = None
+    retire: list[str] | None = None  # [the callable, what its job left running]
     while True:
         try:
             message = json.loads(inbox.recv_bytes())
@@ -323,8 +323,7 @@ def serve(setup: dict[str, Any]) -> int:
             if left is not None:
                 # What it left could harm the next job here (a thread that calls os._exit, a child
                 # holding a file): this process ends after this batch, and the worker ends what it left.
-                retire = f"job {job.id} of {job.task_id} ({job.func}) left {left} running"
-                log.warning("%s; its job process is replaced so that nothing it left touches another job", retire)
+                retire = [job.func, f"job {job.id} of {job.task_id} ({job.func}) left {left} running"]
         # the whole time per job, this process's own part included: it is what a claim must plan for
         ok_seconds = (time.monotonic() - began) * len(ok) / max(1, len(results) + len(ok))
         try:

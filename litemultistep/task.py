@@ -315,9 +315,11 @@ class MultiStepTask:
 
     def _add(self, kind: int, fn: Callable[..., Any] | JobSpec, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> JobHandle:
-        spec = fn if isinstance(fn, JobSpec) else JobSpec(fn)
-        job = engine.NewJob(kind, callable_path(spec.fn), encode_args(args, kwargs), spec.timeout, spec.max_retries,
-                            spec.retry_delay, spec.retry_on)
+        if isinstance(fn, JobSpec):
+            job = engine.NewJob(kind, callable_path(fn.fn), encode_args(args, kwargs), fn.timeout, fn.max_retries,
+                                fn.retry_delay, fn.retry_on)
+        else:  # the common case, on the path of every job added: nothing built that is not needed
+            job = engine.NewJob(kind, callable_path(fn), encode_args(args, kwargs))
         handle = JobHandle(self)
         if self._buffer is not None:
             self._buffer.append(job)

@@ -329,6 +329,8 @@ class Worker:
         self.procs: list[JobProcess] = []
         #: what the job processes ran since the last summary line
         self.tally = RunTally()
+        #: the callables whose jobs left threads or processes behind (logged once each)
+        self._leaky: set[str] = set()
         #: the job process whose answer is looked for first next round
         self._turn = 0
         self._waiter = db.waiter(options.poll)
@@ -677,7 +679,14 @@ class Worker:
             took = True
             self._turn = index + 1
             if message.get("retire"):  # its job left threads or processes: they end with it
-                self._replace(proc, message["retire"], throttle=False)
+                func, what = message["retire"]
+                # once a callable, at WARNING: a library that leaves a thread in every job would
+                # otherwise fill the log (the job process is still replaced every time)
+                level = logging.DEBUG if func in self._leaky else logging.WARNING
+                self._leaky.add(func)
+                log.log(level, "worker %d: %s; its job process is replaced after it, so that nothing it left "
+                        "touches another job", self.worker_id, what)
+                self._replace(proc, what, throttle=False)
 
     def _return_rest(self, proc: JobProcess, job: ClaimedJob | None) -> None:
         """Return the batch's jobs other than ``job`` (the one that ran last): those before it ran but
