@@ -255,3 +255,12 @@ def test_ids_that_no_task_or_job_can_have_are_errors_not_tracebacks(db):
     assert r.returncode == 2 and "a job id is a whole number" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(NoSuchMultiStepTask, match="never holds a NUL character"):
         MultiStepTask.find("a\x00b", db=db)
+
+
+@pytest.mark.parametrize("command", [["status"], ["workers"], ["worker", "--burst"]])
+def test_an_unknown_url_scheme_is_named_as_such(command):
+    out = cli(command[0], "mysql://u@h/db", *command[1:])
+    # a reading command's mistake exits 1; a worker that cannot work, 2 (docs/cli.md)
+    assert out.returncode == (2 if command[0] == "worker" else 1) and "Traceback" not in out.stderr, out.stderr
+    assert "unknown database URL scheme 'mysql'" in out.stderr, out.stderr
+    assert "directory" not in out.stderr, out.stderr  # not taken for a file path
