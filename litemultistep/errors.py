@@ -54,6 +54,10 @@ class Retry(LiteMultiStepError):
     """
 
     def __init__(self, delay: float | None = None, message: str = "the job asked to run again") -> None:
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not 0 <= delay < float("inf")):
+            raise InvalidSetting(f"Retry(delay=...) takes a finite number of seconds of at least 0, or None, "
+                                 f"not {delay!r}")
         super().__init__(message)
         self.delay = delay
 

@@ -58,11 +58,11 @@ SLOT_SIZE = 4096
 #: a job that ran longer than this ends its batch: the jobs after it go back to the queue
 SLOW_JOB = 0.005
 #: the child's exit code when it can no longer talk to its worker (a job closed its pipes)
-BROKEN = 3
+BROKEN = 197  # (codes a job is unlikely to pick for its own os._exit)
 #: a job that ran at least this long may have started a process: look for what it left behind
 MAY_HAVE_FORKED = 0.0002
 #: the child's exit code once a job left threads or processes behind: the worker starts another
-RETIRED = 4
+RETIRED = 198
 NOT_IMPORTABLE = "litemultistep.errors.JobNotImportable"
 
 #: the environment variable a job process gets its setup from (a worker sets it)

@@ -210,28 +210,29 @@ SERVER_CLOCK = "extract(epoch from clock_timestamp())"
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs: parsed as libpq parses it (a password may
-    hold ``?``, ``/`` or ``@``), then written again without the password."""
-    from urllib.parse import quote, urlencode
-
-    scheme = url.partition("://")[0]
+    """The URL without its password, for messages and logs, still a URL that works: parsed as libpq
+    parses it (a password may hold ``?``, ``/`` or ``@``), and written again with the rest as given."""
+    scheme, _, rest = url.partition("://")
     try:
         from psycopg.conninfo import conninfo_to_dict
 
-        given = conninfo_to_dict(url)
+        if "password" not in conninfo_to_dict(url):
+            return url
     except Exception:  # noqa: BLE001 - no driver, or a URL libpq refuses: show no more than the scheme
         return f"{scheme}://..."
-    if "password" not in given:
-        return url
-    params = {k: str(v) for k, v in given.items() if k != "password"}
-    user = params.pop("user", "")
-    host = params.pop("host", "") if not params.get("host", "").startswith("/") else ""  # a socket: in the query
-    port = params.pop("port", "")
-    dbname = params.pop("dbname", "")
-    netloc = (quote(user, safe="") + "@" if user else "") + (f"[{host}]" if ":" in host else quote(host, safe=""))
-    netloc += f":{port}" if port else ""
-    query = "?" + urlencode(params, safe="/=") if params else ""
-    return f"{scheme}://{netloc}/{quote(dbname, safe='')}{query}"
+    # libpq's authority ends at the first "/" after its last "@"; the user is what precedes a ":"
+    at = rest.rfind("@", 0, rest.find("/", rest.rfind("@") + 1) if "/" in rest else len(rest))
+    if at >= 0:
+        rest = rest[:at].split(":", 1)[0] + rest[at:]
+    base, _, query = rest.partition("?")
+    kept = "&".join(p for p in query.split("&") if p and not p.startswith("password="))
+    shown = f"{scheme}://{base}" + (f"?{kept}" if kept else "")
+    try:
+        if "password" not in conninfo_to_dict(shown):
+            return shown
+    except Exception:  # noqa: BLE001 - as above
+        pass
+    return f"{scheme}://..."
 
 
 def schema_key(schema: str) -> int:
@@ -391,7 +392,10 @@ class PostgresDatabase(Database):
         import psycopg
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-        given = conninfo_to_dict(self.target)
+        try:
+            given = conninfo_to_dict(self.target)
+        except psycopg.Error as e:
+            raise DatabaseUnusable(f"{self.path} is not a PostgreSQL URL libpq can read: {e}") from None
         # keepalives: a connection to a host that vanished is noticed in about half a minute
         defaults = {"application_name": "litemultistep", "connect_timeout": "10", "keepalives": "1",
                     "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3"}

@@ -108,6 +108,11 @@ def _retry_on(value: Any) -> str | None:
             isinstance(c, type) and issubclass(c, BaseException) for c in classes):
         raise InvalidSetting(f"retry_on takes exception classes, e.g. retry_on=(ConnectionError, TimeoutError), "
                              f"not {value!r}")
+    for c in classes:
+        if c.__module__ == "__main__":
+            raise InvalidSetting(f"retry_on names {c.__qualname__}, a class of the script being run (__main__): no job "
+                                 "can raise it, since workers never import that script; define it in a module the "
+                                 "jobs import")
     return json.dumps(sorted(f"{c.__module__}.{c.__qualname__}" for c in classes))
 
 

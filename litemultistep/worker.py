@@ -708,6 +708,7 @@ class Worker:
             log.error("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
                       job.task_id, how)
             self.pending.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
+            self.tally.ran(job.task_id, 1, failed=True)
         self._replace(proc, how)
 
     def _enforce_time_limits(self, now: float) -> None:
@@ -723,6 +724,7 @@ class Worker:
             self.pending.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
                                          f"ran longer than its {job.timeout:g} s limit; its process was killed",
                                          "", now - start, retryable=retry_of(JobTimeout, job.retry_on)[0]))
+            self.tally.ran(job.task_id, 1, failed=True)
             self._return_rest(proc, job)
             self._replace(proc, "killed at its job's time limit")
 
@@ -746,6 +748,8 @@ class Worker:
                           self.worker_id, job.id, job.task_id, len(rest))
 
     def _replace(self, old: JobProcess, why: str, throttle: bool = True) -> None:
+        if old not in self.procs:
+            return  # replaced already, earlier this round (it retired, then was seen gone)
         old.kill()
         old.close()
         self._end_strays()

@@ -135,3 +135,21 @@ def test_the_limit_and_priority_are_shown(db):
     assert (shown["max_running"], shown["priority"]) == (4, 7)
     text = cli("status", db, task.task_id).stdout
     assert "at most 4 running at once" in text and "priority 7" in text
+
+
+def test_retry_settings_that_cannot_work_are_refused(db):
+    with pytest.raises(InvalidSetting, match="Retry"):
+        litemultistep.Retry(delay=float("nan"))
+    for bad in (-5, float("inf"), "3", True):
+        with pytest.raises(InvalidSetting):
+            litemultistep.Retry(delay=bad)
+    assert litemultistep.Retry(delay=0).delay == 0 and litemultistep.Retry().delay is None
+
+    class Local(Exception):  # noqa: N818 - a stand-in for a class of a script being run
+        pass
+
+    Local.__module__ = "__main__"
+    with pytest.raises(InvalidSetting, match="__main__"):
+        MultiStepTask.create("local", db=db, retry_on=(Local,))
+    with pytest.raises(InvalidSetting, match="__main__"):
+        litemultistep.job(jobfuncs.noop, retry_on=(Local,))

@@ -449,7 +449,9 @@ def test_a_password_appears_nowhere(db, spawn):
     opened.close()
     for text in shown:
         assert "Sup3r" not in text, text
-    assert json.loads(shown[0])["database"] == f"postgresql://{user}@{host}/{rest}".replace("%3D", "=")
+    # the URL shown is one that works: the same, but for the password
+    assert json.loads(shown[0])["database"] == f"postgresql://{user}@{host}/{rest}"
+    assert cli("status", json.loads(shown[0])["database"], "--json").returncode == 0
 
 
 def _parent_is(pid: int, parent: int) -> bool:

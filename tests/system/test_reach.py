@@ -158,3 +158,22 @@ def test_a_corrupt_file_is_named_with_check_as_the_way_to_look(db):
     database.close()
     assert isinstance(error, litemultistep.DatabaseUnusable)
     assert db in str(error) and "litemultistep check" in str(error)
+
+
+def test_jobs_that_leave_daemons_behind_in_a_pool_of_two_never_stop_the_worker(db, tmp_path, spawn):
+    """Two job processes retiring in one round (each job left a daemon), and a crash beside them:
+    each process is replaced once, and the worker goes on."""
+    with MultiStepTask.create("daemons", db=db) as task:
+        for i in range(6):
+            task.add_job(jobfuncs.start_child, str(tmp_path / f"d{i}"), "daemon", False)
+        task.add_job(jobfuncs.exit_hard)
+        for i in range(6):
+            task.add_job(jobfuncs.noop, i)
+    worker = spawn(db, "-c", "2", "--burst", "--max-crashes", "1")
+    assert worker.wait(90) == 0, spawn.log(worker)
+    log = spawn.log(worker)
+    assert "Traceback" not in log, log
+    assert task.progress().completed_count == 12
+    [crash] = task.failures()
+    assert crash.exc_type == "litemultistep.WorkerCrashed" and "exit code 1" in crash.message, crash.message
+    assert not any(process_alive(pid_in(str(tmp_path / f"d{i}"))) for i in range(6))
