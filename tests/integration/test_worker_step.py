@@ -39,7 +39,8 @@ def step_until(w: Worker, predicate: Callable[[], object], what: str, timeout: f
     """Rounds at the real time until ``predicate`` holds (the job processes run in real time)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         w.step()
         time.sleep(0.005)
 
