@@ -235,7 +235,7 @@ def cli(ctx: click.Context) -> None:
 @click.option("--batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               envvar="LITEMULTISTEP_BATCH", show_envvar=True,
               help="Most jobs handed to a job process at once; fewer when a task's jobs take longer than "
-                   "a few milliseconds in all.")
+                   "50 ms in all.")
 @click.option("--poll", type=click.FloatRange(0.001, 5), default=0.02, show_default=True,
               envvar="LITEMULTISTEP_POLL", show_envvar=True,
               help="Seconds between looks at the file while idle, where inotify is not available.")

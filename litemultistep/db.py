@@ -92,8 +92,6 @@ class Dialect:
     skip_locked: str = ""
     #: ends a SELECT of a task row that a transaction decides from (and then changes)
     lock_row: str = ""
-    #: seconds of work a claim takes at once (0: engine.CLAIM_WINDOW): more where a transaction costs more
-    claim_window: float = 0.0
 
     def glob(self, pattern: str) -> tuple[str, str]:
         """A condition on ``task_id`` matching a queue glob (``*``, ``?``, ``[...]``), and its parameter."""

@@ -21,9 +21,9 @@ The rules a reader can check in this file:
   and resumed by whichever worker claims it.
 * When the last finalizer succeeds the task row (and with it its queue) is deleted; a short summary
   stays in ``finished_task`` for the status view.
-* A claim takes, from the least recently served task, only what will run within a few milliseconds
-  (:data:`CLAIM_WINDOW`, the dialect's ``claim_window`` on PostgreSQL, from the task's mean job
-  duration; one job while it is unknown), so no worker sits on jobs another could start. On
+* A claim takes, from the least recently served task, only what will run within a few tens of
+  milliseconds (:data:`CLAIM_WINDOW`, from the task's mean job duration; one job while it is
+  unknown), so no worker sits on jobs another could start. On
   PostgreSQL concurrent claims skip each other's rows (``FOR UPDATE SKIP LOCKED``).
 * A worker is alive while its OS lock (``flock``) is held; only when its lock file has vanished does
   its heartbeat on the host's monotonic clock decide. On PostgreSQL (``pg.py``) it is alive while its
@@ -495,7 +495,6 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
     batches: list[list[ClaimedJob]] = []
     empty: set[int] = set()
     turn = 0
-    window = c.dialect.claim_window or CLAIM_WINDOW
     while len(batches) < wants and len(empty) < len(tasks):
         # taken in turn among the highest priority that still has jobs to give
         top = max(t[6] for t in tasks if t[0] not in empty)
@@ -503,7 +502,7 @@ def _claim(c: Connection, worker_id: int, wants: int, max_batch: int, queues: Se
         turn += 1
         if pk in empty or priority < top:
             continue
-        size = rules.batch_size(avg_duration, max_batch, window)
+        size = rules.batch_size(avg_duration, max_batch)
         if max_running is not None:
             size = min(size, _room(c, pk, max_running, tally))
         jobs = _take(c, worker_id, _TaskInfo(pk, task_id, timeout, bool(keep), retry_on),

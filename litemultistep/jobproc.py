@@ -55,8 +55,9 @@ FENCE_AT = 48
 #: how often a job process looks at its fence while a job runs
 FENCE_LOOK = 0.05
 SLOT_SIZE = 4096
-#: a job that ran longer than this ends its batch: the jobs after it go back to the queue
-SLOW_JOB = 0.005
+#: a job that ran longer than this (a claim's whole plan, rules.CLAIM_WINDOW) ends its batch: the jobs
+#: after it go back to the queue
+SLOW_JOB = 0.05
 #: the child's exit code when it can no longer talk to its worker (a job closed its pipes)
 BROKEN = 197  # (codes a job is unlikely to pick for its own os._exit)
 #: a job that ran at least this long may have started a process: look for what it left behind

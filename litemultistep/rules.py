@@ -7,9 +7,10 @@ describe with them, and they have unit tests of their own. Nothing here reads or
 
 from __future__ import annotations
 
-#: a claim takes as many of a task's jobs as its mean duration says will run in this many seconds,
-#: so a worker never sits on jobs another worker could start
-CLAIM_WINDOW = 0.003
+#: a claim takes as many of a task's jobs as its mean duration says will run in this many seconds:
+#: enough that a job of 10 ms does not wait a round trip to the worker for the next one, few enough
+#: that a worker never sits on jobs another worker could start (a slow one gives the rest back)
+CLAIM_WINDOW = 0.05
 #: the longest wait before an automatic retry, however many attempts came before
 MAX_RETRY_DELAY = 7 * 86400.0
 #: crashes of a job's process before the job fails with WorkerCrashed (a worker's --max-crashes)

@@ -55,7 +55,7 @@ DB_ENV = "LITEMULTISTEP_DB"
 TIDY_EVERY = 1.0
 #: a job process gives back the rest of a batch once it has run this long (a claim plans for
 #: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
-GIVE_BACK_AFTER = 0.01
+GIVE_BACK_AFTER = 2 * rules.CLAIM_WINDOW
 #: seconds between the summary lines of what a worker's jobs did (at INFO)
 SUMMARY_EVERY = 10.0
 #: a worker with --burst waits for automatic retries due within this many seconds, not later ones

@@ -44,3 +44,13 @@ def final(path: str) -> None:
 def burn_job(i: int, seconds: float) -> None:
     """Job ``i`` of a fan-out: about ``seconds`` of CPU work."""
     burn(seconds)
+
+
+def sha(rounds: int) -> bytes:
+    """A fixed amount of CPU work: ``rounds`` chained sha256 digests of a 64-byte block."""
+    import hashlib
+
+    digest = bytes(64)
+    for _ in range(rounds):
+        digest = hashlib.sha256(digest).digest() * 2
+    return digest[:32]
