@@ -26,14 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import config, engine, views
+# engine, views and the worker are imported by the commands that use them: `litemultistep worker`
+# starts its job processes first, so that they start up while it imports the rest
+from . import config
+from .config import WorkerOptions
 from .db import Database, backend_for, is_url
 from .errors import DatabaseUnusable, InvalidSetting, LiteMultiStepError
-from .worker import WorkerOptions, run_worker
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
+
+    from . import views
 
 
 @functools.cache
@@ -46,7 +50,7 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-DB_ENV = "LITEMULTISTEP_DB"
+DB_ENV = config.DB_ENV
 
 
 def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -73,6 +77,7 @@ def _open(path: str) -> Database:
 
 
 def _emit_json(doc: Any) -> None:
+    from . import views
     sys.stdout.write(views.to_json(doc, indent=2) + "\n")
 
 
@@ -80,7 +85,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
-_age = views.duration
+def _age(seconds: float) -> str:
+    from .views import duration
+
+    return duration(seconds)
 
 
 def _when(t: float) -> str:
@@ -268,10 +276,27 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
                             timeout=timeout, shutdown_timeout=shutdown_timeout, max_crashes=max_crashes,
                             verbose=verbose, quiet=quiet)
     try:
-        backend_for(db).prepare_worker_process()
-        if not is_url(db) and not os.path.exists(db):
-            _create_database(db, options)
-        code = run_worker(options)
+        options.validate()  # a bad option is refused before any process starts or file is made
+        config.validate()
+        backend = backend_for(db)
+        if not is_url(db):
+            options.db = os.path.abspath(db)  # as the database names itself: a job may change directory
+        # the job processes start up (a tenth of a second) while this process imports the rest
+        from .jobproc import JobProcess
+
+        fence = None if backend.fence_after(lease) is None else 0.0  # set once the lease is confirmed
+        procs = [JobProcess(options, slot, fence) for slot in range(concurrency)]
+        try:
+            backend.prepare_worker_process()
+            if not is_url(db) and not os.path.exists(db):
+                _create_database(db, options)
+            from .worker import run_worker
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+                proc.close()
+            raise
+        code = run_worker(options, procs)
     except (DatabaseUnusable, InvalidSetting) as e:
         _error(str(e))
         sys.exit(2)
@@ -282,8 +307,6 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
 def _create_database(path: str, options: WorkerOptions) -> None:
     """A worker on a path where no file is creates an empty database there, as the application does:
     it may start first. Said in a warning, since a mistyped path would otherwise wait forever."""
-    options.validate()  # a bad option is refused before any file is made
-    config.validate()
     Database.open(path).close()
     logging.getLogger("litemultistep").warning(
         "no database at %s: created a new, empty one; is the path right?",
@@ -308,6 +331,7 @@ def _call(func: str, args: str) -> str:
 @json_option
 def status(args: Sequence[str], as_json: bool) -> None:
     """Show active and recently finished tasks, or one task in detail (with TASK_ID)."""
+    from . import views
     db, rest = split_db(args, 1)
     database = _open(db)
     if rest:
@@ -354,6 +378,7 @@ _STATE_STYLES = {"blocked": "red", "finished": "green", "finalizing": "cyan", "b
 
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:
+    from . import views
     if as_json:
         _emit_json(views.task_doc(database, task_id))
         return
@@ -400,6 +425,7 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
     Failures show as they come; "blocked" means nothing else is queued, running or scheduled, so
     nothing more happens without a retry. Ctrl-C exits 130.
     """
+    from . import views
     db, rest = split_db(args, 1, least=1)
     if not rest:
         raise click.UsageError("name the task to watch: TASK_ID")
@@ -427,6 +453,7 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
 
 def _watch_loop(database: Database, task_id: str, bar: Progress, deadline: float | None, timeout: float | None,
                 interval: float, interrupted: threading.Event) -> None:
+    from . import views
     err = _console(stderr=True)
     last_line = ""
     seen: set[int] = set()
@@ -485,6 +512,7 @@ def failed(args: Sequence[str], task_id: str | None, exc_type: str | None, group
     """List failed jobs (job id, task, call, exception and message, attempt, time), and the failed
     jobs whose automatic retry is scheduled (`retry` runs them now); with --group, how many jobs
     failed of each exception and message."""
+    from . import views
     db, _ = split_db(args, 0)
     database = _open(db)
     if exc_type is not None and "\x00" in exc_type:
@@ -521,6 +549,7 @@ def failed(args: Sequence[str], task_id: str | None, exc_type: str | None, group
 
 def _failed_groups(database: Database, task_id: str | None, exc_type: str | None, limit: int | None,
                    as_json: bool) -> None:
+    from . import views
     if as_json:
         _emit_json(views.groups_doc(database, task_id, exc_type, limit))
         return
@@ -548,6 +577,7 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
 
     A retried finalizer resumes its chain; a job that hit the crash limit starts afresh.
     """
+    from . import engine, views
     args = list(args)
     db, rest = (args[0], args[1:]) if args and not _is_number(args[0]) else (os.environ.get(DB_ENV) or "", args)
     if not db:
@@ -588,6 +618,7 @@ def workers(args: Sequence[str], as_json: bool) -> None:
 
     Only looks: a dead worker stays listed (alive: no) until a worker or `check --repair` removes it.
     """
+    from . import views
     db, _ = split_db(args, 0)
     database = _open(db)
     if as_json:
@@ -620,6 +651,7 @@ def workers(args: Sequence[str], as_json: bool) -> None:
 def _say_dead_holders(orphans: Sequence[views.RunningJob]) -> None:
     """A line for each dead worker that still holds jobs (looking changes nothing: they stay held
     until a live worker, within a second, or `check --repair` puts them back)."""
+    from . import views
     by_worker: dict[int | None, list[views.RunningJob]] = {}
     for r in orphans:
         by_worker.setdefault(r.worker_id, []).append(r)
@@ -634,6 +666,7 @@ def _say_dead_holders(orphans: Sequence[views.RunningJob]) -> None:
 def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:
     """Job ids with how long each has been held, consecutive ids held as long joined into one run
     (a batch of short jobs is one item, not a hundred): ``"656-798 (0s), 1195 (2m)"``."""
+    from . import views
     return ", ".join(f"{a}{'' if a == b else f'-{b}'}{f' ({age})' if age else ''}"
                      for a, b, age in views.id_runs(jobs)) or "-"
 
@@ -643,6 +676,7 @@ def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:
 @click.option("--yes", is_flag=True, help="Do not ask first.")
 def nuke(args: Sequence[str], yes: bool) -> None:
     """Remove a task, its queue and its failures; for a finished task, its kept summary."""
+    from . import engine, views
     db, rest = split_db(args, 1, least=1)
     if not rest:
         raise click.UsageError("name the task to remove: TASK_ID")
@@ -667,6 +701,7 @@ def check(args: Sequence[str], repair: bool, as_json: bool) -> None:
 
     Exits 0 when nothing is wrong (or everything found was repaired), 1 when problems remain.
     """
+    from . import engine
     db, _ = split_db(args, 0)
     database = _open(db)
     problems = engine.check(database, repair=repair)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InvalidSetting, NoDatabaseConfigured
+from .rules import DEFAULT_MAX_CRASHES
 
 if TYPE_CHECKING:
     from .db import Database
@@ -151,3 +153,79 @@ def resolve_db(db: Any = None) -> Database:
     if isinstance(db, Database):
         return db
     return open_database(db)
+
+
+#: the database of `litemultistep worker`, when it is not on the command line
+DB_ENV = "LITEMULTISTEP_DB"
+
+
+@dataclass
+class WorkerOptions:
+    """Everything ``litemultistep worker`` accepts (see ``litemultistep worker --help``)."""
+
+    db: str
+    #: job processes, each running one job at a time
+    concurrency: int = 1
+    queues: list[str] = field(default_factory=list)
+    burst: bool = False
+    paths: list[str] = field(default_factory=list)
+    #: a worker whose lock file vanished counts as alive this long after its last heartbeat
+    lease: float = 30.0
+    #: most jobs handed to a job process at once while the task's jobs are short
+    batch: int = 256
+    #: seconds between looks at the file while idle, where inotify is not available
+    poll: float = 0.02
+    #: only run callables defined in these modules (empty: any)
+    allow_modules: list[str] = field(default_factory=list)
+    #: time limit (s) for jobs whose task sets none; None: no limit
+    timeout: float | None = None
+    #: seconds a graceful stop lets running jobs finish before they are stopped and put back
+    shutdown_timeout: float = 30.0
+    #: deaths of a job's process before the job fails with WorkerCrashed
+    max_crashes: int = DEFAULT_MAX_CRASHES
+    verbose: bool = False
+    quiet: bool = False
+    #: stop when this process is gone
+    parent_pid: int | None = None
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, with a message naming the setting."""
+        if not isinstance(self.concurrency, int) or not 1 <= self.concurrency <= 256:
+            raise InvalidSetting(f"concurrency must be a whole number from 1 to 256, not {self.concurrency!r}")
+        if not isinstance(self.batch, int) or not 1 <= self.batch <= 1000:
+            raise InvalidSetting(f"batch must be a whole number from 1 to 1000, not {self.batch!r}")
+        if not isinstance(self.max_crashes, int) or not 1 <= self.max_crashes <= 1000:
+            raise InvalidSetting(f"max_crashes must be a whole number from 1 to 1000, not {self.max_crashes!r}")
+        for name, value in (("lease", self.lease), ("poll", self.poll), ("shutdown_timeout", self.shutdown_timeout)):
+            seconds(value, name)
+        if self.timeout is not None:
+            seconds(self.timeout, "timeout")
+        for p in self.paths:
+            if not os.path.isdir(p):
+                raise InvalidSetting(f"--path {p}: no such directory")
+
+    def argv(self) -> list[str]:
+        """The ``litemultistep worker`` command line for these options; the database goes in the
+        environment (:meth:`env`), so that a URL's password never shows in the process list."""
+        argv = [sys.executable, "-m", "litemultistep", "worker", "-c", str(self.concurrency),
+                "--lease", repr(self.lease), "--batch", str(self.batch), "--poll", repr(self.poll),
+                "--shutdown-timeout", repr(self.shutdown_timeout), "--max-crashes", str(self.max_crashes)]
+        if self.timeout is not None:
+            argv += ["--timeout", repr(self.timeout)]
+        for q in self.queues:
+            argv += ["--queues", q]
+        for p in self.paths:
+            argv += ["--path", p]
+        for m in self.allow_modules:
+            argv += ["--allow-module", m]
+        if self.burst:
+            argv.append("--burst")
+        if self.verbose:
+            argv.append("-v")
+        if self.quiet:
+            argv.append("-q")
+        return argv
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that go with :meth:`argv`."""
+        return {DB_ENV: self.db}

@@ -303,7 +303,8 @@ class Database(abc.ABC):
         """Make sure a worker found dead holds nothing any more, before its jobs are taken back (its
         lingering connection is ended; its lock file removed)."""
 
-    def fence_after(self, lease: float) -> float | None:
+    @classmethod
+    def fence_after(cls, lease: float) -> float | None:
         """Seconds after the start of a worker's last confirmed heartbeat by which, if it could not
         confirm its lease since, it must have stopped every job it runs (and its job processes stop
         themselves should the worker be paused): others may take its jobs once its lease runs out,

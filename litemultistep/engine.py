@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import string
 import time
 from collections.abc import Iterable, Sequence
@@ -140,6 +139,8 @@ def create_task(db: Database, slug: str, *, max_retries: int = 0, retry_delay: f
                 max_running: int | None = None, priority: int = 0) -> str:
     """Insert a new ACTIVE task and return its id: the slug, ``~``, a random nonce. ``retry_on`` is
     a JSON list of exception type names (:func:`rules.type_names`), or None for every exception."""
+    import secrets  # here: a job process, which imports this module, rarely creates a task
+
     for _ in range(10):
         task_id = f"{slug}~{''.join(secrets.choice(_NONCE_ALPHABET) for _ in range(8))}"
         with db.write() as c:

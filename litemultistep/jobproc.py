@@ -34,13 +34,17 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._wakeup import become_subreaper, libc
 from .db import boottime, monotonic
-from .engine import ClaimedJob, Outcome
-from .jobs import allowed_or_why
-from .runner import Result, execute
+
+if TYPE_CHECKING:
+    from .config import WorkerOptions
+    from .engine import ClaimedJob
+
+# What runs jobs (engine, runner, jobs) is imported by serve(), in the job process: a worker imports
+# this module to start its job processes before it imports the rest, so that they start up meanwhile.
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,92 @@ def set_fence(page: mmap.mmap, deadline: float) -> None:
 def fenced(page: mmap.mmap) -> bool:
     """Whether the job process stopped its job itself, its worker having gone silent."""
     return bool(FENCE.unpack_from(page, FENCE_AT)[1])
+
+
+class JobProcess:
+    """One child that runs jobs, and what the worker knows of it (the worker's end of the pipes).
+
+    ``fence``: None where the backend never fences (SQLite); else the deadline a running job has
+    (CLOCK_BOOTTIME), 0.0 while the worker has not confirmed its lease yet."""
+
+    def __init__(self, options: WorkerOptions, slot: int, fence: float | None = None) -> None:
+        import subprocess  # here: only the worker starts job processes
+        import tempfile
+
+        self.slot = slot
+        self.options = options
+        self.batch: list[ClaimedJob] = []
+        #: the last progress report of its running job that was stored
+        self.reported: tuple[int, float, float | None] | None = None
+        #: some job of the batch has a time limit: the loop watches which one runs
+        self.limited = False
+        inbox_r, inbox_w = os.pipe()
+        outbox_r, outbox_w = os.pipe()
+        with tempfile.TemporaryFile() as f:
+            f.truncate(SLOT_SIZE)
+            self.page = mmap.mmap(f.fileno(), SLOT_SIZE)
+            page_fd = os.dup(f.fileno())
+        level = logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO
+        setup = {"parent": os.getpid(), "inbox": inbox_r, "outbox": outbox_w, "page": page_fd, "db": options.db,
+                 "paths": [os.path.abspath(p) for p in [os.getcwd(), *options.paths]], "log_level": level,
+                 "allow_modules": options.allow_modules, "fence": fence is not None}
+        try:
+            # the setup goes by the environment, not the command line: a database URL's password must
+            # not show in the process list
+            self.proc = subprocess.Popen([sys.executable, "-c", "from litemultistep.jobproc import main; main()"],
+                                         env={**os.environ, SETUP_ENV: json.dumps(setup)},
+                                         pass_fds=(inbox_r, outbox_w, page_fd), start_new_session=True)
+        finally:
+            for fd in (inbox_r, outbox_w, page_fd):
+                os.close(fd)
+        self.to_child = Connection(inbox_w, readable=False)
+        self.from_child = Connection(outbox_r, writable=False)
+        if fence is not None:
+            set_fence(self.page, fence)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batch)
+
+    def fileno(self) -> int:
+        return self.from_child.fileno()
+
+    def send(self, batch: list[ClaimedJob], window: float) -> bool:
+        self.batch = batch
+        self.limited = any(j.timeout is not None for j in batch)
+        try:
+            self.to_child.send_bytes(json.dumps({"jobs": batch, "window": window}).encode())
+        except OSError:
+            return False
+        return True
+
+    def running(self) -> tuple[ClaimedJob | None, float]:
+        """The job of the current batch that runs now (or ran last), and since when."""
+        job_id, start = read_slot(self.page)
+        for job in self.batch:
+            if job.id == abs(job_id):
+                return (job, start) if job_id > 0 else (job, 0.0)
+        return None, 0.0
+
+    def kill(self) -> None:
+        """Kill the job process and every process of its group (what its job started stays in it)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def fenced(self) -> bool:
+        """It stopped its job itself: its worker had not confirmed its lease in time."""
+        return fenced(self.page)
+
+    def close(self) -> None:
+        for conn in (self.to_child, self.from_child):
+            conn.close()
+        self.page.close()
 
 
 def _watch_fence(page: mmap.mmap) -> None:
@@ -239,6 +329,10 @@ def _maybe_crash(path: str, point: str, job: ClaimedJob, parent: int) -> None:
 
 def serve(setup: dict[str, Any]) -> int:
     """Run batches from the worker until it closes the pipe; the child's whole life."""
+    from .engine import ClaimedJob, Outcome
+    from .jobs import allowed_or_why
+    from .runner import Result, execute
+
     parent = setup["parent"]
     _die_with_parent(parent)
     # Stop signals are the worker's business: it lets jobs finish, then ends this process itself.

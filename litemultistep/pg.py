@@ -545,7 +545,8 @@ class PostgresDatabase(Database):
                 dead.append(DeadWorker(wid, pid, path))
         return dead
 
-    def fence_after(self, lease: float) -> float | None:
+    @classmethod
+    def fence_after(cls, lease: float) -> float | None:
         return rules.fence_after(lease)
 
     def end_session(self, dead: DeadWorker) -> None:

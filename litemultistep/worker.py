@@ -25,33 +25,28 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import select
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from types import FrameType
 
 from . import config, engine, rules
 from ._wakeup import become_subreaper, children
+from .config import WorkerOptions
 from .db import Database, LivenessLock, boottime, monotonic
 from .engine import ClaimedJob, Done, Outcome
-from .errors import DatabaseUnusable, InvalidSetting, JobTimeout, StorageError
-from .jobproc import BROKEN, RETIRED, SETUP_ENV, SLOT_SIZE, SLOW_JOB, fenced, read_progress, read_slot, set_fence
+from .errors import DatabaseUnusable, JobTimeout, StorageError
+from .jobproc import BROKEN, RETIRED, SLOW_JOB, JobProcess, read_progress, set_fence
 from .runner import retry_of
 
 log = logging.getLogger(__name__)
 
 #: environment variable naming a process whose death stops the worker (set by ``Workers``)
 PARENT_PID_ENV = "LITEMULTISTEP_PARENT_PID"
-#: the database, when it is not on the command line
-DB_ENV = "LITEMULTISTEP_DB"
 TIDY_EVERY = 1.0
 #: a job process gives back the rest of a batch once it has run this long (a claim plans for
 #: engine.CLAIM_WINDOW), or right after any job slower than jobproc.SLOW_JOB
@@ -60,158 +55,6 @@ GIVE_BACK_AFTER = 2 * rules.CLAIM_WINDOW
 SUMMARY_EVERY = 10.0
 #: a worker with --burst waits for automatic retries due within this many seconds, not later ones
 BURST_RETRY_HORIZON = 60.0
-
-
-@dataclass
-class WorkerOptions:
-    """Everything ``litemultistep worker`` accepts (see ``litemultistep worker --help``)."""
-
-    db: str
-    #: job processes, each running one job at a time
-    concurrency: int = 1
-    queues: list[str] = field(default_factory=list)
-    burst: bool = False
-    paths: list[str] = field(default_factory=list)
-    #: a worker whose lock file vanished counts as alive this long after its last heartbeat
-    lease: float = 30.0
-    #: most jobs handed to a job process at once while the task's jobs are short
-    batch: int = 256
-    #: seconds between looks at the file while idle, where inotify is not available
-    poll: float = 0.02
-    #: only run callables defined in these modules (empty: any)
-    allow_modules: list[str] = field(default_factory=list)
-    #: time limit (s) for jobs whose task sets none; None: no limit
-    timeout: float | None = None
-    #: seconds a graceful stop lets running jobs finish before they are stopped and put back
-    shutdown_timeout: float = 30.0
-    #: deaths of a job's process before the job fails with WorkerCrashed
-    max_crashes: int = engine.DEFAULT_MAX_CRASHES
-    verbose: bool = False
-    quiet: bool = False
-    #: stop when this process is gone
-    parent_pid: int | None = None
-
-    def validate(self) -> None:
-        """Refuse values that cannot work, with a message naming the setting."""
-        if not isinstance(self.concurrency, int) or not 1 <= self.concurrency <= 256:
-            raise InvalidSetting(f"concurrency must be a whole number from 1 to 256, not {self.concurrency!r}")
-        if not isinstance(self.batch, int) or not 1 <= self.batch <= 1000:
-            raise InvalidSetting(f"batch must be a whole number from 1 to 1000, not {self.batch!r}")
-        if not isinstance(self.max_crashes, int) or not 1 <= self.max_crashes <= 1000:
-            raise InvalidSetting(f"max_crashes must be a whole number from 1 to 1000, not {self.max_crashes!r}")
-        for name, value in (("lease", self.lease), ("poll", self.poll), ("shutdown_timeout", self.shutdown_timeout)):
-            config.seconds(value, name)
-        if self.timeout is not None:
-            config.seconds(self.timeout, "timeout")
-        for p in self.paths:
-            if not os.path.isdir(p):
-                raise InvalidSetting(f"--path {p}: no such directory")
-
-    def argv(self) -> list[str]:
-        """The ``litemultistep worker`` command line for these options; the database goes in the
-        environment (:meth:`env`), so that a URL's password never shows in the process list."""
-        argv = [sys.executable, "-m", "litemultistep", "worker", "-c", str(self.concurrency),
-                "--lease", repr(self.lease), "--batch", str(self.batch), "--poll", repr(self.poll),
-                "--shutdown-timeout", repr(self.shutdown_timeout), "--max-crashes", str(self.max_crashes)]
-        if self.timeout is not None:
-            argv += ["--timeout", repr(self.timeout)]
-        for q in self.queues:
-            argv += ["--queues", q]
-        for p in self.paths:
-            argv += ["--path", p]
-        for m in self.allow_modules:
-            argv += ["--allow-module", m]
-        if self.burst:
-            argv.append("--burst")
-        if self.verbose:
-            argv.append("-v")
-        if self.quiet:
-            argv.append("-q")
-        return argv
-
-    def env(self) -> dict[str, str]:
-        """The environment variables that go with :meth:`argv`."""
-        return {DB_ENV: self.db}
-
-
-class JobProcess:
-    """One child that runs jobs, and what the worker knows of it."""
-
-    def __init__(self, options: WorkerOptions, slot: int, fence: float | None = None) -> None:
-        self.slot = slot
-        self.options = options
-        self.batch: list[ClaimedJob] = []
-        #: the last progress report of its running job that was stored
-        self.reported: tuple[int, float, float | None] | None = None
-        #: some job of the batch has a time limit: the loop watches which one runs
-        self.limited = False
-        inbox_r, inbox_w = os.pipe()
-        outbox_r, outbox_w = os.pipe()
-        with tempfile.TemporaryFile() as f:
-            f.truncate(SLOT_SIZE)
-            self.page = mmap.mmap(f.fileno(), SLOT_SIZE)
-            page_fd = os.dup(f.fileno())
-        level = logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO
-        setup = {"parent": os.getpid(), "inbox": inbox_r, "outbox": outbox_w, "page": page_fd, "db": options.db,
-                 "paths": [os.path.abspath(p) for p in [os.getcwd(), *options.paths]], "log_level": level,
-                 "allow_modules": options.allow_modules, "fence": fence is not None}
-        try:
-            # the setup goes by the environment, not the command line: a database URL's password must
-            # not show in the process list
-            self.proc = subprocess.Popen([sys.executable, "-c", "from litemultistep.jobproc import main; main()"],
-                                         env={**os.environ, SETUP_ENV: json.dumps(setup)},
-                                         pass_fds=(inbox_r, outbox_w, page_fd), start_new_session=True)
-        finally:
-            for fd in (inbox_r, outbox_w, page_fd):
-                os.close(fd)
-        self.to_child = Connection(inbox_w, readable=False)
-        self.from_child = Connection(outbox_r, writable=False)
-        if fence is not None:
-            set_fence(self.page, fence)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.batch)
-
-    def fileno(self) -> int:
-        return self.from_child.fileno()
-
-    def send(self, batch: list[ClaimedJob], window: float) -> bool:
-        self.batch = batch
-        self.limited = any(j.timeout is not None for j in batch)
-        try:
-            self.to_child.send_bytes(json.dumps({"jobs": batch, "window": window}).encode())
-        except OSError:
-            return False
-        return True
-
-    def running(self) -> tuple[ClaimedJob | None, float]:
-        """The job of the current batch that runs now (or ran last), and since when."""
-        job_id, start = read_slot(self.page)
-        for job in self.batch:
-            if job.id == abs(job_id):
-                return (job, start) if job_id > 0 else (job, 0.0)
-        return None, 0.0
-
-    def kill(self) -> None:
-        """Kill the job process and every process of its group (what its job started stays in it)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    @property
-    def fenced(self) -> bool:
-        """It stopped its job itself: its worker had not confirmed its lease in time."""
-        return fenced(self.page)
-
-    def close(self) -> None:
-        for conn in (self.to_child, self.from_child):
-            conn.close()
-        self.page.close()
 
 
 def _how_it_died(code: int | None) -> str:
@@ -315,7 +158,8 @@ class Worker:
     without sleeping.
     """
 
-    def __init__(self, db: Database, options: WorkerOptions) -> None:
+    def __init__(self, db: Database, options: WorkerOptions, procs: list[JobProcess] | None = None) -> None:
+        """``procs``: its job processes, if started already (else :meth:`start` starts them)."""
         self.db = db
         self.options = options
         self.queues = options.queues or None
@@ -326,7 +170,7 @@ class Worker:
         self.schedule = Schedule()
         #: finalizers handed to this worker while every job process was busy
         self.handed: deque[ClaimedJob] = deque()
-        self.procs: list[JobProcess] = []
+        self.procs: list[JobProcess] = list(procs or [])
         #: what the job processes ran since the last summary line
         self.tally = RunTally()
         #: the callables whose jobs left threads or processes behind (logged once each)
@@ -909,22 +753,33 @@ class Worker:
             self._lock.release()
 
 
-def run_worker(options: WorkerOptions) -> int:
-    """Run ``litemultistep worker``: one worker process with ``concurrency`` job processes."""
-    options.validate()
-    config.validate()
-    parent = os.environ.get(PARENT_PID_ENV)
-    if parent and options.parent_pid is None:
-        options.parent_pid = int(parent)
-    db = Database.open(options.db)
-    options.db = db.target
+def run_worker(options: WorkerOptions, procs: list[JobProcess] | None = None) -> int:
+    """Run ``litemultistep worker``: one worker process with ``concurrency`` job processes.
+
+    ``procs``: the job processes, started already (``litemultistep worker`` starts them before it
+    imports the rest, so that they start up meanwhile); ended here if the worker cannot start."""
+    procs = list(procs or [])
     try:
-        return Worker(db, options).run()
-    except Exception as e:
-        error = db.driver_error(e)  # a raw error of the database's driver: a message, not a traceback
-        if error is None:
-            raise
-        raise error from None
+        options.validate()
+        config.validate()
+        parent = os.environ.get(PARENT_PID_ENV)
+        if parent and options.parent_pid is None:
+            options.parent_pid = int(parent)
+        db = Database.open(options.db)
+        options.db = db.target
+        try:
+            worker = Worker(db, options, procs)
+            procs = []  # the worker's now: it ends them when it stops
+            return worker.run()
+        except Exception as e:
+            error = db.driver_error(e)  # a raw error of the database's driver: a message, not a traceback
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            db.close()
     finally:
-        db.close()
+        for proc in procs:
+            proc.kill()
+            proc.close()
 
