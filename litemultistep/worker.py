@@ -306,8 +306,12 @@ class Worker:
         if not self.procs:
             self.procs = [JobProcess(self.options, i, self._fence_at) for i in range(self.options.concurrency)]
 
-    def run(self) -> int:
-        """Serve until stopped; returns the exit status (0: every job that started finished)."""
+    def run(self, keep_handlers: bool = False) -> int:
+        """Serve until stopped; returns the exit status (0: every job that started finished).
+
+        ``keep_handlers``: leave the worker's SIGTERM and SIGINT handlers in place when it returns, for
+        a process that exits next (``litemultistep worker``): a signal that comes late, in a storm of
+        them, is then counted like the others rather than killing the process on its way out."""
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
@@ -325,7 +329,8 @@ class Worker:
             self.shutdown()
             signal.set_wakeup_fd(old_wakeup)
             for s, handler in old_handlers.items():
-                signal.signal(s, handler)
+                if not keep_handlers:
+                    signal.signal(s, handler)
             self._signal_fd = None
             os.close(rfd)
             os.close(wfd)
@@ -770,7 +775,7 @@ def run_worker(options: WorkerOptions, procs: list[JobProcess] | None = None) ->
         try:
             worker = Worker(db, options, procs)
             procs = []  # the worker's now: it ends them when it stops
-            return worker.run()
+            return worker.run(keep_handlers=True)
         except Exception as e:
             error = db.driver_error(e)  # a raw error of the database's driver: a message, not a traceback
             if error is None:

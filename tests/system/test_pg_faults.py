@@ -435,7 +435,9 @@ def test_a_password_appears_nowhere(db, spawn):
     assert psycopg.conninfo.conninfo_to_dict(url)["password"] == secret
     with MultiStepTask.create("secret", db=url) as task:
         task.add_job(jobfuncs.sleep_forever, "/dev/null", "x")
-    with litemultistep.Workers(url, concurrency=1) as workers:
+    # jobfuncs' directory named: the directory Workers adds by default is this process's sys.path[0],
+    # which under pytest is whichever test directory was collected first
+    with litemultistep.Workers(url, concurrency=1, paths=[os.path.dirname(jobfuncs.__file__)]) as workers:
         wait_for(lambda: task.progress().running_count == 1, what="the job to start")
         children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_is(int(p), workers.pid)]
         assert children, "no job process found"
