@@ -56,8 +56,11 @@ PROGRESS_AT = 16
 #: unless its worker has confirmed its lease since (0: none), and 1 once it stopped one so
 FENCE = struct.Struct("<dq")
 FENCE_AT = 48
-#: how often a job process looks at its fence while a job runs
+#: how often a job process looks at its fence once past it (a job may start then)
 FENCE_LOOK = 0.05
+#: the longest a job process's fence sleeps before its deadline (looking every FENCE_LOOK instead cost
+#: 20 idle workers on PostgreSQL 7-8% of a core, against 5.8% so)
+FENCE_NAP = 0.25
 SLOT_SIZE = 4096
 #: a job that ran longer than this (a claim's whole plan, rules.CLAIM_WINDOW) ends its batch: the jobs
 #: after it go back to the queue
@@ -213,12 +216,18 @@ def _watch_fence(page: mmap.mmap) -> None:
     dead when the lease runs out, and its jobs run elsewhere: by then they must have stopped here."""
     while True:
         deadline = FENCE.unpack_from(page, FENCE_AT)[0]
-        if deadline and SLOT.unpack_from(page, 0)[1] > 0 and boottime() >= deadline:
-            FENCE.pack_into(page, FENCE_AT, deadline, 1)
-            os.write(2, f"litemultistep job process {os.getpid()}: its worker has not confirmed its lease; "
-                        "stopping the running job (it runs again elsewhere)\n".encode())
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        time.sleep(FENCE_LOOK)
+        now = boottime()
+        if deadline and now >= deadline:
+            if SLOT.unpack_from(page, 0)[1] > 0:  # a job runs
+                FENCE.pack_into(page, FENCE_AT, deadline, 1)
+                os.write(2, f"litemultistep job process {os.getpid()}: its worker has not confirmed its lease; "
+                            "stopping the running job (it runs again elsewhere)\n".encode())
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            time.sleep(FENCE_LOOK)
+        else:
+            # until the deadline, which the worker moves later at each heartbeat; at most FENCE_NAP at
+            # a time (sleep counts no time the host spent paused, the deadline does)
+            time.sleep(min(deadline - now, FENCE_NAP) if deadline else FENCE_NAP)
 
 
 def _leftovers(threads: int, ran: float) -> str | None:
