@@ -4,6 +4,8 @@
     python scripts/bench.py                  # the full run (a few minutes)
     python scripts/bench.py --quick          # a smoke run (seconds)
     python scripts/bench.py --compare huey   # also huey, same workloads, same run (pip install -e '.[bench]')
+    python scripts/bench.py --only cpu       # CPU-bound jobs against two plain processes
+    python scripts/bench.py --only memory    # the worker's memory, idle and over two long drains
     python scripts/bench.py --web            # the web page: page times with 10,000 tasks, and the
                                              # drain with 20 pages watching live
     python scripts/bench.py --compare celery --compare rq [--db URL]
@@ -362,6 +364,130 @@ def burst_seconds(db: str, concurrency: int, calls: list[tuple[str, list[object]
     subprocess.run([sys.executable, "-m", "litemultistep", "worker", db, "-c", str(concurrency), "--burst", "-q"],
                    check=True, env=child_env())
     return time.monotonic() - t
+
+
+def sha_rounds(seconds: float = 0.01) -> int:
+    """Rounds of :func:`bench_jobs.sha` that take about ``seconds`` of CPU here (the best of five)."""
+    import bench_jobs
+
+    best = min(_cpu_of(lambda: bench_jobs.sha(2000)) for _ in range(5))
+    return max(1, round(2000 * seconds / best))
+
+
+def _cpu_of(fn: Callable[[], object]) -> float:
+    t = time.thread_time()
+    fn()
+    return time.thread_time() - t
+
+
+def _spent(log: str) -> float:
+    """The CPU seconds the calls of :func:`bench_jobs.sha_cpu` wrote to ``log`` (then removed)."""
+    with open(log) as f:
+        total = sum(float(line) for line in f)
+    os.remove(log)
+    return total
+
+
+def plain_pair(tmp: str, n: int, rounds: int) -> tuple[float, float]:
+    """Two plain Python processes running ``n / 2`` calls of sha(rounds) each, started together:
+    (wall seconds until both have exited, CPU seconds the calls took)."""
+    log = f"{tmp}/pair-{time.monotonic_ns()}.log"
+    code = f"import bench_jobs\nfor _ in range({n // 2}): bench_jobs.sha_cpu({rounds}, {log!r})"
+    t = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=child_env()) for _ in range(2)]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError("a plain process failed")
+    return time.monotonic() - t, _spent(log)
+
+
+def worker_pair(tmp: str, n: int, rounds: int) -> tuple[float, float]:
+    """``worker -c 2 --burst -q`` over one task of ``n`` calls of sha(rounds), start-up included:
+    (wall seconds, CPU seconds the calls took)."""
+    db = f"{tmp}/cpu-{time.monotonic_ns()}.sqlite"
+    log = db + ".log"
+    return burst_seconds(db, 2, [("sha_cpu", [rounds, log])] * n), _spent(log)
+
+
+def cpu_vs_pair(tmp: str, n: int, runs: int, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    """``runs`` rounds of :func:`plain_pair` and :func:`worker_pair`, back to back, their order
+    alternating. Returns the wall ratios (worker / pair) of each round, the same with each side's wall
+    time divided by the CPU its calls took (the machine ran the same calls faster in some runs than in
+    others: this takes that out), and the worker's wall times."""
+    raw, normalized, walls = [], [], []
+    for i in range(runs):
+        sides = [plain_pair, worker_pair] if i % 2 == 0 else [worker_pair, plain_pair]
+        got = {side: side(tmp, n, rounds) for side in sides}
+        (p_wall, p_cpu), (w_wall, w_cpu) = got[plain_pair], got[worker_pair]
+        raw.append(w_wall / p_wall)
+        normalized.append((w_wall / w_cpu) / (p_wall / p_cpu))
+        walls.append(w_wall)
+    return raw, normalized, walls
+
+
+def memory_run(tmp: str, n: int, rounds_of: int = 2) -> dict[str, list[float]]:
+    """Resident sizes (MB) of an idle ``worker -c 2`` and of each of its job processes; then after
+    each of ``rounds_of`` tasks of ``n`` jobs (one in a hundred fails), drained by that worker."""
+    db = f"{tmp}/memory-{time.monotonic_ns()}.sqlite"
+    from litemultistep import Database
+
+    Database(db).close()
+    proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", "2", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    sizes: dict[str, list[float]] = {}
+
+    def measure(label: str) -> None:
+        kids = sorted(children(proc.pid))
+        sizes[label] = [rss_kb(proc.pid) / 1024, *(rss_kb(k) / 1024 for k in kids)]
+
+    try:
+        time.sleep(2.0)
+        measure("idle")
+        calls: list[tuple[str, list[object]]] = [("boom", [i]) if i % 100 == 99 else ("noop", [i]) for i in range(n)]
+        for k in range(rounds_of):
+            enqueue(db, calls)
+            while _finished_or_failed(db) < n * (k + 1):
+                time.sleep(0.05)
+            time.sleep(1.0)
+            measure(f"after {n * (k + 1):,} jobs")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    return sizes
+
+
+def cpu_and_memory(tmp: str, quick: bool, runs: int, which: set[str], add: Callable[..., Figure],
+                   ratios: list[str]) -> None:
+    """CPU-bound jobs against a plain pair of processes, and the worker's memory (``which``)."""
+    if "cpu" in which:
+        rounds = sha_rounds()
+        for n in ((60,) if quick else (300, 1200)):
+            raw, normalized, walls = cpu_vs_pair(tmp, n, max(runs, 2 if quick else 6), rounds)
+            add(f"{n} CPU-bound jobs of ~10 ms (sha256), worker -c 2 --burst, start-up included", "s", walls)
+            add(f"the same / two plain processes running {n // 2} calls each, run by run", "x", raw,
+                "every run: " + " ".join(f"{r:.2f}" for r in raw))
+            add("the same, each side's wall time per CPU second of its calls", "x", normalized,
+                "every run: " + " ".join(f"{r:.2f}" for r in normalized))
+            ratios.append(f"{n} CPU-bound jobs, -c 2 / a plain pair: worst run {max(raw):.2f}x "
+                          f"(by the calls' own CPU time: {max(normalized):.2f}x)")
+    if "memory" in which:
+        n = 5_000 if quick else 100_000
+        sizes = memory_run(tmp, n)
+        for label, mb in sizes.items():
+            add(f"RSS of worker -c 2 / its job processes, {label}", "MB", [mb[0]],
+                "job processes: " + ", ".join(f"{m:.1f}" for m in mb[1:]) + " MB")
+        first, last = list(sizes.values())[1], list(sizes.values())[-1]
+        ratios.append(f"memory over the second {n:,} jobs: worker {last[0] - first[0]:+.1f} MB, job processes "
+                      + ", ".join(f"{b - a:+.1f}" for a, b in zip(first[1:], last[1:], strict=False)) + " MB")
+
+
+def _finished_or_failed(db: str) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        row = conn.execute("SELECT coalesce(sum(completed_count + failed_count), 0) FROM task").fetchone()
+        return int(row[0])
+    finally:
+        conn.close()
 
 
 def burst_exit_ms(tmp: str) -> float:
@@ -838,6 +964,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="DIR",
                         help="also drain with the litemultistep of DIR (a checkout of another commit, e.g. made "
                              "with `git worktree add DIR COMMIT`), same workload, same run, and report the ratio")
+    parser.add_argument("--only", choices=["cpu", "memory"], action="append", default=[],
+                        help="only CPU-bound jobs against a plain pair of processes, or only the worker's memory "
+                             "idle and over two long drains (both are part of the full run)")
     parser.add_argument("--web", action="store_true",
                         help="the web page instead: page times with 10,000 tasks and 1,000,000 queued jobs, and "
                              "the drain with 20 pages watching live (pip install -e '.[web]')")
@@ -871,6 +1000,14 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(quick, runs, args.compare, args.db)
     if args.db:
         return postgres_main(args.db, quick, runs, args.compare)
+    if args.only:
+        figures: list[Figure] = []
+        ratios: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="lms-bench-") as tmp:
+            print(f"litemultistep benchmark: {', '.join(args.only)}", file=sys.stderr)
+            cpu_and_memory(tmp, quick, runs, set(args.only), recorder(figures), ratios)
+        report(figures, ratios, f"SQLite {sqlite3.sqlite_version}")
+        return 0
     if args.web:
         try:
             __import__("litemultistep.web")
@@ -974,6 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
                   repeat(lambda: burst_seconds(fresh("cpu2"), 2, burns)))
         ratios.append(f"CPU-bound jobs: -c 2 is {statistics.median(one.values) / statistics.median(two.values):.2f}x "
                       "faster than -c 1 on this machine")
+        cpu_and_memory(tmp, quick, runs, {"cpu", "memory"}, add, ratios)
         n_noop, n_slow = (200, 4) if quick else (1000, 20)
         mixed: list[tuple[str, list[object]]] = [("noop", [i]) for i in range(n_noop)]
         for k in range(n_slow):

@@ -66,3 +66,8 @@ def sha_cpu(rounds: int, path: str) -> None:
         os.write(fd, f"{cpu:.6f}\n".encode())
     finally:
         os.close(fd)
+
+
+def boom(i: int) -> None:
+    """A job that fails."""
+    raise RuntimeError(f"job {i} fails")
