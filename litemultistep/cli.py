@@ -279,8 +279,6 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
         options.validate()  # a bad option is refused before any process starts or file is made
         config.validate()
         backend = backend_for(db)
-        if not is_url(db):
-            options.db = os.path.abspath(db)  # as the database names itself: a job may change directory
         # the job processes start up (a tenth of a second) while this process imports the rest
         from .jobproc import JobProcess
 

@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from ._wakeup import become_subreaper, libc
-from .db import boottime, monotonic
+from .db import boottime, is_url, monotonic
 
 if TYPE_CHECKING:
     from .config import WorkerOptions
@@ -147,7 +147,9 @@ class JobProcess:
             self.page = mmap.mmap(f.fileno(), SLOT_SIZE)
             page_fd = os.dup(f.fileno())
         level = logging.DEBUG if options.verbose else logging.WARNING if options.quiet else logging.INFO
-        setup = {"parent": os.getpid(), "inbox": inbox_r, "outbox": outbox_w, "page": page_fd, "db": options.db,
+        # a file by its full path, as the database names itself: a job may change directory
+        db = options.db if is_url(options.db) else os.path.abspath(options.db)
+        setup = {"parent": os.getpid(), "inbox": inbox_r, "outbox": outbox_w, "page": page_fd, "db": db,
                  "paths": [os.path.abspath(p) for p in [os.getcwd(), *options.paths]], "log_level": level,
                  "allow_modules": options.allow_modules, "fence": fence is not None}
         try:

@@ -472,12 +472,13 @@ def cpu_and_memory(tmp: str, quick: bool, runs: int, which: set[str], add: Calla
                           f"(by the calls' own CPU time: {max(normalized):.2f}x)")
     if "memory" in which:
         n = 5_000 if quick else 100_000
-        sizes = memory_run(tmp, n)
+        rounds = 2 if quick else 4
+        sizes = memory_run(tmp, n, rounds)
         for label, mb in sizes.items():
             add(f"RSS of worker -c 2 / its job processes, {label}", "MB", [mb[0]],
                 "job processes: " + ", ".join(f"{m:.1f}" for m in mb[1:]) + " MB")
         first, last = list(sizes.values())[1], list(sizes.values())[-1]
-        ratios.append(f"memory over the second {n:,} jobs: worker {last[0] - first[0]:+.1f} MB, job processes "
+        ratios.append(f"memory from {n:,} to {n * rounds:,} jobs: worker {last[0] - first[0]:+.1f} MB, job processes "
                       + ", ".join(f"{b - a:+.1f}" for a, b in zip(first[1:], last[1:], strict=False)) + " MB")
 
 
