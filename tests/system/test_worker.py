@@ -13,7 +13,7 @@ import time
 
 import jobfuncs
 import pytest
-from conftest import is_pg, lines, wait_for
+from conftest import env_for_workers, is_pg, lines, wait_for
 
 from litemultistep import MultiStepTask, NoSuchMultiStepTask
 from litemultistep.config import resolve_db
@@ -297,13 +297,29 @@ def test_a_killed_worker_takes_its_job_processes_with_it(db, log_path, spawn):
     assert_clean(db)
 
 
+def _processes_marked(mark: str) -> list[int]:
+    """The processes whose environment holds ``mark`` (a worker's job processes inherit it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def test_bad_database_exits_2_with_a_message(tmp_path, spawn):
     notdb = tmp_path / "notes.txt"
     notdb.write_text("hello\n" * 50)
-    proc = spawn(str(notdb), "--burst")
+    mark = f"LMS_TEST_MARK={tmp_path.name}"
+    proc = spawn(str(notdb), "--burst", "-c", "3", env={**env_for_workers(), "LMS_TEST_MARK": tmp_path.name})
     assert proc.wait(30) == 2
     log = spawn.log(proc)
     assert "is not a SQLite database" in log and "Traceback" not in log
+    # the job processes it started before it opened the file are gone with it
+    wait_for(lambda: _processes_marked(mark) == [], timeout=10, what="its job processes to end")
 
 
 def test_a_worker_on_a_path_with_no_file_creates_it_and_says_so(tmp_path, spawn):
