@@ -78,6 +78,7 @@ def _open(path: str) -> Database:
 
 def _emit_json(doc: Any) -> None:
     from . import views
+
     sys.stdout.write(views.to_json(doc, indent=2) + "\n")
 
 
@@ -287,7 +288,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
         try:
             backend.prepare_worker_process()
             if not is_url(db) and not os.path.exists(db):
-                _create_database(db, options)
+                _create_database(db)
             from .worker import run_worker
         except BaseException:
             for proc in procs:
@@ -302,7 +303,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
     sys.exit(code)
 
 
-def _create_database(path: str, options: WorkerOptions) -> None:
+def _create_database(path: str) -> None:
     """A worker on a path where no file is creates an empty database there, as the application does:
     it may start first. Said in a warning, since a mistyped path would otherwise wait forever."""
     Database.open(path).close()
@@ -330,6 +331,7 @@ def _call(func: str, args: str) -> str:
 def status(args: Sequence[str], as_json: bool) -> None:
     """Show active and recently finished tasks, or one task in detail (with TASK_ID)."""
     from . import views
+
     db, rest = split_db(args, 1)
     database = _open(db)
     if rest:
@@ -377,6 +379,7 @@ _STATE_STYLES = {"blocked": "red", "finished": "green", "finalizing": "cyan", "b
 
 def _status_one(database: Database, task_id: str, as_json: bool) -> None:
     from . import views
+
     if as_json:
         _emit_json(views.task_doc(database, task_id))
         return
@@ -424,6 +427,7 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
     nothing more happens without a retry. Ctrl-C exits 130.
     """
     from . import views
+
     db, rest = split_db(args, 1, least=1)
     if not rest:
         raise click.UsageError("name the task to watch: TASK_ID")
@@ -452,6 +456,7 @@ def watch(args: Sequence[str], timeout: float | None, interval: float) -> None:
 def _watch_loop(database: Database, task_id: str, bar: Progress, deadline: float | None, timeout: float | None,
                 interval: float, interrupted: threading.Event) -> None:
     from . import views
+
     err = _console(stderr=True)
     last_line = ""
     seen: set[int] = set()
@@ -511,6 +516,7 @@ def failed(args: Sequence[str], task_id: str | None, exc_type: str | None, group
     jobs whose automatic retry is scheduled (`retry` runs them now); with --group, how many jobs
     failed of each exception and message."""
     from . import views
+
     db, _ = split_db(args, 0)
     database = _open(db)
     if exc_type is not None and "\x00" in exc_type:
@@ -548,6 +554,7 @@ def failed(args: Sequence[str], task_id: str | None, exc_type: str | None, group
 def _failed_groups(database: Database, task_id: str | None, exc_type: str | None, limit: int | None,
                    as_json: bool) -> None:
     from . import views
+
     if as_json:
         _emit_json(views.groups_doc(database, task_id, exc_type, limit))
         return
@@ -576,6 +583,7 @@ def retry(args: Sequence[str], task_id: str | None, retry_all: bool, as_json: bo
     A retried finalizer resumes its chain; a job that hit the crash limit starts afresh.
     """
     from . import engine, views
+
     args = list(args)
     db, rest = (args[0], args[1:]) if args and not _is_number(args[0]) else (os.environ.get(DB_ENV) or "", args)
     if not db:
@@ -617,6 +625,7 @@ def workers(args: Sequence[str], as_json: bool) -> None:
     Only looks: a dead worker stays listed (alive: no) until a worker or `check --repair` removes it.
     """
     from . import views
+
     db, _ = split_db(args, 0)
     database = _open(db)
     if as_json:
@@ -650,6 +659,7 @@ def _say_dead_holders(orphans: Sequence[views.RunningJob]) -> None:
     """A line for each dead worker that still holds jobs (looking changes nothing: they stay held
     until a live worker, within a second, or `check --repair` puts them back)."""
     from . import views
+
     by_worker: dict[int | None, list[views.RunningJob]] = {}
     for r in orphans:
         by_worker.setdefault(r.worker_id, []).append(r)
@@ -665,6 +675,7 @@ def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:
     """Job ids with how long each has been held, consecutive ids held as long joined into one run
     (a batch of short jobs is one item, not a hundred): ``"656-798 (0s), 1195 (2m)"``."""
     from . import views
+
     return ", ".join(f"{a}{'' if a == b else f'-{b}'}{f' ({age})' if age else ''}"
                      for a, b, age in views.id_runs(jobs)) or "-"
 
@@ -675,6 +686,7 @@ def _id_runs(jobs: Sequence[tuple[int, str]]) -> str:
 def nuke(args: Sequence[str], yes: bool) -> None:
     """Remove a task, its queue and its failures; for a finished task, its kept summary."""
     from . import engine, views
+
     db, rest = split_db(args, 1, least=1)
     if not rest:
         raise click.UsageError("name the task to remove: TASK_ID")
@@ -700,6 +712,7 @@ def check(args: Sequence[str], repair: bool, as_json: bool) -> None:
     Exits 0 when nothing is wrong (or everything found was repaired), 1 when problems remain.
     """
     from . import engine
+
     db, _ = split_db(args, 0)
     database = _open(db)
     problems = engine.check(database, repair=repair)

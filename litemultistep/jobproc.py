@@ -19,6 +19,8 @@ The protocol, over two pipes, is JSON framed by :mod:`multiprocessing.connection
 
 A 16-byte shared page tells the worker which job runs now and since when (``CLOCK_MONOTONIC``),
 without a message per job: the id is positive while the job runs and negated once it has ended.
+
+Both ends live here: :func:`serve` is the child's, :class:`JobProcess` the worker's.
 """
 
 from __future__ import annotations

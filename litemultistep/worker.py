@@ -18,7 +18,8 @@ results, enforcing time limits or answering a stop signal. The worker's loop:
   the events that matter.
 
 Its state is a few small objects: the results and returns in hand (:class:`Pending`), when each timed
-duty is due (:class:`Schedule`), and its job processes (:class:`JobProcess`).
+duty is due (:class:`Schedule`), and its job processes (:class:`~litemultistep.jobproc.JobProcess`, the
+worker's end of their pipes).
 """
 
 from __future__ import annotations
