@@ -10,13 +10,18 @@ def noop(i: int) -> None:
     return None
 
 
-def stamp(path: str, tag: str) -> None:
-    """Append ``tag time`` to a file: when a job ran, to the microsecond."""
+def _append(path: str, line: str) -> None:
+    """Append one line to a file, in one write (lines of concurrent processes never mix)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{tag} {time.time():.6f}\n".encode())
+        os.write(fd, f"{line}\n".encode())
     finally:
         os.close(fd)
+
+
+def stamp(path: str, tag: str) -> None:
+    """Append ``tag time`` to a file: when a job ran, to the microsecond."""
+    _append(path, f"{tag} {time.time():.6f}")
 
 
 def sleep(seconds: float) -> None:
@@ -60,12 +65,7 @@ def sha_cpu(rounds: int, path: str) -> None:
     """:func:`sha`, then append the CPU seconds it took to ``path`` (how fast the machine ran it)."""
     cpu = time.thread_time()
     sha(rounds)
-    cpu = time.thread_time() - cpu
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{cpu:.6f}\n".encode())
-    finally:
-        os.close(fd)
+    _append(path, f"{time.thread_time() - cpu:.6f}")
 
 
 def boom(i: int) -> None:
