@@ -270,6 +270,10 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
 
     DB may come from LITEMULTISTEP_DB; each option from the variable shown beside it.
     """
+    # From here a stop signal is held, not fatal: the worker, once started, acts on it as on any other.
+    early: list[int] = []
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: early.append(signum))
     db, _ = split_db(args, 0)
     _setup_logging(verbose, quiet)
     options = WorkerOptions(db=db, concurrency=concurrency, queues=list(queues), burst=burst, paths=list(paths),
@@ -295,7 +299,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
                 proc.kill()
                 proc.close()
             raise
-        code = run_worker(options, procs)
+        code = run_worker(options, procs, early)
     except (DatabaseUnusable, InvalidSetting) as e:
         _error(str(e))
         sys.exit(2)

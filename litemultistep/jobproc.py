@@ -142,6 +142,8 @@ class JobProcess:
         self.reported: tuple[int, float, float | None] | None = None
         #: some job of the batch has a time limit: the loop watches which one runs
         self.limited = False
+        #: when the batch was sent (monotonic seconds)
+        self.sent = 0.0
         inbox_r, inbox_w = os.pipe()
         outbox_r, outbox_w = os.pipe()
         with tempfile.TemporaryFile() as f:
@@ -177,6 +179,7 @@ class JobProcess:
 
     def send(self, batch: list[ClaimedJob], window: float) -> bool:
         self.batch = batch
+        self.sent = monotonic()
         self.limited = any(j.timeout is not None for j in batch)
         try:
             self.to_child.send_bytes(json.dumps({"jobs": batch, "window": window}).encode())

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -307,18 +308,22 @@ class Worker:
         if not self.procs:
             self.procs = [JobProcess(self.options, i, self._fence_at) for i in range(self.options.concurrency)]
 
-    def run(self, keep_handlers: bool = False) -> int:
+    def run(self, keep_handlers: bool = False, signals: Sequence[int] = ()) -> int:
         """Serve until stopped; returns the exit status (0: every job that started finished).
 
         ``keep_handlers``: leave the worker's SIGTERM and SIGINT handlers in place when it returns, for
         a process that exits next (``litemultistep worker``): a signal that comes late, in a storm of
-        them, is then counted like the others rather than killing the process on its way out."""
+        them, is then counted like the others rather than killing the process on its way out.
+        ``signals``: a list the process's own handlers filled while the worker started: each counts as
+        if it came now (read once this worker's handlers are in place)."""
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
         self._signal_fd = rfd
         old_wakeup = signal.set_wakeup_fd(wfd)
         old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        for signum in list(signals):
+            self.on_signal(signum, None)
         self._subreaper = become_subreaper()
         try:
             self.start()
@@ -539,11 +544,21 @@ class Worker:
                 self._replace(proc, what, throttle=False)
 
     def _return_rest(self, proc: JobProcess, job: ClaimedJob | None) -> None:
-        """Return the batch's jobs other than ``job`` (the one that ran last): those before it ran but
-        their results are lost; those after it never started."""
+        """Settle a batch cut short (its process killed or dead) at ``job``, the one that ran last
+        (None: none had started). The jobs before it succeeded: a job process goes on to the next job
+        of a batch only after one that succeeded, quickly, leaving nothing running. They are recorded
+        as done, unless their task keeps results, whose values died with the process: those run
+        again. The jobs after it never started: they go back."""
+        started = proc.running()[1]
         batch, proc.batch = proc.batch, []
         at = batch.index(job) if job is not None else -1
-        self.pending.put_back += [j.id for j in batch[:max(at, 0)]]
+        ran = batch[:max(at, 0)]
+        if ran and not ran[0].keep:
+            seconds = max(0.0, (started or monotonic()) - proc.sent)
+            self.pending.done.append(Done(ran[0].task_pk, ran[0].task_id, [j.id for j in ran], seconds))
+            self.tally.ran(ran[0].task_id, len(ran))
+        else:
+            self.pending.put_back += [j.id for j in ran]
         self.pending.give_back += [j.id for j in batch[at + 1:]]
 
     def _crashed(self, proc: JobProcess, how: str) -> None:
@@ -576,7 +591,7 @@ class Worker:
                                          "", now - start, retryable=retry_of(JobTimeout, job.retry_on)[0]))
             self.tally.ran(job.task_id, 1, failed=True)
             self._return_rest(proc, job)
-            self._replace(proc, "killed at its job's time limit")
+            self._replace(proc, "killed at its job's time limit", throttle=False)
 
     def _release_rest(self, now: float) -> None:
         """Give back at once the jobs queued behind a job that turned out slow, for an idle process
@@ -759,11 +774,12 @@ class Worker:
             self._lock.release()
 
 
-def run_worker(options: WorkerOptions, procs: list[JobProcess] | None = None) -> int:
+def run_worker(options: WorkerOptions, procs: list[JobProcess] | None = None, signals: Sequence[int] = ()) -> int:
     """Run ``litemultistep worker``: one worker process with ``concurrency`` job processes.
 
     ``procs``: the job processes, started already (``litemultistep worker`` starts them before it
-    imports the rest, so that they start up meanwhile); ended here if the worker cannot start."""
+    imports the rest, so that they start up meanwhile); ended here if the worker cannot start.
+    ``signals``: the SIGTERMs and SIGINTs that came while it started (see :meth:`Worker.run`)."""
     procs = list(procs or [])
     try:
         options.validate()
@@ -776,7 +792,7 @@ def run_worker(options: WorkerOptions, procs: list[JobProcess] | None = None) ->
         try:
             worker = Worker(db, options, procs)
             procs = []  # the worker's now: it ends them when it stops
-            return worker.run(keep_handlers=True)
+            return worker.run(keep_handlers=True, signals=signals)
         except Exception as e:
             error = db.driver_error(e)  # a raw error of the database's driver: a message, not a traceback
             if error is None:

@@ -7,6 +7,7 @@ import collections
 import importlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -384,3 +385,43 @@ def test_peewee_alone_leaves_the_drivers_importable():
     pytest.importorskip("psycopg", reason="this test needs psycopg: pip install -e '.[test,postgres]'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_job_killed_at_its_limit_inside_a_batch_runs_no_finished_job_again(db, log_path, spawn):
+    # jobs of 10 ms travel in batches of several: a sleeper killed at its limit after some of its
+    # batch finished must not send those back to run again (they succeeded)
+    with MultiStepTask.create("batched", db=db, timeout=0.5) as task:
+        for i in range(60):
+            task.add_job(jobfuncs.paced_record, log_path, f"q{i}")
+            if i % 6 == 5:
+                task.add_job(jobfuncs.slow_record, log_path, f"s{i}", 3)
+    worker = spawn(db, "-c", "1", "--burst")
+    assert worker.wait(120) == 0, spawn.log(worker)
+    runs = collections.Counter(line.split()[0] for line in lines(log_path) if line.startswith("q"))
+    assert len(runs) == 60 and set(runs.values()) == {1}, {tag: n for tag, n in runs.items() if n > 1}
+    p = task.progress()
+    assert (p.completed_count, p.failed_count) == (60, 10)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(k) for k in f.read().split()]
+
+
+def test_a_stop_signal_while_the_worker_starts_stops_it_cleanly(tmp_path, log_path, spawn):
+    db = str(tmp_path / "starting.sqlite")  # SQLite: a write lock held here keeps it from registering
+    with MultiStepTask.create("waiting", db=db) as task:
+        task.add_job(jobfuncs.record, log_path, "job")
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN IMMEDIATE")  # the worker cannot register until this ends
+    try:
+        worker = spawn(db, "-c", "2")
+        wait_for(lambda: len(_children(worker.pid)) == 2, what="its job processes to start")
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert worker.wait(30) == 0, spawn.log(worker)  # it stopped as asked, not killed by the signal
+    assert "got SIGTERM; exiting" in spawn.log(worker) and "Traceback" not in spawn.log(worker)
+    assert task.progress().pending_count == 1  # never started: still queued for the next worker
