@@ -240,7 +240,7 @@ def cli(ctx: click.Context) -> None:
               help="On PostgreSQL: seconds a silent worker keeps its jobs before others take them (it "
                    "stops them itself a quarter of the lease before). On SQLite, where liveness is the "
                    "worker's OS lock, exact on one host: how long one whose lock file was removed still "
-                   "counts as alive.")
+                   "counts as alive. At least 1.")
 @click.option("--batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               envvar="LITEMULTISTEP_BATCH", show_envvar=True,
               help="Most jobs handed to a job process at once; fewer when a task's jobs take longer than "
@@ -291,7 +291,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
         procs = [JobProcess(options, slot, fence) for slot in range(concurrency)]
         try:
             backend.prepare_worker_process()
-            if not is_url(db) and not os.path.exists(db):
+            if not is_url(db) and _no_database_at(db):
                 _create_database(db)
             from .worker import run_worker
         except BaseException:
@@ -305,6 +305,14 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
         sys.exit(2)
     _quick_exit.append(code)
     sys.exit(code)
+
+
+def _no_database_at(path: str) -> bool:
+    """No file at ``path``, or an empty one (which SQLite would take as a new database)."""
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) == 0 or not os.path.exists(path)
+    except OSError:
+        return False
 
 
 def _create_database(path: str) -> None:

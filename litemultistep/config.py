@@ -198,6 +198,9 @@ class WorkerOptions:
             raise InvalidSetting(f"max_crashes must be a whole number from 1 to 1000, not {self.max_crashes!r}")
         for name, value in (("lease", self.lease), ("poll", self.poll), ("shutdown_timeout", self.shutdown_timeout)):
             seconds(value, name)
+        if self.lease < 1.0:
+            raise InvalidSetting(f"lease must be at least 1 second, not {self.lease!r} (a worker sends a "
+                                 "heartbeat every fifth of it)")
         if self.timeout is not None:
             seconds(self.timeout, "timeout")
         for p in self.paths:

@@ -337,6 +337,12 @@ def test_a_worker_on_a_path_with_no_file_creates_it_and_says_so(tmp_path, spawn)
     bad = spawn(str(tmp_path / "other.sqlite"), "--burst", "--path", str(tmp_path / "no such dir"))
     assert bad.wait(30) == 2 and "no such directory" in spawn.log(bad)
     assert not (tmp_path / "other.sqlite").exists() and "no database at" not in spawn.log(bad)
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()  # SQLite takes an empty file as a new database: said the same way
+    made = spawn(str(empty), "--burst", "-q")
+    assert made.wait(30) == 0 and f"no database at {empty}: created a new, empty one" in spawn.log(made)
+    short = spawn(str(typo), "--burst", "--lease", "0.5")
+    assert short.wait(30) == 2 and "lease must be at least 1 second, not 0.5" in spawn.log(short)
 
 
 def test_idle_worker_starts_a_new_job_quickly(db, log_path, spawn):
