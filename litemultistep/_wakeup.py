@@ -39,6 +39,47 @@ def become_subreaper() -> bool:
         return False
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_CLOCK_BOOTTIME = 7
+_TFD_CLOEXEC = 0o2000000
+_TFD_TIMER_ABSTIME = 1
+
+
+class BoottimeAlarm:
+    """Sleep until a moment on ``CLOCK_BOOTTIME`` (Linux timerfd): the kernel wakes the sleeper then,
+    counting the time the host spent suspended, which ``time.sleep`` does not. ``None`` from
+    :meth:`make` where the system has no timerfd."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def make(cls) -> BoottimeAlarm | None:
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            fd = libc().timerfd_create(_CLOCK_BOOTTIME, _TFD_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        return cls(fd) if fd >= 0 else None
+
+    def sleep_until(self, when: float) -> None:
+        """Return once ``CLOCK_BOOTTIME`` reads ``when`` (at once if it is past)."""
+        whole = int(when)
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(whole, max(1, int((when - whole) * 1e9))))
+        if libc().timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            time.sleep(0.05)  # refused: a short nap, and the caller looks again
+            return
+        os.read(self.fd, 8)
+
+
 def children(pid: int) -> list[int]:
     """The pids of the children of process ``pid`` (Linux: every thread's list in /proc)."""
     found: list[int] = []
