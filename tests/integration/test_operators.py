@@ -62,7 +62,8 @@ def test_a_finished_task_keeps_its_failed_attempts_and_duration(store, tmp_path)
     assert summary.finalized == [task.task_id]
     p = task.progress()
     assert p.finished and p.failed_attempts == 4
-    assert p.duration == pytest.approx(p.finished_at - p.created_at) and p.duration > 0
+    # what a duration is, not how long it took (a wall clock may step): its own start and end
+    assert isinstance(p.duration, float) and p.duration == pytest.approx(p.finished_at - p.created_at)
     [entry] = status_doc(store)["finished"]
     assert entry["failed_attempts"] == 4 and entry["duration"] == pytest.approx(p.duration)
     json.dumps(entry)  # plain JSON values
@@ -261,5 +262,6 @@ def test_drain_says_what_it_counted(store, tmp_path):
     last = always[-1]
     assert (last.task_id, last.exc_type, last.message, last.finalizer) == (task.task_id, "RuntimeError", "always",
                                                                           False)
-    assert last.job_id == task.failures()[0].job_id and "Traceback" in last.traceback and last.duration >= 0
+    assert last.job_id == task.failures()[0].job_id and "Traceback" in last.traceback
+    assert isinstance(last.duration, float)
     assert last.args == '[["always"],{}]'
