@@ -296,8 +296,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
             from .worker import run_worker
         except BaseException:
             for proc in procs:
-                proc.kill()
-                proc.close()
+                proc.end()
             raise
         code = run_worker(options, procs, early)
     except (DatabaseUnusable, InvalidSetting) as e:

@@ -61,7 +61,8 @@ FENCE_AT = 48
 #: how often a job process looks at its fence once past it (a job may start then)
 FENCE_LOOK = 0.05
 #: the longest a job process's fence naps while it has no deadline yet, or no timerfd to sleep until it
-#: (looking every FENCE_LOOK instead cost 20 idle workers on PostgreSQL 7-8% of a core, against 5.8%)
+#: (elsewhere it sleeps until its deadline: looking every FENCE_LOOK cost 20 idle PostgreSQL workers a
+#: few percent of a core)
 FENCE_NAP = 0.25
 SLOT_SIZE = 4096
 #: a job that ran longer than this (a claim's whole plan, rules.CLAIM_WINDOW) ends its batch: the jobs
@@ -214,6 +215,11 @@ class JobProcess:
         for conn in (self.to_child, self.from_child):
             conn.close()
         self.page.close()
+
+    def end(self) -> None:
+        """Kill it (see :meth:`kill`) and close the worker's end of its pipes and page."""
+        self.kill()
+        self.close()
 
 
 def _watch_fence(page: mmap.mmap) -> None:

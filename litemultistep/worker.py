@@ -615,8 +615,7 @@ class Worker:
     def _replace(self, old: JobProcess, why: str, throttle: bool = True) -> None:
         if old not in self.procs:
             return  # replaced already, earlier this round (it retired, then was seen gone)
-        old.kill()
-        old.close()
+        old.end()
         self._end_strays()
         if self.stopping:
             self.procs.remove(old)
@@ -802,6 +801,5 @@ def run_worker(options: WorkerOptions, procs: list[JobProcess] | None = None, si
             db.close()
     finally:
         for proc in procs:
-            proc.kill()
-            proc.close()
+            proc.end()
 
