@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import signal
 import sys
 import time
 
@@ -90,6 +91,33 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return found
+
+
+def end_children(keep: frozenset[int] = frozenset(), rounds: int = 10) -> int:
+    """Kill this process's children but ``keep`` (and the process groups they lead), reap them, and
+    go on while more come: the orphans of what was killed become this process's children when it is
+    a subreaper (:func:`become_subreaper`), so a whole tree ends, sessions of its own included.
+    Returns how many processes were killed."""
+    me = os.getpid()
+    ended = 0
+    for _ in range(rounds):
+        strays = [pid for pid in children(me) if pid not in keep]
+        if not strays:
+            break
+        for pid in strays:
+            try:
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in strays:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # reaped already (by whoever waited on it)
+        ended += len(strays)
+    return ended
 
 
 def _inotify_watch(path: str) -> int | None:

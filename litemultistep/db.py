@@ -144,6 +144,12 @@ class LivenessLock(Protocol):
     @property
     def path(self) -> str: ...
 
+    @property
+    def shared(self) -> str | None:
+        """A file the worker's job processes lock too (``flock``, shared) while they live, so that a
+        worker killed outright counts as alive until they, and what their jobs started, have ended;
+        None where the backend fences otherwise (a lease that job processes watch themselves)."""
+
     def intact(self) -> bool: ...
 
     def renew(self) -> str: ...

@@ -26,10 +26,12 @@ Both ends live here: :func:`serve` is the child's, :class:`JobProcess` the worke
 from __future__ import annotations
 
 import _signal
+import fcntl
 import json
 import logging
 import mmap
 import os
+import select
 import signal
 import struct
 import sys
@@ -38,7 +40,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from ._wakeup import BoottimeAlarm, become_subreaper, libc
+from ._wakeup import BoottimeAlarm, become_subreaper, end_children, libc
 from .db import boottime, is_url, monotonic
 
 if TYPE_CHECKING:
@@ -145,6 +147,8 @@ class JobProcess:
         self.limited = False
         #: when the batch was sent (monotonic seconds)
         self.sent = 0.0
+        #: the worker's lock file it was told to hold
+        self.lock: str | None = None
         inbox_r, inbox_w = os.pipe()
         outbox_r, outbox_w = os.pipe()
         with tempfile.TemporaryFile() as f:
@@ -178,12 +182,17 @@ class JobProcess:
     def fileno(self) -> int:
         return self.from_child.fileno()
 
-    def send(self, batch: list[ClaimedJob], window: float) -> bool:
+    def send(self, batch: list[ClaimedJob], window: float, lock: str | None = None) -> bool:
+        """Hand it a batch; ``lock``: the worker's lock file, which it takes too (shared) the first
+        time it is named (:attr:`LivenessLock.shared <litemultistep.db.LivenessLock.shared>`)."""
         self.batch = batch
         self.sent = monotonic()
         self.limited = any(j.timeout is not None for j in batch)
+        message: dict[str, Any] = {"jobs": batch, "window": window}
+        if lock != self.lock:
+            message["lock"] = self.lock = lock
         try:
-            self.to_child.send_bytes(json.dumps({"jobs": batch, "window": window}).encode())
+            self.to_child.send_bytes(json.dumps(message).encode())
         except OSError:
             return False
         return True
@@ -223,8 +232,8 @@ class JobProcess:
 
 
 def _watch_fence(page: mmap.mmap) -> None:
-    """The job process's own fence: a thread that ends the process, and every process it started that
-    stayed in its group, once a job runs past the deadline its worker last set. A worker that cannot
+    """The job process's own fence: a thread that ends the process, and every process its job started
+    (see :func:`_end_tree`), once a job runs past the deadline its worker last set. A worker that cannot
     confirm its lease (its host cut off from the server, or the worker itself paused) is taken for
     dead when the lease runs out, and its jobs run elsewhere: by then they must have stopped here."""
     alarm = BoottimeAlarm.make()
@@ -236,7 +245,7 @@ def _watch_fence(page: mmap.mmap) -> None:
                 FENCE.pack_into(page, FENCE_AT, deadline, 1)
                 os.write(2, f"litemultistep job process {os.getpid()}: its worker has not confirmed its lease; "
                             "stopping the running job (it runs again elsewhere)\n".encode())
-                os.killpg(os.getpgrp(), signal.SIGKILL)
+                _end_tree()
             time.sleep(FENCE_LOOK)
         elif deadline and alarm is not None:
             # until the deadline, on the clock that counts a suspended host; the worker has moved it
@@ -268,7 +277,48 @@ def _leftovers(threads: int, ran: float) -> str | None:
     return " and ".join(left) or None
 
 
+def _hold(path: str | None, held: int) -> int:
+    """Take the worker's lock file shared (closing the one held before, if any): as long as this
+    process lives, its worker cannot be taken for dead. Returns the descriptor, or -1."""
+    fd = -1
+    if path is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # gone, or taken by one that found the worker dead: it is, and so are we soon
+            if fd >= 0:
+                os.close(fd)
+            fd = -1
+    if held >= 0:
+        os.close(held)
+    return fd
+
+
+def _end_tree() -> None:
+    """End this process and every process its jobs started, in whatever group or session (orphans
+    come to this process, a subreaper): those first, then this process's own group, itself in it."""
+    end_children()
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def _die_with_parent(parent: int) -> None:
+    """End this process and what its job started the moment its worker dies (killed, even by
+    SIGKILL), before anyone can take that job and run it again: a thread waits on the worker's
+    pidfd. Without pidfds (before Linux 5.3), the kernel kills this process alone at that moment."""
+    try:
+        pidfd = os.pidfd_open(parent)
+    except (AttributeError, OSError):
+        pidfd = -1
+    if pidfd >= 0 and os.getppid() == parent:  # the pidfd is our worker's, alive when it was opened
+
+        def watch() -> None:
+            select.select([pidfd], [], [])
+            _end_tree()
+
+        threading.Thread(target=watch, name="litemultistep-parent", daemon=True).start()
+        return
+    if pidfd >= 0:
+        os._exit(BROKEN)  # the worker died before we looked
     if sys.platform.startswith("linux"):
         try:
             libc().prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the worker dies
@@ -279,12 +329,12 @@ def _die_with_parent(parent: int) -> None:
                 os._exit(BROKEN)
             return
 
-    def watch() -> None:
+    def watch_ppid() -> None:
         while os.getppid() == parent:
             time.sleep(0.2)
-        os._exit(BROKEN)
+        _end_tree()
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch_ppid, daemon=True).start()
 
 
 def _environ_data() -> dict[Any, Any]:
@@ -391,11 +441,14 @@ def serve(setup: dict[str, Any]) -> int:
     baseline = _Baseline()
     threads = threading.active_count()
     retire: list[str] | None = None  # [the callable, what its job left running]
+    held = -1  # the worker's lock file, held shared (on SQLite)
     while True:
         try:
             message = json.loads(inbox.recv_bytes())
         except (EOFError, OSError):
             return 0
+        if "lock" in message:
+            held = _hold(message["lock"], held)
         window = message["window"]
         results: list[list[Any]] = []
         ok: list[int] = []

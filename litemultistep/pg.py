@@ -392,7 +392,12 @@ class PostgresDatabase(Database):
         try:
             given = conninfo_to_dict(self.target)
         except psycopg.Error as e:
-            raise DatabaseUnusable(f"{self.path} is not a PostgreSQL URL libpq can read: {e}") from None
+            why = str(e).strip()
+            rest = self.target.partition("://")[2]
+            if "password" in rest or ("@" in rest and ":" in rest.rpartition("@")[0]):
+                # libpq quotes the part it could not read, which may be the password itself
+                why = re.sub(r'"[^"]*"', "(not shown)", why)
+            raise DatabaseUnusable(f"{self.path} is not a PostgreSQL URL libpq can read: {why}") from None
         # keepalives: a connection to a host that vanished is noticed in about half a minute
         defaults = {"application_name": "litemultistep", "connect_timeout": "10", "keepalives": "1",
                     "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3"}
@@ -592,6 +597,8 @@ class AdvisoryLock:
         self._db = db
         self.worker_id = worker_id
         self.path = _lock_name()
+        #: job processes watch their fence instead (the lease runs on the server, not on this host)
+        self.shared: str | None = None
 
     def intact(self) -> bool:
         """Whether this thread's connection still holds the lock (a lost one does not, nor a new one)."""

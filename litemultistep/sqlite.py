@@ -27,15 +27,12 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import config
 from ._wakeup import WalWaiter
 from .db import CLAIMABLE, SCHEMA_VERSION, TABLES, Database, DeadWorker, Dialect, monotonic, now, process_alive
 from .errors import DatabaseBusy, DatabaseUnusable, LiteMultiStepError, SchemaTooNew, StorageError
-
-if TYPE_CHECKING:
-    from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -685,6 +682,11 @@ class WorkerLock:
     """The OS lock (``flock``) a worker holds while it lives: the kernel drops it the instant the
     process dies, so a free lock proves death, however long a zombie lingers in the process table.
 
+    The lock is shared, and the worker's job processes take it too (:attr:`shared`): a worker killed
+    outright stays "alive" until the last of its job processes has ended what its job started, and
+    only then can another worker take its jobs and run them again. Anyone looking tries to take it
+    exclusively (:func:`lock_state`), which no holder of a shared lock allows.
+
     Its file lives in ``DB.workers/``. Should the file vanish (someone cleaned the folder), the owner
     makes a new one at its next heartbeat (:meth:`renew`); meanwhile others take it for alive while
     its monotonic heartbeat is fresh.
@@ -692,20 +694,24 @@ class WorkerLock:
 
     def __init__(self, db: SqliteDatabase) -> None:
         self._dir = db.workers_dir
-        self._lock, self._inode = self._take()
+        self._fd, self.path, self._inode = self._take()
 
-    def _take(self) -> tuple[FileLock, int]:
-        from filelock import FileLock  # here: a job process, which imports this module, never needs it
-
+    def _take(self) -> tuple[int, str, int]:
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         path = os.path.join(self._dir, f"{os.getpid()}-{secrets.token_hex(6)}.lock")
-        lock = FileLock(path, timeout=0, mode=0o600, thread_local=False)
-        lock.acquire()
-        return lock, os.stat(path).st_ino
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a new name: no one else can hold it
+            return fd, path, os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
 
     @property
-    def path(self) -> str:
-        return str(self._lock.lock_file)
+    def shared(self) -> str:
+        """The file the worker's job processes lock as well (shared), while they live."""
+        return self.path
 
     def intact(self) -> bool:
         """Whether the file at :attr:`path` is still the one this lock holds."""
@@ -716,16 +722,17 @@ class WorkerLock:
 
     def renew(self) -> str:
         """Take a fresh lock file (the old one was removed); returns its path."""
-        old = self._lock
-        self._lock, self._inode = self._take()
-        old.release()
+        old = self._fd
+        self._fd, self.path, self._inode = self._take()
+        os.close(old)
         return self.path
 
     def release(self) -> None:
-        if self._lock.is_locked:
+        if self._fd >= 0:
             # Removed while still held: lock names are never reused, so no one can be waiting on it.
             _unlink(self.path)
-            self._lock.release()
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _unlink(path: str) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from . import config, engine, rules
-from ._wakeup import become_subreaper, children
+from ._wakeup import become_subreaper, end_children
 from .config import WorkerOptions
 from .db import Database, LivenessLock, boottime, monotonic
 from .engine import ClaimedJob, Done, Outcome
@@ -485,7 +485,7 @@ class Worker:
         default = self.options.timeout
         if default is not None:
             batch = [j if j.timeout is not None else j._replace(timeout=default) for j in batch]
-        if not proc.send(batch, GIVE_BACK_AFTER):
+        if not proc.send(batch, GIVE_BACK_AFTER, self._lock.shared):
             self._crashed(proc, "its pipe is closed")
 
     def _collect(self) -> None:
@@ -635,25 +635,10 @@ class Worker:
         and, round after round, what those started."""
         if not self._subreaper:
             return
-        for _ in range(10):
-            mine = {p.proc.pid for p in self.procs}
-            strays = [pid for pid in children(os.getpid()) if pid not in mine]
-            if not strays:
-                return
-            for pid in strays:
-                try:
-                    if os.getpgid(pid) == pid:
-                        os.killpg(pid, signal.SIGKILL)
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            for pid in strays:
-                try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
-                    pass
+        ended = end_children(keep=frozenset(p.proc.pid for p in self.procs))
+        if ended:
             log.warning("worker %d: ended %d process(es) that jobs had started and left behind",
-                        self.worker_id, len(strays))
+                        self.worker_id, ended)
 
     def _burst_done(self) -> bool:
         if not self.options.burst or self._busy() or self.pending or self.handed:

@@ -297,6 +297,23 @@ def marked(path: str, tag: str, seconds: float) -> None:
     _append(path, f"end {tag} {run} {os.getpid()} {time.time()}")
 
 
+def marked_by_child(path: str, tag: str, seconds: float, session: bool) -> None:
+    """Like :func:`marked`, but the ticks come from a child process it starts and waits for (in a
+    session of its own if ``session``), under the job's run and pid: they show how long the child
+    lived, whatever happened to the job."""
+    import subprocess
+    import sys
+
+    run = os.urandom(4).hex()
+    _append(path, f"start {tag} {run} {os.getpid()} {time.time()}")
+    line = f"tick {tag} {run} {os.getpid()} "
+    code = (f"import os, time\nend = time.monotonic() + {seconds!r}\nwhile time.monotonic() < end:\n"
+            f"    time.sleep(0.02)\n    fd = os.open({path!r}, os.O_WRONLY | os.O_APPEND)\n"
+            f"    os.write(fd, ({line!r} + repr(time.time()) + '\\n').encode())\n    os.close(fd)\n")
+    subprocess.run([sys.executable, "-c", code], start_new_session=session, check=True)
+    _append(path, f"end {tag} {run} {os.getpid()} {time.time()}")
+
+
 class NulError(Exception):
     pass
 

@@ -90,10 +90,15 @@ def cut_sessions(db: str, worker_pid: int) -> int:
         database.close()
 
 
-def chain_task(db: str, log_path: str, f0: float, slug: str = "chain") -> MultiStepTask:
+def chain_task(db: str, log_path: str, f0: float, slug: str = "chain", child: bool | None = None) -> MultiStepTask:
+    """F0 runs ``f0`` seconds, then F1 and F2 briefly; with ``child``, F0's ticks come from a child
+    process it starts (in a session of its own if ``child`` is True)."""
     with MultiStepTask.create(slug, db=db) as task:
         task.add_job(jobfuncs.noop)
-        task.add_finalization_job(jobfuncs.marked, log_path, "F0", f0)
+        if child is None:
+            task.add_finalization_job(jobfuncs.marked, log_path, "F0", f0)
+        else:
+            task.add_finalization_job(jobfuncs.marked_by_child, log_path, "F0", f0, child)
         task.add_finalization_job(jobfuncs.marked, log_path, "F1", 0.2)
         task.add_finalization_job(jobfuncs.marked, log_path, "F2", 0.2)
     return task
@@ -161,6 +166,47 @@ def test_a_worker_paused_past_its_lease_is_fenced_and_its_finalizer_runs_once_at
     holder_proc = next(p for p in procs if p.pid == holder)
     wait_for(lambda: "taken for dead" in spawn.log(holder_proc), what="the paused worker to rejoin")
     stop(procs)
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["child-in-group", "child-in-own-session"])
+def test_a_worker_paused_past_its_lease_stops_what_its_finalizer_started(db, log_path, spawn, session):
+    """The fence ends the job's whole process tree, a child in a session of its own included,
+    before the lease runs out: the child's ticks stop before the finalizer runs elsewhere."""
+    task = chain_task(db, log_path, 6.0, child=session)
+    procs = [spawn(db, "-c", "1", "--lease", "3"), spawn(db, "-c", "1", "--lease", "3")]
+    wait_for(lambda: started(log_path, "F0"), what="F0 to start")
+    holder = parent_of(started(log_path, "F0")[0].pid)
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        wait_for(lambda: len(started(log_path, "F0")) == 2, timeout=30, what="F0 to start elsewhere")
+        time.sleep(1.0)  # a child that outlived the fence would tick on meanwhile
+    finally:
+        os.kill(holder, signal.SIGCONT)
+    finish(task, spawn, procs)
+    assert_one_at_a_time_in_order(log_path, ["F0", "F1", "F2"])
+    assert task.progress().finished
+    assert_clean(db)
+    stop(procs)
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["child-in-group", "child-in-own-session"])
+def test_a_killed_worker_takes_what_its_finalizer_started_with_it(any_db, log_path, spawn, session):
+    """SIGKILL of the worker running F0, whose child does the work: the job process ends the child
+    (in its group or a session of its own) the moment its worker dies, and on SQLite the worker
+    counts as alive until they are gone, so the run elsewhere never meets the child."""
+    task = chain_task(any_db, log_path, 4.0, child=session)
+    procs = [spawn(any_db, "-c", "1", "--lease", "3"), spawn(any_db, "-c", "1", "--lease", "3")]
+    wait_for(lambda: started(log_path, "F0"), what="F0 to start")
+    holder = parent_of(started(log_path, "F0")[0].pid)
+    time.sleep(0.5)
+    os.kill(holder, signal.SIGKILL)
+    survivors = [p for p in procs if p.pid != holder]
+    finish(task, spawn, survivors)
+    seen = assert_one_at_a_time_in_order(log_path, ["F0", "F1", "F2"])
+    assert len([r for r in seen if r.tag == "F0"]) == 2
+    assert task.progress().finished
+    assert_clean(any_db)
+    stop(survivors)
 
 
 def test_a_whole_host_paused_past_the_lease_overlaps_only_for_the_instant_it_takes_to_look(db, log_path, spawn):
@@ -446,8 +492,12 @@ def test_a_password_appears_nowhere(db, spawn):
                 assert b"Sup3r" not in f.read(), f"the password is in the command line of process {pid}"
         worker_log = cli("workers", url).stdout
     opened = Database(url)
+    # URLs libpq cannot read, whose message quotes the part it could not read
+    unreadable = [f"postgresql://{user}:Sup3r%ZZ@{host}/{rest}", f"postgresql://{user}:{secret}%@{host}/{rest}",
+                  f"postgresql://{user}@{host}/{rest}?password=Sup3r%zz"]
     shown = [cli("status", url, "--json").stdout, cli("status", url, task.task_id).stdout, worker_log,
-             cli("status", url.replace(f"/{rest}", "/no_such_db")).stderr, repr(opened), str(task)]
+             cli("status", url.replace(f"/{rest}", "/no_such_db")).stderr, repr(opened), str(task),
+             *(cli("status", bad).stderr for bad in unreadable)]
     opened.close()
     for text in shown:
         assert "Sup3r" not in text, text
