@@ -796,10 +796,12 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
             c.notify()
         return len(rows)
     why, limit = crashed
+    # a run its process did not survive is no attempt: the crash limit counts it, not max_retries
     rows = c.execute(f"UPDATE job SET crashes = crashes + 1, worker = NULL, state = CASE WHEN crashes + 1 >= ? "
-                     f"THEN {FAILED} ELSE {QUEUED} END WHERE state = ? AND {where} "
-                     "RETURNING id, task, state, crashes, attempts, round, kind, func, args", (limit, RUNNING, *params)
-                     ).fetchall()
+                     f"THEN {FAILED} ELSE {QUEUED} END, attempts = CASE WHEN crashes + 1 >= ? THEN attempts "
+                     f"ELSE attempts - 1 END WHERE state = ? AND {where} "
+                     "RETURNING id, task, state, crashes, attempts, round, kind, func, args",
+                     (limit, limit, RUNNING, *params)).fetchall()
     back = [r[1] for r in rows if r[2] == QUEUED]
     failed = [r for r in rows if r[2] == FAILED]
     own = _Tally() if tally is None else tally

@@ -411,6 +411,13 @@ def fail_with(counter: str, exc_name: str, times: int) -> None:
         raise getattr(__import__("builtins"), exc_name)(f"run {n}")
 
 
+def crash_then_fail(counter: str) -> None:
+    """Kills its process on its first run, then raises ValueError on every run after it."""
+    if _attempt(counter) == 1:
+        os._exit(9)
+    raise ValueError("always")
+
+
 def ask_to_retry(counter: str, times: int, delay: float | None = None) -> None:
     """Ask for a retry (litemultistep.Retry) the first ``times`` runs."""
     if _attempt(counter) <= times:

@@ -63,6 +63,17 @@ def test_a_manual_retry_starts_a_fresh_round(any_db, tmp_path, spawn):
     assert (runs(counter), second.attempt, second.round) == (4, 4, 2)
 
 
+def test_a_crash_uses_no_retry(any_db, tmp_path, spawn):
+    """A run whose process died is put back, and counted by the crash limit, not by max_retries:
+    the job still gets its attempt and its one retry after it."""
+    counter = str(tmp_path / "n")
+    with MultiStepTask.create("crash-retry", db=any_db, max_retries=1, retry_delay=0) as task:
+        task.add_job(jobfuncs.crash_then_fail, counter)
+    assert spawn(any_db, "--burst", "-q").wait(60) == 0
+    [failure] = task.failures()
+    assert (runs(counter), failure.exc_type, failure.attempt) == (3, "ValueError", 2)
+
+
 def test_sync_mode_and_drain_retry_at_once(any_db, tmp_path, sync_mode):
     flaky, hopeless = str(tmp_path / "flaky"), str(tmp_path / "hopeless")
     with MultiStepTask.create("sync", db=any_db, max_retries=3, retry_delay=3600) as task:
