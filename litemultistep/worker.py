@@ -570,8 +570,9 @@ class Worker:
         job, _ = proc.running()
         self._return_rest(proc, job)
         if job is not None:
-            log.error("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
-                      job.task_id, how)
+            # a WARNING: the job goes back to its queue; at the crash limit its failure is an ERROR
+            log.warning("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
+                        job.task_id, how)
             self.pending.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
             self.tally.ran(job.task_id, 1, failed=True)
         self._replace(proc, how)
@@ -584,8 +585,9 @@ class Worker:
             if job is None or not start or job.timeout is None or now < start + job.timeout:
                 continue
             proc.kill()
-            log.error("worker %d: job %d of %s ran longer than its %g s limit; its process was killed",
-                      self.worker_id, job.id, job.task_id, job.timeout)
+            # a WARNING: the failure's own line follows, an ERROR only once the job is out of retries
+            log.warning("worker %d: job %d of %s ran longer than its %g s limit; its process was killed",
+                        self.worker_id, job.id, job.task_id, job.timeout)
             self.pending.outcomes.append(Outcome(job, False, "litemultistep.JobTimeout",
                                          f"ran longer than its {job.timeout:g} s limit; its process was killed",
                                          "", now - start, retryable=retry_of(JobTimeout, job.retry_on)[0]))
