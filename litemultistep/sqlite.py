@@ -734,6 +734,11 @@ class WorkerLock:
             os.close(self._fd)
             self._fd = -1
 
+    def __del__(self) -> None:
+        # a lock dropped unreleased goes as it would with its process: the file stays, found dead
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+
 
 def _unlink(path: str) -> None:
     try:

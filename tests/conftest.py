@@ -186,7 +186,9 @@ def die(lock: object) -> None:
         with lock._db.write() as c:
             c.execute("UPDATE worker SET pid = ? WHERE id = ?", (gone.pid, lock.worker_id))
     else:
-        lock._lock.release()  # type: ignore[attr-defined]
+        # what the kernel does when the process dies: the lock goes, the file stays
+        os.close(lock._fd)  # type: ignore[attr-defined]
+        lock._fd = -1  # type: ignore[attr-defined]
 
 
 @pytest.fixture
