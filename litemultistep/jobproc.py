@@ -76,7 +76,7 @@ BROKEN = 197  # (codes a job is unlikely to pick for its own os._exit)
 MAY_HAVE_FORKED = 0.0002
 #: the child's exit code once a job left threads or processes behind: the worker starts another
 RETIRED = 198
-NOT_IMPORTABLE = "litemultistep.errors.JobNotImportable"
+NOT_IMPORTABLE = "litemultistep.JobNotImportable"
 
 #: the environment variable a job process gets its setup from (a worker sets it)
 SETUP_ENV = "LITEMULTISTEP_JOBPROC"

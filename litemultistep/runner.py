@@ -112,7 +112,10 @@ def _type_name(exc: BaseException) -> str:
     can give its exception class a name with a lone surrogate, or a ``__module__`` that is no string)."""
     cls = type(exc)
     try:
-        name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        module = cls.__module__
+        # ours by their public name, as the failures the worker records itself (litemultistep.JobTimeout)
+        module = "litemultistep" if module == "litemultistep.errors" else module
+        name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
         return clean_text(name)
     except BaseException:  # noqa: BLE001 - a hostile class cannot stop its failure from being recorded
         return "<an exception type whose name could not be read>"

@@ -360,9 +360,18 @@ def _failure_filter(task_id: str | None, exc_type: str | None, message: str | No
                     ) -> tuple[str, list[Any]]:
     where = ""
     params: list[Any] = []
-    for term, value in (("t.task_id", task_id), ("f.exc_type", exc_type), ("f.message", message)):
+    for term, value in (("t.task_id", task_id), ("f.message", message)):
         if value is not None:
             where, params = f"{where} AND {term} = ?", [*params, value]
+    if exc_type is not None:
+        # our own exceptions are stored as litemultistep.Name; earlier code stored some as
+        # litemultistep.errors.Name: either name finds both
+        names = [exc_type]
+        for short, long in (("litemultistep.", "litemultistep.errors."), ("litemultistep.errors.", "litemultistep.")):
+            if exc_type.startswith(short):
+                names.append(long + exc_type[len(short):])
+        where += f" AND f.exc_type IN ({', '.join('?' * len(names))})"
+        params += names
     return where, params
 
 

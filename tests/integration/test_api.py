@@ -341,7 +341,7 @@ class TestJobsAddingJobs:
             task.add_finalization_job(jobfuncs.add_job_late, log_path)
         run_all(db)
         [failure] = task.failures()
-        assert failure.exc_type == "litemultistep.errors.FinalizationAlreadyBegun"
+        assert failure.exc_type == "litemultistep.FinalizationAlreadyBegun"
 
     def test_current_task_outside_a_job(self):
         with pytest.raises(NotInJob):

@@ -47,7 +47,7 @@ def test_what_no_retry_can_cure_fails_at_its_first_attempt(any_db, spawn):
     task.mark_finalizable()
     assert spawn(any_db, "--burst", "-q").wait(60) == 0
     [failure] = task.failures()
-    assert failure.exc_type == "litemultistep.errors.JobNotImportable" and failure.attempt == 1
+    assert failure.exc_type == "litemultistep.JobNotImportable" and failure.attempt == 1
 
 
 def test_a_manual_retry_starts_a_fresh_round(any_db, tmp_path, spawn):
