@@ -418,7 +418,7 @@ class SqliteDatabase(Database):
         return translate_error(error, self.path) if isinstance(error, sqlite3.DatabaseError) else None
 
     def still_there(self) -> bool:
-        return _identity(self.path) == self._identity
+        return _identity(self.path) == self._identity and not _wal_deleted(self.path)
 
     def builder_gone(self, pid: int) -> bool:
         return not process_alive(pid)
@@ -623,6 +623,24 @@ class SqliteDatabase(Database):
 
     def integrity(self) -> list[str]:
         return [line for (line,) in self.connection().execute("PRAGMA integrity_check").fetchall() if line != "ok"]
+
+
+def _wal_deleted(path: str) -> bool:
+    """Whether this process holds the file's ``-wal`` open after it was deleted (Linux): others then
+    open a new, empty one and cannot read the database until this process closes its connection,
+    which copies what the deleted one holds back into the file."""
+    wal = os.path.realpath(path) + "-wal (deleted)"
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == wal:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -401,8 +401,8 @@ class Worker:
         if now >= due.maintenance:  # busy or not: dead workers' jobs come back within a second
             due.maintenance = now + self.db.maintenance_every()
             if not self.db.still_there():
-                raise DatabaseUnusable(f"{self.db.path} was deleted or replaced while this worker served it; "
-                                       "stopping (start a worker on the new one)")
+                raise DatabaseUnusable(f"{self.db.path} was deleted or replaced while this worker served it (or "
+                                       "its -wal was deleted); stopping (start a worker again)")
             engine.recover(self.db, self.worker_id, self.options.lease, self.options.max_crashes)
             engine.prune_history(self.db)
             self._stop_what_is_no_longer_ours()
