@@ -277,9 +277,14 @@ def _leftovers(threads: int, ran: float) -> str | None:
     return " and ".join(left) or None
 
 
-def _hold(path: str | None, held: int) -> int:
+#: the worker's lock file this job process holds shared (on SQLite), or -1
+_held = -1
+
+
+def _hold(path: str | None) -> None:
     """Take the worker's lock file shared (closing the one held before, if any): as long as this
-    process lives, its worker cannot be taken for dead. Returns the descriptor, or -1."""
+    process lives, its worker cannot be taken for dead."""
+    global _held
     fd = -1
     if path is not None:
         try:
@@ -289,9 +294,27 @@ def _hold(path: str | None, held: int) -> int:
             if fd >= 0:
                 os.close(fd)
             fd = -1
-    if held >= 0:
-        os.close(held)
-    return fd
+    if _held >= 0:
+        os.close(_held)
+    _held = fd
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGTERM and SIGINT in a job process: the worker's business (it lets jobs finish, then ends this
+    process). A handler, not SIG_IGN, which every process a job starts would inherit."""
+
+
+def _in_forked_child() -> None:
+    """A process a job forks (``multiprocessing``'s fork, ``os.fork``) is the job's, not ours: it does
+    not hold the worker's lock (a dead worker would count as alive while it lives) and takes stop
+    signals as any process does (a pool's ``terminate()`` must work)."""
+    global _held
+    if _held >= 0:
+        os.close(_held)
+        _held = -1
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is _ignore:
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
 
 
 def _end_tree() -> None:
@@ -413,8 +436,9 @@ def serve(setup: dict[str, Any]) -> int:
     parent = setup["parent"]
     _die_with_parent(parent)
     # Stop signals are the worker's business: it lets jobs finish, then ends this process itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
+    os.register_at_fork(after_in_child=_in_forked_child)
     _fast_logging(setup["log_level"])
     for p in reversed(setup["paths"]):
         if p not in sys.path:
@@ -441,14 +465,13 @@ def serve(setup: dict[str, Any]) -> int:
     baseline = _Baseline()
     threads = threading.active_count()
     retire: list[str] | None = None  # [the callable, what its job left running]
-    held = -1  # the worker's lock file, held shared (on SQLite)
     while True:
         try:
             message = json.loads(inbox.recv_bytes())
         except (EOFError, OSError):
             return 0
         if "lock" in message:
-            held = _hold(message["lock"], held)
+            _hold(message["lock"])
         window = message["window"]
         results: list[list[Any]] = []
         ok: list[int] = []

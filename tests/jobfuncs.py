@@ -411,6 +411,41 @@ def fail_with(counter: str, exc_name: str, times: int) -> None:
         raise getattr(__import__("builtins"), exc_name)(f"run {n}")
 
 
+def stop_a_child(path: str) -> None:
+    """Starts a child, stops it with SIGTERM, and a fork pool with its terminate(): as in any process."""
+    import multiprocessing
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    child.terminate()
+    code = child.wait(10)
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # leaving it calls terminate()
+        got = pool.map(abs, [-1, -2])
+    record(path, f"child={code} pool={sum(got)}")
+
+
+def pool_then_record(marker: str, path: str) -> None:
+    """First run: starts a fork pool whose processes sleep, writes their pids, and sleeps. Later runs
+    record ``again``."""
+    import multiprocessing
+
+    if os.path.exists(marker):
+        record(path, "again")
+        return
+    open(marker, "w").close()
+    pool = multiprocessing.get_context("fork").Pool(2)
+    pool.map_async(time.sleep, [60, 60])
+    _append(path, "pool " + " ".join(str(p.pid) for p in pool._pool))  # type: ignore[attr-defined]
+    time.sleep(60)
+
+
+def slow_fail(counter: str, seconds: float) -> None:
+    """Counts its run, sleeps, then raises ValueError."""
+    _attempt(counter)
+    time.sleep(seconds)
+    raise ValueError("slow and failing")
+
+
 def crash_then_fail(counter: str) -> None:
     """Kills its process on its first run, then raises ValueError on every run after it."""
     if _attempt(counter) == 1:

@@ -49,6 +49,44 @@ def test_a_timed_out_job_takes_every_process_it_started_with_it(db, tmp_path, sp
     assert failure.exc_type == "litemultistep.JobTimeout" and failure.attempt == 2
 
 
+def test_a_jobs_children_take_stop_signals_as_any_process_does(db, log_path, spawn):
+    """The job process keeps stop signals to itself: a child a job starts, and a fork pool's
+    processes, are stopped by SIGTERM as anywhere else."""
+    with MultiStepTask.create("signals", db=db, timeout=30) as task:
+        task.add_job(jobfuncs.stop_a_child, log_path)
+    assert spawn(db, "--burst", "-q").wait(60) == 0
+    assert task.failures() == []
+    assert lines(log_path)[0].split()[:2] == [f"child={-signal.SIGTERM}", "pool=3"]
+
+
+def test_a_worker_killed_with_its_job_process_is_not_kept_alive_by_what_the_job_forked(db, log_path, spawn,
+                                                                                        tmp_path):
+    """Processes a job forked do not hold its worker's lock: once the worker and the job process are
+    both gone, the job runs again elsewhere, though the pool it forked lives on (nothing is left
+    to end it)."""
+    with MultiStepTask.create("pool", db=db) as task:
+        task.add_job(jobfuncs.pool_then_record, str(tmp_path / "marker"), log_path)
+    first = spawn(db, "-c", "1")
+    wait_for(lambda: any(line.startswith("pool ") for line in lines(log_path)), what="the pool to start")
+    pool = [int(p) for p in next(line for line in lines(log_path) if line.startswith("pool ")).split()[1:]]
+    try:
+        job_process = _parent(pool[0])
+        assert job_process is not None
+        os.kill(first.pid, signal.SIGKILL)
+        os.kill(job_process, signal.SIGKILL)
+        first.wait(10)
+        second = spawn(db, "-c", "1", "--burst", "-q")
+        assert second.wait(60) == 0
+        assert "again" in [line.split()[0] for line in lines(log_path)]
+        assert task.progress().finished
+    finally:
+        for pid in pool:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_what_a_job_leaves_behind_cannot_fail_another_tasks_job(db, log_path, spawn, tmp_path):
     with MultiStepTask.create("bomber", db=db) as bomber:
         bomber.add_job(jobfuncs.thread_bomb, 1.0)
