@@ -406,8 +406,8 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
           queues: Sequence[str] | None = None, max_crashes: int = DEFAULT_MAX_CRASHES,
           held: Sequence[int] | None = None) -> list[list[ClaimedJob]]:
     """Record ``outcomes`` and ``done``, return jobs to their queues (``give_back``: held but never
-    started, so their claim does not count as an attempt; ``put_back``: started, but their result is
-    lost), and claim up to ``wants`` batches, all in one transaction (group commit).
+    started; ``put_back``: started, but stopped or their result lost; neither counts as an attempt),
+    and claim up to ``wants`` batches, all in one transaction (group commit).
 
     ``held``, after a write whose answer was lost (the connection dropped during its commit, so it
     may or may not have happened): the jobs the worker really holds. Any other job the database says
@@ -424,15 +424,13 @@ def claim(db: Database, worker_id: int, *, outcomes: Sequence[Outcome] = (), don
             _record(c, worker_id, outcomes, done, max_crashes, tally, again=held is not None)
         if give_back:
             ids, params = c.dialect.among("id", give_back)
-            _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
-                     unstarted=True, tally=tally)
+            _requeue(c, f"worker = ? AND {ids}", [worker_id, *params], tally=tally)
         if put_back:
             ids, params = c.dialect.among("id", put_back)
-            _requeue(c, f"worker = ? AND {ids}", [worker_id, *params],
-                     tally=tally)
+            _requeue(c, f"worker = ? AND {ids}", [worker_id, *params], tally=tally)
         if held is not None:
             ids, params = c.dialect.among("id", held)
-            lost = _requeue(c, f"worker = ? AND NOT ({ids})", [worker_id, *params], unstarted=True, tally=tally)
+            lost = _requeue(c, f"worker = ? AND NOT ({ids})", [worker_id, *params], tally=tally)
             if lost:
                 log.warning("worker %d: %d job(s) claimed by a write whose answer was lost went back to their "
                             "queues", worker_id, lost)
@@ -652,18 +650,20 @@ def _record_failure(c: Connection, worker_id: int, o: Outcome) -> int | None:
     run_at = t + min(wait, rules.MAX_RETRY_DELAY) if retry else None
     c.execute("UPDATE job SET state = ?, worker = NULL, run_at = ? WHERE id = ?", (state, run_at, job.id))
     _insert_failure(c, job.id, job.task_pk, o.exc_type, o.message, o.traceback, job.attempt, t, round_)
-    _log_failure(job, o.exc_type, o.message, round_start + max_retries + 1 if o.retryable else job.attempt,
+    _log_failure(job, o.exc_type, o.message, round_start + max_retries + 1 if o.retryable else None,
                  run_at, t, o.traceback)
     return state
 
 
-def _log_failure(job: ClaimedJob, exc_type: str, message: str, attempts: int, run_at: float | None, t: float,
-                 tb: str = "") -> None:
+def _log_failure(job: ClaimedJob, exc_type: str, message: str, attempts: int | None, run_at: float | None,
+                 t: float, tb: str = "") -> None:
     """A failed attempt, in the log of the process that records it (a worker, or an inline runner):
     a WARNING while another attempt is to come, an ERROR once the job is out of retries, and its
-    traceback at DEBUG. Control characters of the job's text are escaped: one failure, one line."""
+    traceback at DEBUG. Control characters of the job's text are escaped: one failure, one line.
+    ``attempts``: how many its round allows, or None for a failure never retried automatically."""
     what = f"task {job.task_id}: {'finalizer' if job.is_finalizer else 'job'} {job.id}"
-    failed = (f"{what} failed, attempt {job.attempt} of {attempts}: {describe_call(job.func, job.args)}: "
+    of = f" of {attempts}" if attempts is not None else ""
+    failed = (f"{what} failed, attempt {job.attempt}{of}: {describe_call(job.func, job.args)}: "
               f"{exc_type}: {_one_line(message)}")
     if run_at is not None:
         wait = max(0.0, run_at - t)
@@ -671,7 +671,8 @@ def _log_failure(job: ClaimedJob, exc_type: str, message: str, attempts: int, ru
                     f"{wait / 60:.0f} min" if wait < 7200 else f"{wait / 3600:.1f} h",
                     time.strftime("%Y-%m-%d %H:%M:%S" if wait >= 43200 else "%H:%M:%S", time.localtime(run_at)))
     else:
-        log.error("%s; no retries left (`litemultistep retry DB %d` runs it again)", failed, job.id)
+        log.error("%s; %s (`litemultistep retry DB %d` runs it again)", failed,
+                  "no retries left" if attempts is not None else "not retried automatically", job.id)
     if tb and log.isEnabledFor(logging.DEBUG):
         log.debug("%s: traceback of attempt %d:\n%s", what, job.attempt, tb.rstrip())
 
@@ -783,13 +784,14 @@ def _shift(c: Connection, task_pks: Iterable[int], *, pending: int = 0, running:
 
 
 def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple[str, int] | None = None,
-             unstarted: bool = False, tally: _Tally | None = None) -> int:
-    """Put RUNNING jobs matching ``where`` back in their queues (``unstarted``: their claim does not
-    count as an attempt). With ``crashed`` (why, limit) their process died holding them: each crash is
-    counted, and a job at the limit fails with WorkerCrashed."""
+             tally: _Tally | None = None) -> int:
+    """Put RUNNING jobs matching ``where`` back in their queues. Their run, if it began, did not end
+    in a failure, so it is no attempt: ``max_retries`` counts only failures. With ``crashed`` (why,
+    limit) their process died holding them: each crash is counted, and a job at the limit fails with
+    WorkerCrashed (that run is then its failed attempt)."""
     if crashed is None:
-        undo = ", attempts = attempts - 1" if unstarted else ""
-        rows = c.execute(f"UPDATE job SET state = ?, worker = NULL{undo} WHERE state = ? AND {where} RETURNING task",
+        rows = c.execute("UPDATE job SET state = ?, worker = NULL, attempts = attempts - 1 "
+                         f"WHERE state = ? AND {where} RETURNING task",
                          (QUEUED, RUNNING, *params)).fetchall()
         _shift(c, (pk for (pk,) in rows), running=-1, pending=1, tally=tally)
         if rows:
@@ -817,7 +819,7 @@ def _requeue(c: Connection, where: str, params: Sequence[object], crashed: tuple
         _insert_failure(c, job_id, pk, "litemultistep.WorkerCrashed", message, "", attempt, t, round_)
         (task_id,) = c.execute("SELECT task_id FROM task WHERE id = ?", (pk,)).fetchone() or ("?",)
         _log_failure(ClaimedJob(job_id, pk, task_id, kind, None, func, args, attempt), "litemultistep.WorkerCrashed",
-                     message, attempt, None, t)
+                     message, None, None, t)
     return len(rows)
 
 

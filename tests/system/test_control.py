@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import jobfuncs
 import pytest
@@ -69,6 +70,25 @@ def test_a_crash_uses_no_retry(any_db, tmp_path, spawn):
     counter = str(tmp_path / "n")
     with MultiStepTask.create("crash-retry", db=any_db, max_retries=1, retry_delay=0) as task:
         task.add_job(jobfuncs.crash_then_fail, counter)
+    assert spawn(any_db, "--burst", "-q").wait(60) == 0
+    [failure] = task.failures()
+    assert (runs(counter), failure.exc_type, failure.attempt) == (3, "ValueError", 2)
+
+
+def test_a_stopped_run_uses_no_retry(any_db, tmp_path, spawn):
+    """A run that a stop put back (two SIGTERMs: its jobs go back at once) is no attempt either."""
+    import signal
+
+    counter = str(tmp_path / "n")
+    with MultiStepTask.create("stop-retry", db=any_db, max_retries=1, retry_delay=0) as task:
+        task.add_job(jobfuncs.slow_fail, counter, 1.0)
+    worker = spawn(any_db, "-q")
+    wait_for(lambda: runs(counter) == 1, what="the job to start")
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 1
+    assert task.failures() == []
     assert spawn(any_db, "--burst", "-q").wait(60) == 0
     [failure] = task.failures()
     assert (runs(counter), failure.exc_type, failure.attempt) == (3, "ValueError", 2)
