@@ -112,22 +112,25 @@ class RunTally:
     def __init__(self) -> None:
         self.done: dict[str, int] = {}
         self.failed: dict[str, int] = {}
+        #: runs whose process died: put back (not failures), until the crash limit
+        self.crashed: dict[str, int] = {}
         self.since = monotonic()
 
-    def ran(self, task_id: str, n: int, failed: bool = False) -> None:
-        counts = self.failed if failed else self.done
+    def ran(self, task_id: str, n: int, failed: bool = False, crashed: bool = False) -> None:
+        counts = self.crashed if crashed else self.failed if failed else self.done
         counts[task_id] = counts.get(task_id, 0) + n
 
     def say(self, worker_id: int) -> None:
-        if self.done or self.failed:
-            tasks = sorted(set(self.done) | set(self.failed), key=lambda t: -self.done.get(t, 0))
-            parts = [f"{t}: {self.done.get(t, 0):,} done" + (f", {self.failed[t]:,} failed" if t in self.failed
-                                                               else "") for t in tasks[:5]]
+        if self.done or self.failed or self.crashed:
+            tasks = sorted(set(self.done) | set(self.failed) | set(self.crashed), key=lambda t: -self.done.get(t, 0))
+            parts = [f"{t}: {self.done.get(t, 0):,} done" + "".join(
+                f", {counts[t]:,} {word}" for counts, word in ((self.failed, "failed"), (self.crashed, "crashed"))
+                if t in counts) for t in tasks[:5]]
             more = f" and {len(tasks) - 5} more task(s)" if len(tasks) > 5 else ""
-            log.info("worker %d ran %s job(s) in %.0f s: %s%s", worker_id,
-                     f"{sum(self.done.values()) + sum(self.failed.values()):,}", monotonic() - self.since,
+            ran = sum(self.done.values()) + sum(self.failed.values()) + sum(self.crashed.values())
+            log.info("worker %d ran %s job(s) in %.0f s: %s%s", worker_id, f"{ran:,}", monotonic() - self.since,
                      "; ".join(parts), more)
-        self.done, self.failed, self.since = {}, {}, monotonic()
+        self.done, self.failed, self.crashed, self.since = {}, {}, {}, monotonic()
 
 
 @dataclass
@@ -574,7 +577,7 @@ class Worker:
             log.warning("worker %d: the process running job %d of %s died (%s)", self.worker_id, job.id,
                         job.task_id, how)
             self.pending.outcomes.append(Outcome(job, False, "litemultistep.WorkerCrashed", how, crashed=True))
-            self.tally.ran(job.task_id, 1, failed=True)
+            self.tally.ran(job.task_id, 1, crashed=True)
         self._replace(proc, how)
 
     def _enforce_time_limits(self, now: float) -> None:
