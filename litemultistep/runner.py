@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import engine, rules
@@ -260,7 +260,11 @@ class InlineRunner:
         while job is not None:
             result = execute(self.db, job, reporter=ThrottledReport(self.db, self.worker_id, job.id))
             results.append(result)
-            handed = engine.record(self.db, self.worker_id, [result.outcome])
+            outcome = result.outcome
+            if not outcome.ok:
+                # its retry, if any, runs now, not after its back-off: its failure line says so
+                outcome = replace(outcome, retry_delay=0.0)
+            handed = engine.record(self.db, self.worker_id, [outcome])
             if result.error is not None:
                 again = engine.retry_now(self.db, self.worker_id, job.id)
                 if again is not None:
