@@ -90,7 +90,9 @@
         morph(document.body, doc.body);
         document.title = doc.title;
         failures = 0;
-        state("Live: updated at " + new Date().toLocaleTimeString() + ", every " + every / 1000 +
+        // an answer that arrives once the tab is hidden must not undo the paused state
+        state(document.hidden ? "Paused while this tab is hidden." :
+              "Live: updated at " + new Date().toLocaleTimeString() + ", every " + every / 1000 +
               " s while this tab is visible.");
       })
       .catch(function (error) {
