@@ -12,10 +12,14 @@ The protocol, over two pipes, is JSON framed by :mod:`multiprocessing.connection
 
 * worker to child: ``{"jobs": [[ClaimedJob fields...], ...], "window": seconds}``: a batch to run
   in order. The child gives back the jobs it has not started once the batch has run longer than
-  ``window`` or a job of it turned out slow, so slow work never waits behind slow work.
+  ``window`` or a job of it turned out slow, so slow work never waits behind slow work. The first
+  batch after the worker (re)takes its lock also carries ``"lock": path``: the worker's lock file,
+  which the child then holds shared (on SQLite; None elsewhere).
 * child to worker: ``{"ok": [job_id, ...], "seconds": s, "results": [[job_id, ok, exc_type, message,
-  traceback, duration], ...], "gave_back": [job_id, ...]}``: the normal jobs that succeeded (and
-  the seconds they took in all), every other outcome, and the jobs not started.
+  traceback, duration, retryable, retry_delay], ...], "gave_back": [job_id, ...], "values": [...] or
+  None, "retire": [func, why] or None}``: the normal jobs that succeeded (and the seconds they took in
+  all, and their return values when the task keeps results), every other outcome, the jobs not
+  started, and, if a job left threads or processes running, that this child ends after this batch.
 
 A 16-byte shared page tells the worker which job runs now and since when (``CLOCK_MONOTONIC``),
 without a message per job: the id is positive while the job runs and negated once it has ended.

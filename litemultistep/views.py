@@ -366,11 +366,11 @@ def _failure_filter(task_id: str | None, exc_type: str | None, message: str | No
     if exc_type is not None:
         # our own exceptions are stored as litemultistep.Name; earlier code stored some as
         # litemultistep.errors.Name: either name finds both
-        names = [exc_type]
-        for short, long in (("litemultistep.", "litemultistep.errors."), ("litemultistep.errors.", "litemultistep.")):
-            if exc_type.startswith(short):
-                names.append(long + exc_type[len(short):])
-        where += f" AND f.exc_type IN ({', '.join('?' * len(names))})"
+        names = [exc_type, exc_type]
+        if exc_type.startswith("litemultistep."):
+            name = exc_type.removeprefix("litemultistep.errors.").removeprefix("litemultistep.")
+            names = [f"litemultistep.{name}", f"litemultistep.errors.{name}"]
+        where += " AND f.exc_type IN (?, ?)"
         params += names
     return where, params
 

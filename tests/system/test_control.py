@@ -49,6 +49,10 @@ def test_what_no_retry_can_cure_fails_at_its_first_attempt(any_db, spawn):
     assert spawn(any_db, "--burst", "-q").wait(60) == 0
     [failure] = task.failures()
     assert failure.exc_type == "litemultistep.JobNotImportable" and failure.attempt == 1
+    from litemultistep.views import failures
+
+    for spelling in ("litemultistep.JobNotImportable", "litemultistep.errors.JobNotImportable"):
+        assert [f.job_id for f in failures(resolve_db(any_db), exc_type=spelling)] == [failure.job_id]
 
 
 def test_a_manual_retry_starts_a_fresh_round(any_db, tmp_path, spawn):
