@@ -288,7 +288,7 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
         from .jobproc import JobProcess
 
         fence = None if backend.fence_after(lease) is None else 0.0  # set once the lease is confirmed
-        procs = [JobProcess(options, slot, fence) for slot in range(concurrency)]
+        procs = [JobProcess(options, slot, fence, fork=True) for slot in range(concurrency)]
         try:
             backend.prepare_worker_process()
             if not is_url(db) and _no_database_at(db):

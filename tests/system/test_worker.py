@@ -361,25 +361,50 @@ def test_idle_worker_starts_a_new_job_quickly(db, log_path, spawn):
 
 def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path, spawn):
     """A job process imports neither peewee nor a database driver, rich, click nor asyncio: each
-    costs its start-up time, and a no-op job's whole run is a few microseconds."""
+    costs its start-up time, and a no-op job's whole run is a few microseconds. Those the worker
+    starts with are forked from it before it imports the rest (click comes with them, at no cost);
+    a replacement is a new interpreter. Both show a job the same process otherwise."""
     name = f"modules_seen_{os.getpid()}_{time.monotonic_ns()}"
     (tmp_path / f"{name}.py").write_text(
-        "import os, sys\n"
-        "def seen(path):\n"
+        "import logging, os, sys\n"
+        "def seen(path, tag):\n"
         "    names = ('peewee', 'psycopg', 'rich', 'click', 'asyncio', 'filelock')\n"
+        "    main = sorted(k for k in vars(sys.modules['__main__']) if not k.startswith('__'))\n"
+        "    root = logging.getLogger()\n"
         "    with open(path, 'a') as f:\n"
-        "        f.write('loaded: ' + ' '.join(n for n in names if n in sys.modules) + '\\n')\n")
+        "        f.write(f'{tag}|{os.getpid()}|' + ' '.join(n for n in names if n in sys.modules)\n"
+        "                + f'|{sys.argv}|{sys.path[0]!r}|{main}|{root.handlers}|{root.level}'\n"
+        "                + f'|{os.getsid(0) == os.getpid()}|{fds()}\\n')\n"
+        "def fds():\n"
+        "    kinds = []\n"
+        "    for fd in os.listdir('/proc/self/fd'):\n"
+        "        try:\n"
+        "            kinds.append(os.readlink(f'/proc/self/fd/{fd}').split(':')[0])\n"
+        "        except OSError:\n"
+        "            pass  # the listing's own\n"
+        "    return sorted(kinds)\n"
+        "def crash_once(marker):\n"
+        "    if not os.path.exists(marker):\n"
+        "        open(marker, 'w').close()\n"
+        "        os._exit(9)\n")
     sys.path.insert(0, str(tmp_path))
     try:
         module = importlib.import_module(name)
         with MultiStepTask.create("lean", db=db) as task:
-            task.add_job(module.seen, log_path)
+            task.add_job(module.seen, log_path, "forked")
+            task.add_job(module.crash_once, str(tmp_path / "crashed"))
+            task.add_job(module.seen, log_path, "new")
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(name, None)
-    assert spawn(db, "--burst", "--path", str(tmp_path)).wait(60) == 0
+    assert spawn(db, "--burst", "-c", "1", "--path", str(tmp_path)).wait(60) == 0
     assert task.progress().finished
-    assert [line.strip() for line in lines(log_path)] == ["loaded:"]
+    rows = {line.split("|")[0]: line.strip().split("|")[1:] for line in lines(log_path) if "|" in line}
+    forked, new = rows["forked"], rows["new"]
+    assert forked[0] != new[0]  # the crash replaced the process
+    assert forked[1] == "click" and new[1] == ""
+    assert forked[2:] == new[2:]
+    assert new[2] == "['-c']" and new[4:7] == ["[]", "[]", "30"] and new[7] == "True"
 
 
 def test_peewee_alone_leaves_the_drivers_importable():
