@@ -138,12 +138,13 @@ def _inotify_watch(path: str) -> int | None:
 
 class WalWaiter:
     """Tells when ``path`` (a ``-wal`` file) was written to: :meth:`fileno` is readable at once on
-    Linux; elsewhere :meth:`changed` compares the file's size and time every ``poll`` seconds."""
+    Linux (unless not ``watch``); elsewhere :meth:`changed` compares the file's size and time every
+    ``poll`` seconds."""
 
-    def __init__(self, path: str, poll: float) -> None:
+    def __init__(self, path: str, poll: float, watch: bool = True) -> None:
         self.path = path
         self.poll = poll
-        self.fd = _inotify_watch(path)
+        self.fd = _inotify_watch(path) if watch else None
         self._seen = self._signature()
 
     def _signature(self) -> tuple[int, int] | None:

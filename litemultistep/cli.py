@@ -217,7 +217,8 @@ def cli(ctx: click.Context) -> None:
 @click.option("--queues", multiple=True, metavar="GLOB", envvar="LITEMULTISTEP_QUEUES", show_envvar=True,
               help="Serve only task queues whose name (the task id) matches; repeatable. Default: all.")
 @click.option("--burst", is_flag=True, envvar="LITEMULTISTEP_BURST", show_envvar=True,
-              help="Exit 0 once nothing is queued or running (failed jobs included).")
+              help="Exit 0 once nothing is queued or running (failed jobs included). On SQLite it "
+                   "looks for new work every --poll seconds meanwhile.")
 @click.option("--path", "paths", multiple=True, metavar="DIR", envvar="LITEMULTISTEP_PATH", show_envvar=True,
               help="Add DIR to the import path for job callables; repeatable. The current directory is "
                    "always on it.")
@@ -247,7 +248,8 @@ def cli(ctx: click.Context) -> None:
                    "50 ms in all.")
 @click.option("--poll", type=click.FloatRange(0.001, 5), default=0.02, show_default=True,
               envvar="LITEMULTISTEP_POLL", show_envvar=True,
-              help="Seconds between looks at the file while idle, where inotify is not available.")
+              help="Seconds between looks for new work while idle, with --burst on SQLite or where "
+                   "inotify is not available.")
 @click.option("-v", "--verbose", is_flag=True, envvar="LITEMULTISTEP_VERBOSE", show_envvar=True,
               help="Log debug details.")
 @click.option("-q", "--quiet", is_flag=True, envvar="LITEMULTISTEP_QUIET", show_envvar=True,

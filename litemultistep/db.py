@@ -282,8 +282,10 @@ class Database(abc.ABC):
     # -- waiting for work ---------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def waiter(self, poll: float) -> Waiter:
-        """What an idle worker waits on to learn that another process committed work."""
+    def waiter(self, poll: float, brief: bool = False) -> Waiter:
+        """What an idle worker waits on to learn that another process committed work. ``brief``: for
+        a worker that exits once it finds nothing left (``--burst``), where a backend may rather look
+        every ``poll`` seconds than set up what would cost it time on its way out."""
 
     # -- worker liveness ----------------------------------------------------------------------------
 

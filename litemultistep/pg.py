@@ -450,8 +450,8 @@ class PostgresDatabase(Database):
             conn.raw.close()
         self._close_orphans()
 
-    def waiter(self, poll: float) -> PgWaiter:
-        return PgWaiter(self, poll)
+    def waiter(self, poll: float, brief: bool = False) -> PgWaiter:
+        return PgWaiter(self, poll)  # LISTEN, brief or not: its connection closes at no cost
 
     # -- schema -------------------------------------------------------------------------------------
 

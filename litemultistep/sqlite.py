@@ -423,8 +423,10 @@ class SqliteDatabase(Database):
     def builder_gone(self, pid: int) -> bool:
         return not process_alive(pid)
 
-    def waiter(self, poll: float) -> WalWaiter:
-        return WalWaiter(self.path + "-wal", poll)
+    def waiter(self, poll: float, brief: bool = False) -> WalWaiter:
+        # no inotify watch for a brief worker: taking one down waits for a kernel grace period, some
+        # 15 ms on a busy machine, and it would be the last thing such a worker does
+        return WalWaiter(self.path + "-wal", poll, watch=not brief)
 
     def connection(self) -> SqliteConnection:
         if os.getpid() != self._pid:

@@ -182,7 +182,7 @@ class Worker:
         self._leaky: set[str] = set()
         #: the job process whose answer is looked for first next round
         self._turn = 0
-        self._waiter = db.waiter(options.poll)
+        self._waiter = db.waiter(options.poll, brief=options.burst)
         #: a write failed: it may have committed all the same (a connection lost during the commit),
         #: so the next claim tells the database which jobs we really hold
         self._unsure = False
@@ -680,7 +680,7 @@ class Worker:
         fds = [p.fileno() for p in self.procs if p.busy]
         if self._signal_fd is not None:
             fds.append(self._signal_fd)
-        idle = not self.stopping and (any(not p.busy for p in self.procs) or self.options.burst)
+        idle = not self.stopping and any(not p.busy for p in self.procs)
         wal = self._waiter.fileno() if idle else None
         if wal is not None:
             fds.append(wal)

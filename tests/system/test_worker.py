@@ -456,3 +456,37 @@ def test_a_stop_signal_while_the_worker_starts_stops_it_cleanly(tmp_path, log_pa
     assert worker.wait(30) == 0, spawn.log(worker)  # it stopped as asked, not killed by the signal
     assert "got SIGTERM; exiting" in spawn.log(worker) and "Traceback" not in spawn.log(worker)
     assert task.progress().pending_count == 1  # never started: still queued for the next worker
+
+
+def _watches(pid: int) -> bool:
+    """Whether process ``pid`` holds an inotify instance."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return "anon_inode:inotify" in links
+
+
+def test_a_burst_worker_looks_for_new_work_without_watching_the_file(db, log_path, spawn):
+    # A --burst worker looks every --poll seconds rather than holding an inotify watch, whose removal
+    # at exit waits for a kernel grace period; it still takes work added while it runs.
+    with MultiStepTask.create("long", db=db) as long:
+        long.add_job(jobfuncs.slow_record, log_path, "long", 3.0)
+    burst = spawn(db, "--burst", "-c", "2")
+    wait_for(lambda: started(log_path, "long"), what="the long job to start")
+    if not is_pg(db):
+        assert not _watches(burst.pid)
+    with MultiStepTask.create("late", db=db) as late:
+        late.add_job(jobfuncs.record, log_path, "late")
+    wait_for(lambda: "late" in [line.split()[0] for line in lines(log_path)], timeout=2.5,
+             what="the job added during the burst to run beside the long one")
+    assert "end long" not in " ".join(lines(log_path))
+    assert burst.wait(30) == 0
+    assert long.progress().finished and late.progress().finished
+    if not is_pg(db):
+        steady = spawn(db)
+        wait_for(lambda: _watches(steady.pid), what="a worker that keeps running to watch the -wal")
+        steady.send_signal(signal.SIGTERM)
+        assert steady.wait(30) == 0
