@@ -115,6 +115,19 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def pss_kb(pid: int) -> int:
+    """The proportional set size of ``pid``: its resident pages, each shared page divided among the
+    processes that share it (a job process forked from its worker shares most of its pages)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
 def children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -425,20 +438,21 @@ def cpu_vs_pair(tmp: str, n: int, runs: int, rounds: int) -> tuple[list[float], 
     return raw, normalized, walls
 
 
-def memory_run(tmp: str, n: int, rounds_of: int = 2) -> dict[str, list[float]]:
-    """Resident sizes (MB) of an idle ``worker -c 2`` and of each of its job processes; then after
-    each of ``rounds_of`` tasks of ``n`` jobs (one in a hundred fails), drained by that worker."""
+def memory_run(tmp: str, n: int, rounds_of: int = 2) -> dict[str, tuple[list[float], list[float]]]:
+    """Resident sizes (MB) of an idle ``worker -c 2`` and of each of its job processes, RSS then PSS;
+    then the same after each of ``rounds_of`` tasks of ``n`` jobs (one in a hundred fails), drained by
+    that worker."""
     db = f"{tmp}/memory-{time.monotonic_ns()}.sqlite"
     from litemultistep import Database
 
     Database(db).close()
     proc = subprocess.Popen([sys.executable, "-m", "litemultistep", "worker", db, "-c", "2", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
-    sizes: dict[str, list[float]] = {}
+    sizes: dict[str, tuple[list[float], list[float]]] = {}
 
     def measure(label: str) -> None:
-        kids = sorted(children(proc.pid))
-        sizes[label] = [rss_kb(proc.pid) / 1024, *(rss_kb(k) / 1024 for k in kids)]
+        pids = [proc.pid, *sorted(children(proc.pid))]
+        sizes[label] = ([rss_kb(p) / 1024 for p in pids], [pss_kb(p) / 1024 for p in pids])
 
     try:
         time.sleep(2.0)
@@ -474,10 +488,11 @@ def cpu_and_memory(tmp: str, quick: bool, runs: int, which: set[str], add: Calla
         n = 5_000 if quick else 100_000
         rounds = 2 if quick else 4
         sizes = memory_run(tmp, n, rounds)
-        for label, mb in sizes.items():
+        for label, (mb, pss) in sizes.items():
             add(f"RSS of worker -c 2 / its job processes, {label}", "MB", [mb[0]],
-                "job processes: " + ", ".join(f"{m:.1f}" for m in mb[1:]) + " MB")
-        first, last = list(sizes.values())[1], list(sizes.values())[-1]
+                "job processes: " + ", ".join(f"{m:.1f}" for m in mb[1:]) + " MB; PSS: worker "
+                + ", job processes ".join([f"{pss[0]:.1f}", ", ".join(f"{m:.1f}" for m in pss[1:])]) + " MB")
+        first, last = list(sizes.values())[1][0], list(sizes.values())[-1][0]
         ratios.append(f"memory from {n:,} to {n * rounds:,} jobs: worker {last[0] - first[0]:+.1f} MB, job processes "
                       + ", ".join(f"{b - a:+.1f}" for a, b in zip(first[1:], last[1:], strict=False)) + " MB")
 
