@@ -793,8 +793,10 @@ def _until_marked(path: str, timeout: float) -> tuple[float, str]:
     while time.monotonic() < deadline:
         if os.path.exists(path):
             with open(path) as f:
-                tag, at = f.read().split()
-            return float(at), tag
+                words = f.read().split()
+            if len(words) == 2:  # else the finalizer is writing it right now
+                tag, at = words
+                return float(at), tag
         time.sleep(0.005)
     raise RuntimeError(f"no finalizer ran within {timeout:g} s")
 
