@@ -310,7 +310,8 @@ def _fork(setup: dict[str, Any], fds: tuple[int, ...]) -> _Forked | None:
     from . import engine, jobs, runner  # noqa: F401  (once here, not once in each child)
 
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # not written twice
+        if stream is not None:  # None where the worker was started with the descriptor closed
+            stream.flush()  # not written twice
     pid = os.fork()
     if pid:
         return _Forked(pid)
@@ -338,8 +339,11 @@ def _as_new(fds: tuple[int, ...]) -> None:
     gc.freeze()
     os.setsid()
     signal.set_wakeup_fd(-1)
-    for s in _SIGNALS:
-        if s != signal.SIGPIPE:  # ignored by every Python process
+    for s in signal.valid_signals():
+        # as exec does: a signal the worker handles goes back to its default; one it ignores stays
+        # ignored (nohup's SIGHUP); Python's own SIGINT handler, as a new interpreter installs it
+        handler = signal.getsignal(s)
+        if callable(handler) and handler is not signal.default_int_handler:
             signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
     keep = sorted(fds)
     for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):

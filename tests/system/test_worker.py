@@ -366,7 +366,7 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
     a replacement is a new interpreter. Both show a job the same process otherwise."""
     name = f"modules_seen_{os.getpid()}_{time.monotonic_ns()}"
     (tmp_path / f"{name}.py").write_text(
-        "import logging, os, sys\n"
+        "import logging, os, signal, sys\n"
         "def seen(path, tag):\n"
         "    names = ('peewee', 'psycopg', 'rich', 'click', 'asyncio', 'filelock')\n"
         "    main = sorted(k for k in vars(sys.modules['__main__']) if not k.startswith('__'))\n"
@@ -374,14 +374,20 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
         "    with open(path, 'a') as f:\n"
         "        f.write(f'{tag}|{os.getpid()}|' + ' '.join(n for n in names if n in sys.modules)\n"
         "                + f'|{sys.argv}|{sys.path[0]!r}|{main}|{root.handlers}|{root.level}'\n"
-        "                + f'|{os.getsid(0) == os.getpid()}|{fds()}\\n')\n"
+        "                + f'|{os.getsid(0) == os.getpid()}|{fds()}|{handlers()}\\n')\n"
+        "def handlers():\n"
+        "    names = ('SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGCHLD', 'SIGPIPE', 'SIGXFSZ')\n"
+        "    return [getattr(h, '__name__', None) or getattr(h, 'name', str(h)) for h in (signal.getsignal(getattr(signal, n)) for n in names)]\n"
         "def fds():\n"
         "    kinds = []\n"
         "    for fd in os.listdir('/proc/self/fd'):\n"
         "        try:\n"
-        "            kinds.append(os.readlink(f'/proc/self/fd/{fd}').split(':')[0])\n"
+        "            link = os.readlink(f'/proc/self/fd/{fd}')\n"
         "        except OSError:\n"
-        "            pass  # the listing's own\n"
+        "            continue  # the listing's own\n"
+        "        if link != 'anon_inode:[timerfd]':  # the fence's (PostgreSQL), made by a thread meanwhile\n"
+        "            kinds.append('deleted' if link.endswith(' (deleted)') else link if link.startswith('anon_inode')\n"
+        "                         else link.split(':')[0])\n"
         "    return sorted(kinds)\n"
         "def crash_once(marker):\n"
         "    if not os.path.exists(marker):\n"
@@ -397,7 +403,13 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(name, None)
-    assert spawn(db, "--burst", "-c", "1", "--path", str(tmp_path)).wait(60) == 0
+    # started as nohup starts it: SIGHUP stays ignored in job processes of either kind, as across exec
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        worker = spawn(db, "--burst", "-c", "1", "--path", str(tmp_path))
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert worker.wait(60) == 0
     assert task.progress().finished
     rows = {line.split("|")[0]: line.strip().split("|")[1:] for line in lines(log_path) if "|" in line}
     forked, new = rows["forked"], rows["new"]
@@ -405,6 +417,8 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
     assert forked[1] == "click" and new[1] == ""
     assert forked[2:] == new[2:]
     assert new[2] == "['-c']" and new[4:7] == ["[]", "[]", "30"] and new[7] == "True"
+    assert new[9] == str(["SIG_IGN", "_ignore", "_ignore", "SIG_DFL", "SIG_DFL",
+                          "SIG_IGN", "SIG_IGN"])
 
 
 def test_peewee_alone_leaves_the_drivers_importable():
