@@ -276,6 +276,10 @@ def worker(args: Sequence[str], concurrency: int, queues: Sequence[str], burst: 
     early: list[int] = []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: early.append(signum))
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        # inherited: with SIGCHLD ignored, the kernel reaps children unasked, and neither this
+        # process nor a job could learn how a child ended (waitpid fails)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     db, _ = split_db(args, 0)
     _setup_logging(verbose, quiet)
     options = WorkerOptions(db=db, concurrency=concurrency, queues=list(queues), burst=burst, paths=list(paths),
@@ -843,8 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = _main(argv)
     if _quick_exit and argv is None:  # the `litemultistep` process itself, not a call from Python
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None when the process was started with it closed
+                stream.flush()
         os._exit(code)
     return code
 

@@ -41,6 +41,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,8 @@ NOT_IMPORTABLE = "litemultistep.JobNotImportable"
 
 #: the environment variable a job process gets its setup from (a worker sets it)
 SETUP_ENV = "LITEMULTISTEP_JOBPROC"
+#: what a new interpreter runs to become a job process (it leaves no name in ``__main__``)
+MAIN = "__import__('litemultistep.jobproc').jobproc.main()"
 
 #: test hook: a file whose first line is "POINT module:qualname [worker]" makes the first job process to
 #: reach POINT (after-claim, after-run) in a job of that callable die at once, as a crash would; with
@@ -140,6 +143,9 @@ class JobProcess:
     ``fence``: None where the backend never fences (SQLite); else the deadline a running job has
     (CLOCK_BOOTTIME), 0.0 while the worker has not confirmed its lease yet."""
 
+    to_child: Connection
+    from_child: Connection
+
     def __init__(self, options: WorkerOptions, slot: int, fence: float | None = None, fork: bool = False) -> None:
         """``fork``: fork this process rather than start a new interpreter, where that is safe (see
         :func:`_fork`): what ``litemultistep worker`` does at start, before it imports the rest."""
@@ -169,7 +175,9 @@ class JobProcess:
                  "paths": [os.path.abspath(p) for p in [os.getcwd(), *options.paths]], "log_level": level,
                  "allow_modules": options.allow_modules, "fence": fence is not None}
         try:
-            forked = _fork(setup, (inbox_r, outbox_w, page_fd)) if fork else None
+            # a forked child unmaps and closes what this process holds of its job processes first
+            held = [self.page, *(o for p in _started for o in (p.page, p.to_child, p.from_child))]
+            forked = _fork(setup, (inbox_r, outbox_w, page_fd), held) if fork else None
             self.proc: subprocess.Popen[bytes] | _Forked = forked or _exec(setup, (inbox_r, outbox_w, page_fd))
         finally:
             for fd in (inbox_r, outbox_w, page_fd):
@@ -178,6 +186,7 @@ class JobProcess:
         self.from_child = Connection(outbox_r, writable=False)
         if fence is not None:
             set_fence(self.page, fence)
+        _started.add(self)
 
     @property
     def busy(self) -> bool:
@@ -225,6 +234,7 @@ class JobProcess:
         return fenced(self.page)
 
     def close(self) -> None:
+        _started.discard(self)
         for conn in (self.to_child, self.from_child):
             conn.close()
         self.page.close()
@@ -235,14 +245,21 @@ class JobProcess:
         self.close()
 
 
+#: the job processes this process started and has not closed
+_started: weakref.WeakSet[JobProcess] = weakref.WeakSet()
+
+
 def _exec(setup: dict[str, Any], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
     """A job process in a new interpreter, in a session of its own."""
     import subprocess  # here: only the worker starts job processes
 
     # the setup goes by the environment, not the command line: a database URL's password must not show
     # in the process list
-    return subprocess.Popen([sys.executable, "-c", "__import__('litemultistep.jobproc').jobproc.main()"],
-                            env={**os.environ, SETUP_ENV: json.dumps(setup)}, pass_fds=fds, start_new_session=True)
+    # with the worker's own interpreter options (-O, -X dev, -W...), as a forked job process has them;
+    # the helper multiprocessing uses for the same
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    return subprocess.Popen([sys.executable, *flags, "-c", MAIN], env={**os.environ, SETUP_ENV: json.dumps(setup)},
+                            pass_fds=fds, start_new_session=True)
 
 
 class _Forked:
@@ -295,13 +312,14 @@ class _Forked:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def _fork(setup: dict[str, Any], fds: tuple[int, ...]) -> _Forked | None:
+def _fork(setup: dict[str, Any], fds: tuple[int, ...], held: list[mmap.mmap | Connection]) -> _Forked | None:
     """A job process forked from this one, which has imported what a job process needs already: a
     fraction of a millisecond, where a new interpreter takes a tenth of a second of CPU. Safe only in a
     process of one thread (a lock another thread held would stay locked in the child): None elsewhere,
     and the caller starts a new interpreter instead.
 
-    The child is made to look as a new interpreter would (:func:`_as_new`) and never returns here."""
+    The child is made to look as a new interpreter would (:func:`_as_new`) and never returns here;
+    ``held``: what this process holds of its job processes (pipes, shared pages), closed in the child."""
     try:
         if len(os.listdir("/proc/self/task")) != 1:
             return None
@@ -317,7 +335,7 @@ def _fork(setup: dict[str, Any], fds: tuple[int, ...]) -> _Forked | None:
         return _Forked(pid)
     code = BROKEN
     try:
-        _as_new(fds)
+        _as_new(fds, held)
         code = serve(setup)
         sys.stdout.flush()
     except BaseException:
@@ -328,12 +346,15 @@ def _fork(setup: dict[str, Any], fds: tuple[int, ...]) -> _Forked | None:
         os._exit(code)
 
 
-def _as_new(fds: tuple[int, ...]) -> None:
+def _as_new(fds: tuple[int, ...], held: list[mmap.mmap | Connection]) -> None:
     """In a job process just forked: leave behind what belonged to the worker, so that it runs jobs as
     one started by :func:`_exec` would."""
+    import builtins
     import gc
     import types
 
+    for thing in held:
+        thing.close()
     # Objects of the worker's (its other job processes' pipes...) are never collected here: one closing
     # its file descriptor would close whatever this process opened under the same number since.
     gc.freeze()
@@ -353,7 +374,29 @@ def _as_new(fds: tuple[int, ...]) -> None:
     root.setLevel(logging.WARNING)
     sys.argv[:] = ["-c"]
     sys.path[0] = ""
-    sys.modules["__main__"] = types.ModuleType("__main__")
+    main = sys.modules["__main__"] = types.ModuleType("__main__")
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    main.__annotations__ = {}
+
+
+def _retitle(title: str) -> None:
+    """Show ``title`` as this process's command line (``ps``, ``pgrep -f``, /proc/PID/cmdline): else a
+    forked job process shows its worker's, and ``pgrep -f 'litemultistep worker'`` counts it as one.
+    Written over the arguments the process was started with (cut to their length), where Linux keeps
+    them (the interpreter keeps copies of its own: nothing else reads them)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            after_name = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(after_name[45]), int(after_name[46])  # fields 48 and 49: arg_start, arg_end
+    except (OSError, IndexError, ValueError):
+        return
+    size = end - start
+    if size <= 0:
+        return
+    text = title.encode()[:size - 1]
+    ctypes.memmove(start, text + bytes(size - len(text)), size)
 
 
 def _watch_fence(page: mmap.mmap) -> None:
@@ -559,6 +602,7 @@ def serve(setup: dict[str, Any]) -> int:
     from .runner import Result, execute
 
     parent = setup["parent"]
+    _retitle(f"litemultistep job process (worker {parent})")
     _die_with_parent(parent)
     # Stop signals are the worker's business: it lets jobs finish, then ends this process itself.
     signal.signal(signal.SIGINT, _ignore)

@@ -457,3 +457,17 @@ def ask_to_retry(counter: str, times: int, delay: float | None = None) -> None:
     """Ask for a retry (litemultistep.Retry) the first ``times`` runs."""
     if _attempt(counter) <= times:
         raise litemultistep.Retry(delay=delay)
+
+
+def run_a_child(path: str, tag: str) -> None:
+    """Runs a short child and records how it ended (waitpid fails where SIGCHLD is ignored)."""
+    import subprocess
+
+    _append(path, f"{tag} {subprocess.run(['sh', '-c', 'exit 5'], check=False).returncode}")
+
+
+def record_flags(path: str, tag: str) -> None:
+    """Records the interpreter's options that change how code runs (-O, -X dev)."""
+    import sys
+
+    _append(path, f"{tag} {sys.flags.optimize} {sys.flags.dev_mode}")

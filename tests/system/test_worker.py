@@ -14,7 +14,7 @@ import time
 
 import jobfuncs
 import pytest
-from conftest import env_for_workers, is_pg, lines, wait_for
+from conftest import LMS, env_for_workers, is_pg, lines, wait_for
 
 from litemultistep import MultiStepTask, NoSuchMultiStepTask
 from litemultistep.config import resolve_db
@@ -369,12 +369,15 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
         "import logging, os, signal, sys\n"
         "def seen(path, tag):\n"
         "    names = ('peewee', 'psycopg', 'rich', 'click', 'asyncio', 'filelock')\n"
-        "    main = sorted(k for k in vars(sys.modules['__main__']) if not k.startswith('__'))\n"
+        "    main = sorted(vars(sys.modules['__main__']))\n"
         "    root = logging.getLogger()\n"
         "    with open(path, 'a') as f:\n"
         "        f.write(f'{tag}|{os.getpid()}|' + ' '.join(n for n in names if n in sys.modules)\n"
         "                + f'|{sys.argv}|{sys.path[0]!r}|{main}|{root.handlers}|{root.level}'\n"
-        "                + f'|{os.getsid(0) == os.getpid()}|{fds()}|{handlers()}\\n')\n"
+        "                + f'|{os.getsid(0) == os.getpid()}|{fds()}|{handlers()}|{title()}\\n')\n"
+        "def title():\n"
+        "    with open('/proc/self/cmdline', 'rb') as f:\n"
+        "        return f.read().rstrip(bytes(1)).decode()\n"
         "def handlers():\n"
         "    names = ('SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGCHLD', 'SIGPIPE', 'SIGXFSZ')\n"
         "    found = [signal.getsignal(getattr(signal, n)) for n in names]\n"
@@ -417,7 +420,10 @@ def test_job_processes_start_without_what_they_do_not_use(db, tmp_path, log_path
     assert forked[0] != new[0]  # the crash replaced the process
     assert forked[1] == "click" and new[1] == ""
     assert forked[2:] == new[2:]
-    assert new[2] == "['-c']" and new[4:7] == ["[]", "[]", "30"] and new[7] == "True"
+    assert new[2] == "['-c']" and new[5:7] == ["[]", "30"] and new[7] == "True"
+    assert new[4] == str(sorted(["__annotations__", "__builtins__", "__doc__", "__loader__", "__name__",
+                                 "__package__", "__spec__"]))
+    assert new[10].startswith("litemultistep job process (worker ")  # not its worker's command line
     assert new[9] == str(["SIG_IGN", "_ignore", "_ignore", "SIG_DFL", "SIG_DFL",
                           "SIG_IGN", "SIG_IGN"])
 
@@ -505,3 +511,51 @@ def test_a_burst_worker_looks_for_new_work_without_watching_the_file(db, log_pat
         wait_for(lambda: _watches(steady.pid), what="a worker that keeps running to watch the -wal")
         steady.send_signal(signal.SIGTERM)
         assert steady.wait(30) == 0
+
+
+def test_a_worker_started_with_sigchld_ignored_still_learns_how_children_end(db, log_path, spawn):
+    # With SIGCHLD ignored the kernel reaps children unasked: neither the worker (how its job process
+    # died) nor a job (subprocess.run) could learn their exit status.
+    with MultiStepTask.create("children", db=db) as task:
+        task.add_job(jobfuncs.run_a_child, log_path, "child")
+        task.add_job(jobfuncs.exit_hard)
+        task.add_job(jobfuncs.run_a_child, log_path, "after")
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        worker = spawn(db, "--burst", "-c", "1", "--max-crashes", "1")
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert worker.wait(60) == 0
+    assert sorted(line.strip() for line in lines(log_path)) == ["after 5", "child 5"]
+    [failure] = task.failures()
+    assert "exit code 1" in failure.message
+
+
+def test_job_processes_of_either_kind_run_with_the_workers_interpreter_options(db, log_path, tmp_path):
+    # -O skips asserts in the worker's forked job processes: in a replacement too, not only there
+    with MultiStepTask.create("flags", db=db) as task:
+        task.add_job(jobfuncs.record_flags, log_path, "forked")
+        task.add_job(jobfuncs.exit_hard)
+        task.add_job(jobfuncs.record_flags, log_path, "new")
+    with open(tmp_path / "worker.log", "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-O", "-X", "dev", "-m", "litemultistep", "worker", db,
+                                   "--burst", "-c", "1", "--max-crashes", "1"],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env_for_workers(), start_new_session=True)
+    try:
+        assert worker.wait(60) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+    assert sorted(line.strip() for line in lines(log_path)) == ["forked 1 True", "new 1 True"]
+
+
+def test_a_worker_with_its_output_closed_runs_its_jobs(db, log_path):
+    with MultiStepTask.create("closed", db=db) as task:
+        task.add_job(jobfuncs.record, log_path, "ran")
+    for closing in (">&-", "2>&-", "<&- >&- 2>&-"):
+        done = subprocess.run(["sh", "-c", f'exec "$0" worker "$1" --burst {closing}', LMS, db],
+                              env=env_for_workers(), timeout=60, start_new_session=True)
+        assert done.returncode == 0, closing
+    assert task.progress().finished
+    assert [line.split()[0] for line in lines(log_path)] == ["ran"]
