@@ -844,6 +844,8 @@ _quick_exit: list[int] = []
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    if argv is None:  # the `litemultistep` process itself, not a call from Python
+        _standard_descriptors_open()
     code = _main(argv)
     if _quick_exit and argv is None:  # the `litemultistep` process itself, not a call from Python
         logging.shutdown()
@@ -852,6 +854,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stream.flush()
         os._exit(code)
     return code
+
+
+def _standard_descriptors_open() -> None:
+    """Open /dev/null on a standard descriptor (0, 1, 2) the process was started without (``>&-``):
+    else the next file or pipe opened takes its number, and a worker's log lines, or a job's prints,
+    would go into it (a job process's pipe from its worker, say)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, as those below are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -206,6 +206,11 @@ class WorkerOptions:
         for p in self.paths:
             if not os.path.isdir(p):
                 raise InvalidSetting(f"--path {p}: no such directory")
+        try:
+            os.getcwd()  # on the import path of every job
+        except FileNotFoundError:
+            raise InvalidSetting("the current directory no longer exists (it was deleted): start the worker "
+                                 "from one that does") from None
 
     def argv(self) -> list[str]:
         """The ``litemultistep worker`` command line for these options; the database goes in the

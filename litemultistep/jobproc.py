@@ -249,17 +249,22 @@ class JobProcess:
 _started: weakref.WeakSet[JobProcess] = weakref.WeakSet()
 
 
+def _command() -> list[str]:
+    """A new job process's command line: this interpreter with this process's own options (-O, -X dev,
+    -W...), as a forked job process has them (the helper multiprocessing uses for the same)."""
+    import subprocess  # here: only the worker starts job processes
+
+    return [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", MAIN]  # type: ignore[attr-defined]
+
+
 def _exec(setup: dict[str, Any], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
     """A job process in a new interpreter, in a session of its own."""
-    import subprocess  # here: only the worker starts job processes
+    import subprocess
 
     # the setup goes by the environment, not the command line: a database URL's password must not show
     # in the process list
-    # with the worker's own interpreter options (-O, -X dev, -W...), as a forked job process has them;
-    # the helper multiprocessing uses for the same
-    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
-    return subprocess.Popen([sys.executable, *flags, "-c", MAIN], env={**os.environ, SETUP_ENV: json.dumps(setup)},
-                            pass_fds=fds, start_new_session=True)
+    return subprocess.Popen(_command(), env={**os.environ, SETUP_ENV: json.dumps(setup)}, pass_fds=fds,
+                            start_new_session=True)
 
 
 class _Forked:
@@ -327,6 +332,7 @@ def _fork(setup: dict[str, Any], fds: tuple[int, ...], held: list[mmap.mmap | Co
         return None
     from . import engine, jobs, runner  # noqa: F401  (once here, not once in each child)
 
+    command = _command()
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:  # None where the worker was started with the descriptor closed
             stream.flush()  # not written twice
@@ -335,9 +341,10 @@ def _fork(setup: dict[str, Any], fds: tuple[int, ...], held: list[mmap.mmap | Co
         return _Forked(pid)
     code = BROKEN
     try:
-        _as_new(fds, held)
+        _as_new(fds, held, command)
         code = serve(setup)
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except BaseException:
         import traceback
 
@@ -346,11 +353,12 @@ def _fork(setup: dict[str, Any], fds: tuple[int, ...], held: list[mmap.mmap | Co
         os._exit(code)
 
 
-def _as_new(fds: tuple[int, ...], held: list[mmap.mmap | Connection]) -> None:
+def _as_new(fds: tuple[int, ...], held: list[mmap.mmap | Connection], command: list[str]) -> None:
     """In a job process just forked: leave behind what belonged to the worker, so that it runs jobs as
-    one started by :func:`_exec` would."""
+    one started by :func:`_exec` would (``command``: its command line)."""
     import builtins
     import gc
+    import importlib.machinery
     import types
 
     for thing in held:
@@ -366,17 +374,19 @@ def _as_new(fds: tuple[int, ...], held: list[mmap.mmap | Connection]) -> None:
         handler = signal.getsignal(s)
         if callable(handler) and handler is not signal.default_int_handler:
             signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
-    keep = sorted(fds)
-    for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):
+    keep = sorted({0, 1, 2, *fds})
+    for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
         os.closerange(low + 1, high)
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.WARNING)
     sys.argv[:] = ["-c"]
+    sys.orig_argv[:] = command
     sys.path[0] = ""
     main = sys.modules["__main__"] = types.ModuleType("__main__")
     main.__builtins__ = builtins  # type: ignore[attr-defined]
     main.__annotations__ = {}
+    main.__loader__ = importlib.machinery.BuiltinImporter
 
 
 def _retitle(title: str) -> None:
@@ -536,9 +546,11 @@ def _environ_data() -> dict[Any, Any]:
 
 
 class _Baseline:
-    """What a job may change in its process and the child puts back after it."""
+    """What a job may change in its process and the child puts back after it: directory, environment,
+    signal handlers, ``sys.argv``."""
 
     def __init__(self) -> None:
+        self.argv = list(sys.argv)
         self.cwd = os.getcwd()
         self.env = dict(os.environ)
         self.env_data = _environ_data()
@@ -546,6 +558,8 @@ class _Baseline:
         self.handlers = {int(s): _signal.getsignal(s) for s in _SIGNALS}
 
     def restore(self) -> None:
+        if sys.argv != self.argv:
+            sys.argv[:] = self.argv
         try:
             if os.getcwd() != self.cwd:
                 os.chdir(self.cwd)
@@ -706,6 +720,7 @@ def serve(setup: dict[str, Any]) -> int:
 def main() -> None:
     """Entry point of a job process, started by a worker only, with its setup as JSON in the environment."""
     code = serve(json.loads(os.environ.pop(SETUP_ENV)))  # not left for the jobs' own children
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     os._exit(code)  # no interpreter teardown: a job's threads or atexit hooks cannot hold us
 

@@ -198,19 +198,23 @@ def crash_once(marker: str, path: str, tag: str) -> None:
 def meddle() -> None:
     """Changes what the next jobs of the process would inherit."""
     import signal
+    import sys
 
     os.chdir("/")
     os.environ["LITEMULTISTEP_TEST_LEAK"] = "leaked"
+    sys.argv[0] = "changed"
+    sys.argv.append("leaked")
     signal.signal(signal.SIGTERM, lambda *a: None)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def surroundings(path: str, tag: str) -> None:
-    """Records what a job sees of its process: directory, a variable, signal handlers."""
+    """Records what a job sees of its process: directory, a variable, signal handlers, sys.argv."""
     import signal
+    import sys
 
     _append(path, f"{tag}\t{os.getcwd()}\t{os.environ.get('LITEMULTISTEP_TEST_LEAK', '-')}\t"
-                  f"{signal.getsignal(signal.SIGTERM)}\t{signal.getsignal(signal.SIGUSR1)}")
+                  f"{signal.getsignal(signal.SIGTERM)}\t{signal.getsignal(signal.SIGUSR1)}\t{sys.argv}")
 
 
 def report_time_left(path: str) -> None:
@@ -471,3 +475,22 @@ def record_flags(path: str, tag: str) -> None:
     import sys
 
     _append(path, f"{tag} {sys.flags.optimize} {sys.flags.dev_mode}")
+
+
+def print_everywhere(path: str, tag: str) -> None:
+    """Writes to standard output and error, then records (they may be /dev/null, never closed)."""
+    import sys
+
+    print("to stdout")
+    print("to stderr", file=sys.stderr)
+    os.write(1, b"fd 1\n")
+    os.write(2, b"fd 2\n")
+    record(path, tag)
+
+
+def silence_stderr(path: str, tag: str) -> None:
+    """Points standard error at /dev/null, as a quiet job may, then records."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    record(path, tag)

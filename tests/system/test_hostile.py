@@ -144,7 +144,7 @@ def test_a_job_cannot_change_what_the_next_job_sees(db, log_path, spawn, tmp_pat
     seen = [line.split("\t") for line in lines(log_path)]
     assert [s[0] for s in seen] == ["before", "after0", "after1", "after2"]
     assert {tuple(s[1:]) for s in seen} == {tuple(seen[0][1:])}
-    assert seen[0][1:3] == [os.getcwd(), "-"]
+    assert seen[0][1:3] == [os.getcwd(), "-"] and seen[0][5] == "['-c']"
 
 
 def test_one_sigterm_to_the_whole_tree_lets_running_jobs_finish(db, log_path, spawn):

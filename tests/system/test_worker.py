@@ -551,11 +551,26 @@ def test_job_processes_of_either_kind_run_with_the_workers_interpreter_options(d
 
 
 def test_a_worker_with_its_output_closed_runs_its_jobs(db, log_path):
-    with MultiStepTask.create("closed", db=db) as task:
-        task.add_job(jobfuncs.record, log_path, "ran")
-    for closing in (">&-", "2>&-", "<&- >&- 2>&-"):
-        done = subprocess.run(["sh", "-c", f'exec "$0" worker "$1" --burst {closing}', LMS, db],
+    # Started with standard descriptors closed, the worker opens /dev/null on them: else a pipe to a
+    # job process took their numbers, and a job writing to them, or pointing them elsewhere, broke it.
+    closings = (">&-", "2>&-", "<&- >&- 2>&-")
+    for i, closing in enumerate(closings):
+        with MultiStepTask.create("closed", db=db) as task:
+            task.add_job(jobfuncs.print_everywhere, log_path, f"printed{i}")
+            task.add_job(jobfuncs.silence_stderr, log_path, f"silenced{i}")
+        done = subprocess.run(["sh", "-c", f'exec "$0" worker "$1" --burst -c 1 {closing}', LMS, db],
                               env=env_for_workers(), timeout=60, start_new_session=True)
         assert done.returncode == 0, closing
-    assert task.progress().finished
-    assert [line.split()[0] for line in lines(log_path)] == ["ran"]
+        assert task.progress().completed_count == 2, closing
+    ran = [line.split()[0] for line in lines(log_path)]
+    assert ran == [f"{what}{i}" for i in range(len(closings)) for what in ("printed", "silenced")]  # each once
+
+
+def test_a_worker_started_in_a_deleted_directory_says_so(db, tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run(["sh", "-c", 'cd "$2" && rmdir "$2" && exec "$0" worker "$1" --burst', LMS, db, str(gone)],
+                          env=env_for_workers(), timeout=60, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("Error: the current directory no longer exists (it was deleted): start the "
+                                   "worker from one that does")
