@@ -363,8 +363,8 @@ def _as_new(fds: tuple[int, ...], held: list[mmap.mmap | Connection], command: l
 
     for thing in held:
         thing.close()
-    # Objects of the worker's (its other job processes' pipes...) are never collected here: one closing
-    # its file descriptor would close whatever this process opened under the same number since.
+    # What else of the worker's holds a file descriptor is never collected here: closing it would close
+    # whatever this process opened under the same number since.
     gc.freeze()
     os.setsid()
     signal.set_wakeup_fd(-1)

@@ -104,28 +104,26 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
     return (hi - lo) / (when(hi) - when(lo))
 
 
-def rss_kb(pid: int) -> int:
+def _proc_kb(pid: int, name: str, field: str) -> int:
+    """The kB figure a line ``field`` of /proc/PID/``name`` gives (0 once the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{name}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except FileNotFoundError:
         pass
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    return _proc_kb(pid, "status", "VmRSS:")
 
 
 def pss_kb(pid: int) -> int:
     """The proportional set size of ``pid``: its resident pages, each shared page divided among the
     processes that share it (a job process forked from its worker shares most of its pages)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
+    return _proc_kb(pid, "smaps_rollup", "Pss:")
 
 
 def children(pid: int) -> list[int]:
