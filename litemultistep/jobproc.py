@@ -274,14 +274,17 @@ class _Forked:
         self.pid = pid
         self.returncode: int | None = None
 
+    def _reap(self, flags: int) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:  # reaped elsewhere: as Popen does, its status is lost
+            pid, status = self.pid, 0
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+
     def poll(self) -> int | None:
         if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: as Popen does, its status is lost
-                pid, status = self.pid, 0
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+            self._reap(os.WNOHANG)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -304,12 +307,7 @@ class _Forked:
 
                 raise subprocess.TimeoutExpired(f"job process {self.pid}", timeout)
         while self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pid, status = self.pid, 0
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+            self._reap(0)
         return self.returncode
 
     def kill(self) -> None:
